@@ -1,0 +1,18 @@
+"""gdn2_kernels: tuned, verified Triton kernels for Gated DeltaNet-2 (MATH.md).
+
+Without a CUDA device, importing this package turns on Triton's interpreter (unless
+TRITON_INTERPRET is already set), so the same kernels run on the CPU, slowly, for testing.
+"""
+from gdn2_kernels import _env
+
+_env.enable_interpreter_without_gpu()
+
+from gdn2_kernels.ops import chunk_gdn2  # noqa: E402
+from gdn2_kernels.reference import (  # noqa: E402
+    naive_chunk_gdn2,
+    naive_recurrent_gdn2,
+)
+
+__version__ = "0.1.0"
+
+__all__ = ["chunk_gdn2", "naive_chunk_gdn2", "naive_recurrent_gdn2", "__version__"]

@@ -1,0 +1,42 @@
+"""Device helpers: where kernels run and what the GPU is."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from gdn2_kernels import _env
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run through the CPU interpreter."""
+    return _env.interpreter_requested()
+
+
+def default_device() -> torch.device:
+    """The device our kernels run on: the current CUDA device, else the CPU (interpreter)."""
+    if torch.cuda.is_available() and not interpreter_active():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_name(index: int = 0) -> str:
+    """Marketing name of a CUDA device ('NVIDIA H100 80GB HBM3'); 'cpu-interpreter' without one."""
+    if torch.cuda.is_available() and not interpreter_active():
+        return torch.cuda.get_device_name(index)
+    return "cpu-interpreter"
+
+
+@functools.lru_cache(maxsize=None)
+def arch(index: int = 0) -> str:
+    """Compute capability as 'sm90'; 'cpu' under the interpreter."""
+    if torch.cuda.is_available() and not interpreter_active():
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"sm{major}{minor}"
+    return "cpu"
+
+
+def sanitize_gpu_name(name: str) -> str:
+    """File-system and vLLM friendly form: 'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3'."""
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in name.strip())

@@ -1,0 +1,46 @@
+"""Environment variables the library reads, in one place.
+
+Kernel modules never read the environment; everything that does goes through here.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+CACHE_DIR_VAR = "GDN2_CACHE_DIR"
+CONFIG_FILE_VAR = "GDN2_CONFIG_FILE"
+INTERPRET_VAR = "TRITON_INTERPRET"
+
+
+def interpreter_requested() -> bool:
+    return os.environ.get(INTERPRET_VAR, "0").lower() in ("1", "true", "yes", "on")
+
+
+def enable_interpreter_without_gpu() -> bool:
+    """Turn on Triton's interpreter when no CUDA device exists and the user has not chosen.
+
+    Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, so this must run before any
+    kernel module is imported. Results are the same as on a GPU (up to float rounding); only speed
+    differs, so this is not a fallback that changes results. Returns whether the interpreter is on.
+    """
+    if INTERPRET_VAR in os.environ:
+        return interpreter_requested()
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    os.environ[INTERPRET_VAR] = "1"
+    warnings.warn(
+        "gdn2_kernels: no CUDA device found; Triton kernels run through the interpreter "
+        f"(slow, for testing). Set {INTERPRET_VAR}=0 to disable.",
+        stacklevel=3,
+    )
+    return True
+
+
+def config_file() -> str | None:
+    return os.environ.get(CONFIG_FILE_VAR) or None
+
+
+def cache_dir() -> str:
+    return os.environ.get(CACHE_DIR_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "gdn2")

@@ -1,0 +1,25 @@
+"""Index tensors for packed variable-length batches (``cu_seqlens``)."""
+from __future__ import annotations
+
+import torch
+
+
+def chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[num_chunks, 2]`` int32 pairs (sequence index, chunk index within it), flattened row-major."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    pairs = [(n, c) for n, L in enumerate(lens) for c in range(-(-L // chunk_size))]
+    return torch.tensor(pairs, dtype=torch.int32, device=cu_seqlens.device).reshape(-1, 2)
+
+
+def chunk_offsets(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """``[N + 1]`` int32: index of each sequence's first chunk in the flat chunk list."""
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    counts = (lens + chunk_size - 1) // chunk_size
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+
+
+def num_chunks(T: int, B: int, cu_seqlens: torch.Tensor | None, chunk_size: int) -> int:
+    if cu_seqlens is None:
+        return B * (-(-T // chunk_size))
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    return sum(-(-L // chunk_size) for L in lens)

@@ -1,0 +1,360 @@
+"""KernelSpec registry: every kernel's tunable parameters, constraints, arch rules and checks.
+
+A :class:`KernelSpec` is data. It names the kernel (same stem as the Triton kernel, STYLE 8),
+lists the parameters with candidate values and a default that is correct everywhere, the
+constraints between them (named predicates with a reason), the architecture rules (which configs
+are refused on which GPU architecture or Triton version, and why), the tuning key, and the output
+tensors a candidate must reproduce. The tuner enumerates :meth:`KernelSpec.space`; ``dispatch``
+resolves one :class:`KernelConfig` per launch; kernels receive that resolved config.
+
+``BT`` (the chunk size) is pipeline-wide: every stage of the forward and backward of one call uses
+the same value, because the stages exchange per-chunk intermediates.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+from gdn2_kernels._testing import TOLERANCES
+
+MAX_HEAD_DIM = 256
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class ProblemKey:
+    """What a tuned config is keyed on: head dims and input dtype (never B or T)."""
+
+    K: int
+    V: int
+    dtype: str  # torch dtype name without the prefix: 'bfloat16', 'float16', 'float32'
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"K": self.K, "V": self.V, "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ProblemKey":
+        return cls(int(d["K"]), int(d["V"]), str(d["dtype"]))
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tunable. ``launch`` params (num_warps, num_stages) go to the launcher, not the kernel."""
+
+    name: str
+    values: tuple
+    default: Any
+    doc: str
+    launch: bool = False
+    pipeline_wide: bool = False
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A relation the config must satisfy; ``allows(config, key)`` is True when it holds."""
+
+    name: str
+    reason: str
+    allows: Callable[[Mapping[str, Any], ProblemKey], bool]
+
+
+@dataclass(frozen=True)
+class ArchRule:
+    """A config family refused on an architecture (and Triton versions), with the reason.
+
+    ``forbids(config, key)`` is True for refused configs. ``arch`` is matched as a prefix of the
+    device's 'smXY' string ('sm90' matches sm90 only; 'sm' would match all GPUs).
+    ``triton`` is an inclusive-exclusive version range ``(low, high)``, None for all versions.
+    """
+
+    name: str
+    arch: str
+    reason: str
+    source: str
+    forbids: Callable[[Mapping[str, Any], ProblemKey], bool]
+    triton: tuple[str, str] | None = None
+
+    def applies(self, arch: str, triton_version: str) -> bool:
+        if not arch.startswith(self.arch):
+            return False
+        if self.triton is None:
+            return True
+        v = _version_tuple(triton_version)
+        return _version_tuple(self.triton[0]) <= v < _version_tuple(self.triton[1])
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        out.append(int(digits or 0))
+    return tuple(out + [0] * (3 - len(out)))
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """A resolved config for one kernel: every parameter of its spec with one value."""
+
+    kernel: str
+    values: tuple[tuple[str, Any], ...]
+
+    def __getitem__(self, name: str) -> Any:
+        for k, v in self.values:
+            if k == name:
+                return v
+        raise KeyError(f"{self.kernel} config has no parameter {name!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def constexprs(self) -> dict[str, Any]:
+        """The kernel's constexpr tunables (everything but num_warps/num_stages)."""
+        launch = {p.name for p in get_spec(self.kernel).params if p.launch}
+        return {k: v for k, v in self.values if k not in launch}
+
+    def launch_options(self) -> dict[str, int]:
+        d = self.as_dict()
+        return {"num_warps": int(d["num_warps"]), "num_stages": int(d["num_stages"])}
+
+    def replace(self, **changes: Any) -> "KernelConfig":
+        d = self.as_dict()
+        unknown = set(changes) - set(d)
+        if unknown:
+            raise KeyError(f"{self.kernel} has no parameter(s) {sorted(unknown)}")
+        d.update(changes)
+        return KernelConfig(self.kernel, tuple(d.items()))
+
+    def label(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.values)
+
+
+@dataclass(frozen=True)
+class Pruned:
+    config: KernelConfig
+    rule: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SpaceReport:
+    """The enumerated space of one kernel for one problem and device: kept and pruned configs."""
+
+    kernel: str
+    valid: tuple[KernelConfig, ...]
+    pruned: tuple[Pruned, ...]
+
+    @property
+    def total(self) -> int:
+        return len(self.valid) + len(self.pruned)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Declaration of a kernel's tuning space (see module docstring)."""
+
+    name: str
+    direction: str  # 'fwd' or 'bwd'
+    doc: str
+    params: tuple[Param, ...]
+    outputs: tuple[str, ...]
+    constraints: tuple[Constraint, ...] = ()
+    arch_rules: tuple[ArchRule, ...] = ()
+    key_fields: tuple[str, ...] = ("K", "V", "dtype")
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(f"{self.name} has no parameter {name!r}; it has {[p.name for p in self.params]}")
+
+    def default_config(self, **fixed: Any) -> KernelConfig:
+        values = {p.name: p.default for p in self.params}
+        values.update(fixed)
+        return KernelConfig(self.name, tuple(values.items()))
+
+    def config(self, values: Mapping[str, Any]) -> KernelConfig:
+        """Build a config from a mapping; missing params take their default, unknown ones raise."""
+        names = [p.name for p in self.params]
+        unknown = set(values) - set(names)
+        if unknown:
+            raise KeyError(f"{self.name} has no parameter(s) {sorted(unknown)}; it has {names}")
+        return self.default_config(**dict(values))
+
+    def tolerance(self, output: str, dtype: str) -> float:
+        return TOLERANCES[dtype][output]
+
+    def check(self, config: KernelConfig, key: ProblemKey, arch: str = "cpu",
+              triton_version: str = "0") -> Pruned | None:
+        """The first constraint or arch rule that refuses ``config``, or None if it is allowed."""
+        d = config.as_dict()
+        for p in self.params:
+            if d[p.name] not in p.values:
+                return Pruned(config, "value", f"{p.name}={d[p.name]} is not one of {p.values}")
+        for c in self.constraints:
+            if not c.allows(d, key):
+                return Pruned(config, c.name, c.reason)
+        for r in self.arch_rules:
+            if r.applies(arch, triton_version) and r.forbids(d, key):
+                return Pruned(config, r.name, f"{r.reason} ({r.source})")
+        return None
+
+    def _all(self, fixed: Mapping[str, Any]) -> Iterator[KernelConfig]:
+        grids = [(p.name, (fixed[p.name],) if p.name in fixed else p.values) for p in self.params]
+        for combo in itertools.product(*(vals for _, vals in grids)):
+            yield KernelConfig(self.name, tuple(zip((n for n, _ in grids), combo)))
+
+    def space(self, key: ProblemKey, arch: str = "cpu", triton_version: str = "0",
+              **fixed: Any) -> SpaceReport:
+        """Enumerate the space (``fixed`` pins parameters, e.g. BT=64), pruning with reasons."""
+        valid, pruned = [], []
+        for cfg in self._all(fixed):
+            refusal = self.check(cfg, key, arch, triton_version)
+            (valid.append(cfg) if refusal is None else pruned.append(refusal))
+        return SpaceReport(self.name, tuple(valid), tuple(pruned))
+
+
+_REGISTRY: dict[str, KernelSpec] = {}
+
+
+def register(spec: KernelSpec) -> KernelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"kernel spec {spec.name!r} is already registered")
+    for p in spec.params:
+        if p.default not in p.values:
+            raise ValueError(f"{spec.name}.{p.name}: default {p.default!r} not among {p.values}")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> KernelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no kernel spec {name!r}; available: {sorted(_REGISTRY)}") from None
+
+
+def all_specs(direction: str | None = None) -> list[KernelSpec]:
+    return [s for s in _REGISTRY.values() if direction in (None, s.direction)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared parameters and constraints
+# ---------------------------------------------------------------------------------------------
+
+CHUNK_SIZES = (16, 32, 64, 128)
+DEFAULT_CHUNK_SIZE = 64
+
+BT = Param("BT", CHUNK_SIZES, DEFAULT_CHUNK_SIZE,
+           "chunk size C: tokens per chunk (pipeline-wide)", pipeline_wide=True)
+
+
+def _warps(default: int = 4, values: tuple = (2, 4, 8)) -> Param:
+    return Param("num_warps", values, default, "warps per program", launch=True)
+
+
+def _stages(default: int = 2, values: tuple = (1, 2, 3)) -> Param:
+    return Param("num_stages", values, default, "software-pipelining depth of loops", launch=True)
+
+
+def _tile_fits(tile: str, dim: str) -> Constraint:
+    return Constraint(
+        f"{tile}_le_{dim}",
+        f"{tile} larger than {dim} rounded up to a power of two only adds masked work",
+        lambda c, k: c[tile] <= max(16, next_pow2(getattr(k, dim))),
+    )
+
+
+def _register_budget(name: str, elems: Callable[[Mapping[str, Any], ProblemKey], int],
+                     limit: int = 160) -> Constraint:
+    """fp32 register tiles per thread must stay under ``limit`` (spills above it)."""
+    return Constraint(
+        name,
+        f"live fp32 tiles need more than {limit} registers per thread (spills)",
+        lambda c, k: elems(c, k) / (32 * c["num_warps"]) <= limit,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward kernels
+# ---------------------------------------------------------------------------------------------
+
+INTRA_FWD = register(KernelSpec(
+    name="intra_fwd",
+    direction="fwd",
+    doc="cumsum of g, T and A_qk, A = (I+T)^-1, Y = A E_bar, U = A Z (one program per chunk, head)",
+    params=(
+        BT,
+        Param("BC", (16, 32), 16, "sub-chunk rows: diagonal blocks solved by substitution"),
+        Param("BK", (16, 32, 64), 32, "key-axis tile of the T/A_qk products and of Y"),
+        Param("BV", (16, 32, 64), 32, "value-axis tile of U"),
+        Param("SOLVE_PRECISION", ("ieee", "tf32x3", "tf32"), "ieee",
+              "precision of the dots that merge the (I+T)^-1 blocks"),
+        _warps(),
+        _stages(),
+    ),
+    outputs=("g_cum", "A", "A_qk", "Y", "U"),
+    constraints=(
+        Constraint("BC_divides_BT", "sub-chunks must tile the chunk", lambda c, k: c["BC"] <= c["BT"]
+                   and c["BT"] % c["BC"] == 0),
+        _tile_fits("BK", "K"),
+        _tile_fits("BV", "V"),
+        _register_budget("intra_fwd_registers",
+                         lambda c, k: 3 * c["BT"] * c["BT"] + c["BC"] * c["BC"] * c["BK"]
+                         + 4 * c["BT"] * max(c["BK"], c["BV"])),
+    ),
+))
+
+STATE_FWD = register(KernelSpec(
+    name="state_fwd",
+    direction="fwd",
+    doc="inter-chunk state pass fused with the output: R, O, S_C per chunk (serial over chunks)",
+    params=(
+        BT,
+        Param("BV", (16, 32, 64), 32, "value-axis tile of the state: programs = N*H*V/BV"),
+        _warps(),
+        _stages(2, (1, 2, 3, 4)),
+    ),
+    outputs=("o", "ht"),
+    constraints=(
+        _tile_fits("BV", "V"),
+        _register_budget("state_fwd_registers",
+                         lambda c, k: 2 * next_pow2(k.K) * c["BV"] + 4 * c["BT"] * next_pow2(k.K)),
+    ),
+))
+
+L2NORM_FWD = register(KernelSpec(
+    name="l2norm_fwd",
+    direction="fwd",
+    doc="row-wise L2 normalisation of q and k (use_qk_l2norm_in_kernel)",
+    params=(
+        Param("BR", (8, 16, 32), 16, "rows per program"),
+        _warps(4, (1, 2, 4, 8)),
+        Param("num_stages", (1,), 1, "unused (no loop)", launch=True),
+    ),
+    outputs=("qn",),
+))
+
+
+def chunk_sizes() -> tuple[int, ...]:
+    return CHUNK_SIZES
+
+
+__all__ = [
+    "ArchRule",
+    "Constraint",
+    "KernelConfig",
+    "KernelSpec",
+    "MAX_HEAD_DIM",
+    "Param",
+    "ProblemKey",
+    "Pruned",
+    "SpaceReport",
+    "all_specs",
+    "get_spec",
+    "next_pow2",
+    "register",
+]

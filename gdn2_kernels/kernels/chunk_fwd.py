@@ -1,0 +1,66 @@
+"""Forward orchestration of ``chunk_gdn2``: launcher calls only, tensors in and out.
+
+Pipeline (MATH.md "Chunkwise form"):
+
+    [l2norm_fwd]  q, k -> normalised q, k                    (optional)
+    intra_fwd     q, k, v, g, b, w -> g_cum, A, A_qk, Y, U    (one program per chunk and head)
+    state_fwd     -> o, ht [, h]                              (serial over chunks, parallel over V)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+
+from gdn2_kernels import _varlen
+from gdn2_kernels.kernels.intra_fwd import intra_fwd
+from gdn2_kernels.kernels.state_fwd import state_fwd
+
+if TYPE_CHECKING:
+    from gdn2_kernels.configs import KernelConfig
+
+
+@dataclass
+class FwdResult:
+    """Outputs of the forward and the intermediates the backward reads."""
+
+    o: torch.Tensor
+    ht: torch.Tensor | None
+    g_cum: torch.Tensor
+    A: torch.Tensor
+    A_qk: torch.Tensor
+    Y: torch.Tensor
+    U: torch.Tensor
+    h: torch.Tensor | None
+    chunk_indices: torch.Tensor | None
+    chunk_offsets: torch.Tensor | None
+
+
+def chunk_gdn2_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+    configs: Mapping[str, "KernelConfig"],
+    store_h: bool = False,
+) -> FwdResult:
+    """Run the forward kernels with the resolved ``configs`` (keys 'intra_fwd', 'state_fwd')."""
+    BT = configs["intra_fwd"]["BT"]
+    B, T = k.shape[:2]
+    idx = offs = None
+    if cu_seqlens is not None:
+        idx = _varlen.chunk_indices(cu_seqlens, BT)
+        offs = _varlen.chunk_offsets(cu_seqlens, BT)
+    g_cum, A, A_qk, Y, U = intra_fwd(q, k, v, g, b, w, scale, cu_seqlens, idx,
+                                     configs["intra_fwd"])
+    o, ht, h = state_fwd(q, k, g_cum, Y, U, A_qk, scale, initial_state, output_final_state,
+                         store_h, cu_seqlens, offs, _varlen.num_chunks(T, B, cu_seqlens, BT),
+                         configs["state_fwd"])
+    return FwdResult(o, ht, g_cum, A, A_qk, Y, U, h, idx, offs)

@@ -1,0 +1,234 @@
+"""Intra-chunk forward: cumulative decay, T and A_qk, the WY inverse, and the WY factors.
+
+Computes, for each chunk of C = ``BT`` tokens and each head (MATH.md "Chunkwise form"):
+
+    G_r   = sum_{i<=r} g_i                                   -> g_cum  [B, T, H, K] fp32
+    T     = strict_lower(E_bar K_bar^T)                      (kept on chip)
+    A     = (I + T)^-1                                       -> A      [B, T, H, BT] fp32
+    A_qk  = scale * lower(Q K^T (.) exp(G_r - G_s))          -> A_qk   [B, T, H, BT] fp32
+    Y     = A E_bar,   E_bar = exp(G) (.) b (.) k            -> Y      [B, T, H, K]  (dtype of k)
+    U     = A Z,       Z = w (.) v                           -> U      [B, T, H, V]  (dtype of k)
+
+Row t of A / A_qk holds row (t mod C) of its chunk's C x C matrix (zeros above the diagonal).
+
+Grid: ``(number of chunks, B * H)``; one program per (chunk, head). Varlen: the first grid axis
+walks ``chunk_indices`` (sequence, chunk) pairs so chunks never straddle two sequences.
+
+Tiling: the chunk is cut into C / ``BC`` row blocks. For row block i, the entries left of its
+diagonal block come from one dot over key tiles of ``BK`` with both factors offset against the
+block's first row a (exp(G_r - G_a) and exp(G_a - G_s), both <= 1, so strong decay never
+overflows); the diagonal BC x BC block is formed pairwise from exp(G_r - G_s) over a
+[BC, BC, BK] tile. The diagonal block of A is inverted by forward substitution in fp32 registers,
+and row block i of A is then ``-A_ii (T_i,<i A_<i,:)``, reading the finished rows of A back from
+this program's own output (a barrier orders the two). ``SOLVE_PRECISION`` sets the dot precision
+of the T product and of those merges (ieee, tf32x3 = split precision, or tf32). Y and U are dots of
+the finished A with key tiles of ``BK`` and value tiles of ``BV``.
+
+The backward recomputes nothing from this kernel's registers: it reads A, A_qk and g_cum.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    from gdn2_kernels.configs import KernelConfig
+
+
+@triton.jit
+def _intra_fwd_kernel(
+    q,
+    k,
+    v,
+    g,
+    b,
+    w,
+    g_cum,
+    A,
+    A_qk,
+    Y,
+    U,
+    cu_seqlens,
+    chunk_indices,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    SOLVE_PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    tl.static_assert(BT % BC == 0, "BC must divide BT")
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+    else:
+        bos = i_b.to(tl.int64) * T
+    t0 = i_t * BT
+
+    # Row bases of this (sequence, head); rows advance by H * D elements.
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    g += (bos * H + i_h) * K
+    b += (bos * H + i_h) * K
+    g_cum += (bos * H + i_h) * K
+    Y += (bos * H + i_h) * K
+    v += (bos * H + i_h) * V
+    w += (bos * H + i_h) * V
+    U += (bos * H + i_h) * V
+    A += (bos * H + i_h) * BT
+    A_qk += (bos * H + i_h) * BT
+
+    o_t = t0 + tl.arange(0, BT)             # rows of the chunk (within the sequence)
+    m_t = o_t < T
+    r_t = o_t.to(tl.int64)
+    o_j = tl.arange(0, BT)                  # columns of the chunk's C x C matrices
+    o_c = tl.arange(0, BC)
+
+    # 1. G = cumsum(g) inside the chunk.
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_k = r_t[:, None] * (H * K) + o_k[None, :]
+        b_g = tl.load(g + p_k, mask=m_tk, other=0.).to(tl.float32)
+        tl.store(g_cum + p_k, tl.cumsum(b_g, axis=0), mask=m_tk)
+    tl.debug_barrier()
+
+    # 2. Row blocks of T and A_qk, and the blocked solve for A.
+    n_c = tl.cdiv(tl.minimum(BT, T - t0), BC)
+    for i_c in range(n_c):
+        c0 = i_c * BC
+        o_r = t0 + c0 + o_c
+        m_r = o_r < T
+        r_r = o_r.to(tl.int64)
+        m_left = o_j < c0                                        # columns left of the block
+        b_Toff = tl.zeros([BC, BT], dtype=tl.float32)
+        b_Qoff = tl.zeros([BC, BT], dtype=tl.float32)
+        b_Td = tl.zeros([BC, BC], dtype=tl.float32)
+        b_Qd = tl.zeros([BC, BC], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_rk = m_r[:, None] & m_k[None, :]
+            m_tk = m_t[:, None] & m_k[None, :]
+            p_r = r_r[:, None] * (H * K) + o_k[None, :]
+            p_t = r_t[:, None] * (H * K) + o_k[None, :]
+            b_Gr = tl.load(g_cum + p_r, mask=m_rk, other=0.)                       # [BC, BK]
+            b_kr = tl.load(k + p_r, mask=m_rk, other=0.).to(tl.float32)
+            b_br = tl.load(b + p_r, mask=m_rk, other=0.).to(tl.float32)
+            b_qr = tl.load(q + p_r, mask=m_rk, other=0.).to(tl.float32)
+            b_Ga = tl.load(g_cum + (t0 + c0).to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+            b_Gs = tl.load(g_cum + p_t, mask=m_tk, other=0.)                        # [BT, BK]
+            b_ks = tl.load(k + p_t, mask=m_tk, other=0.).to(tl.float32)
+
+            b_er = b_br * b_kr                                                      # e_r
+            b_dr = tl.exp(b_Gr - b_Ga[None, :])                                     # <= 1
+            b_ds = tl.exp(tl.where(m_left[:, None], b_Ga[None, :] - b_Gs, 0.))      # <= 1 if left
+            b_ks_a = tl.where(m_left[:, None], b_ks * b_ds, 0.)                     # [BT, BK]
+            b_Toff += tl.dot(b_er * b_dr, tl.trans(b_ks_a), input_precision=SOLVE_PRECISION)
+            b_Qoff += tl.dot(b_qr * b_dr, tl.trans(b_ks_a))
+
+            # Diagonal block, pairwise: exp(G_r - G_s) for r >= s.
+            b_dd = b_Gr[:, None, :] - b_Gr[None, :, :]                              # [BC, BC, BK]
+            b_dd = tl.exp(tl.where((o_c[:, None] >= o_c[None, :])[:, :, None], b_dd, 0.))
+            b_kd = b_kr[None, :, :] * b_dd
+            b_Td += tl.sum(b_er[:, None, :] * b_kd, axis=2)
+            b_Qd += tl.sum(b_qr[:, None, :] * b_kd, axis=2)
+
+        # Inverse of the unit lower-triangular diagonal block by forward substitution.
+        b_Ai = -tl.where(o_c[:, None] > o_c[None, :], b_Td, 0.)
+        for i in range(1, BC):
+            m_i = o_c == i
+            b_a = tl.sum(tl.where(m_i[:, None], b_Ai, 0.), 0)
+            b_a = b_a + tl.sum(b_a[:, None] * b_Ai, 0)
+            b_Ai = tl.where(m_i[:, None], b_a[None, :], b_Ai)
+        b_Ai += (o_c[:, None] == o_c[None, :]).to(tl.float32)
+
+        # Row block i of A: -A_ii T_i,<i A_<i,:  (rows of A left of c0 are final).
+        p_Ap = r_t[:, None] * (H * BT) + o_j[None, :]
+        b_Ap = tl.load(A + p_Ap, mask=(m_left & m_t)[:, None], other=0.)            # [BT, BT]
+        b_acc = tl.dot(b_Toff, b_Ap, input_precision=SOLVE_PRECISION)
+        b_Arow = -tl.dot(b_Ai, b_acc, input_precision=SOLVE_PRECISION)              # [BC, BT]
+
+        m_diag = (o_j >= c0) & (o_j < c0 + BC)
+        p_row = r_r[:, None] * (H * BT) + o_j[None, :]
+        p_diag = r_r[:, None] * (H * BT) + (c0 + o_c)[None, :]
+        tl.store(A + p_row, b_Arow, mask=m_r[:, None] & ~m_diag[None, :])
+        tl.store(A + p_diag, b_Ai, mask=m_r[:, None])
+        b_Qrow = tl.where(m_left[None, :], b_Qoff, 0.) * scale
+        tl.store(A_qk + p_row, b_Qrow, mask=m_r[:, None] & ~m_diag[None, :])
+        tl.store(A_qk + p_diag, tl.where(o_c[:, None] >= o_c[None, :], b_Qd, 0.) * scale,
+                 mask=m_r[:, None])
+        tl.debug_barrier()
+
+    # 3. WY factors Y = A E_bar and U = A Z.
+    b_A = tl.load(A + r_t[:, None] * (H * BT) + o_j[None, :], mask=m_t[:, None], other=0.)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_t = r_t[:, None] * (H * K) + o_k[None, :]
+        b_G = tl.load(g_cum + p_t, mask=m_tk, other=0.)
+        b_k = tl.load(k + p_t, mask=m_tk, other=0.).to(tl.float32)
+        b_b = tl.load(b + p_t, mask=m_tk, other=0.).to(tl.float32)
+        b_Y = tl.dot(b_A, b_b * b_k * tl.exp(b_G))
+        tl.store(Y + p_t, b_Y.to(Y.dtype.element_ty), mask=m_tk)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_v = r_t[:, None] * (H * V) + o_v[None, :]
+        b_v = tl.load(v + p_v, mask=m_tv, other=0.).to(tl.float32)
+        b_w = tl.load(w + p_v, mask=m_tv, other=0.).to(tl.float32)
+        b_U = tl.dot(b_A, b_w * b_v)
+        tl.store(U + p_v, b_U.to(U.dtype.element_ty), mask=m_tv)
+
+
+def intra_fwd_grid(num_chunks: int, B: int, H: int) -> tuple[int, int]:
+    return (num_chunks, B * H)
+
+
+def intra_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+    chunk_indices: torch.Tensor | None,
+    config: "KernelConfig",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the intra-chunk forward. Returns ``(g_cum, A, A_qk, Y, U)`` (see module docstring)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    BT = config["BT"]
+    g_cum = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
+    A = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
+    A_qk = torch.empty_like(A)
+    Y = torch.empty(B, T, H, K, dtype=k.dtype, device=k.device)
+    U = torch.empty(B, T, H, V, dtype=k.dtype, device=k.device)
+    num_chunks = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
+    _intra_fwd_kernel[intra_fwd_grid(num_chunks, B, H)](
+        q=q, k=k, v=v, g=g, b=b, w=w,
+        g_cum=g_cum, A=A, A_qk=A_qk, Y=Y, U=U,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
+        scale=scale, T=T,
+        H=H, K=K, V=V,
+        BT=BT, BC=config["BC"], BK=config["BK"], BV=config["BV"],
+        SOLVE_PRECISION=config["SOLVE_PRECISION"],
+        IS_VARLEN=cu_seqlens is not None,
+        **config.launch_options(),
+    )
+    return g_cum, A, A_qk, Y, U

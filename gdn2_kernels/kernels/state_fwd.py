@@ -1,0 +1,163 @@
+"""Inter-chunk state pass fused with the output (MATH.md "Chunkwise form", last three lines).
+
+For each chunk, in order, with S the state entering it (fp32, on chip):
+
+    R   = U - Y S                                    (per-row residuals)
+    O   = Q_gamma S + A_qk R,  Q_gamma = scale * exp(G) (.) q       -> o   [B, T, H, V]
+    S  <- Diag(exp(G_C)) S + K_tail^T R,  K_tail = exp(G_C - G) (.) k
+
+and finally ``ht = S`` ``[N, H, K, V]`` fp32. With ``STORE_H`` the state entering every chunk is
+also written to ``h`` ``[NT_total, H, K, V]`` (the backward reads it instead of recomputing).
+
+Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's state and walks
+that sequence's chunks serially. ``K`` is held whole (padded to a power of two, ``KP``); the
+value axis is split into ``BV`` tiles, which is the knob that trades per-program work for
+parallelism when N * H is small. Dots run on the storage dtype of Y (bf16 tensor cores for bf16
+inputs) with fp32 accumulation; the state itself stays fp32.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    from gdn2_kernels.configs import KernelConfig
+
+
+@triton.jit
+def _state_fwd_kernel(
+    q,
+    k,
+    g_cum,
+    Y,
+    U,
+    A_qk,
+    h0,
+    o,
+    ht,
+    h,
+    cu_seqlens,
+    chunk_offsets,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    KP: tl.constexpr,
+    USE_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    STORE_H: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    NT = tl.cdiv(T, BT)
+
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    g_cum += (bos * H + i_h) * K
+    Y += (bos * H + i_h) * K
+    U += (bos * H + i_h) * V
+    o += (bos * H + i_h) * V
+    A_qk += (bos * H + i_h) * BT
+
+    o_k = tl.arange(0, KP)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    o_i = tl.arange(0, BT)
+    p_S = o_k[:, None] * V + o_v[None, :]
+    m_S = m_k[:, None] & m_v[None, :]
+
+    b_S = tl.zeros([KP, BV], dtype=tl.float32)
+    if USE_H0:
+        b_S += tl.load(h0 + (i_n * H + i_h).to(tl.int64) * K * V + p_S, mask=m_S, other=0.)
+
+    for i_t in range(NT):
+        o_t = i_t * BT + o_i
+        m_t = o_t < T
+        r_t = o_t.to(tl.int64)
+        if STORE_H:
+            tl.store(h + ((c0 + i_t) * H + i_h) * K * V + p_S, b_S.to(h.dtype.element_ty), mask=m_S)
+        m_tk = m_t[:, None] & m_k[None, :]
+        p_tk = r_t[:, None] * (H * K) + o_k[None, :]
+        p_tv = r_t[:, None] * (H * V) + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_Y = tl.load(Y + p_tk, mask=m_tk, other=0.)                              # [BT, KP]
+        b_U = tl.load(U + p_tv, mask=m_tv, other=0.).to(tl.float32)               # [BT, BV]
+        b_G = tl.load(g_cum + p_tk, mask=m_tk, other=0.)
+        b_q = tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32)
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32)
+        b_A = tl.load(A_qk + r_t[:, None] * (H * BT) + o_i[None, :], mask=m_t[:, None], other=0.)
+        last = tl.minimum(T, i_t * BT + BT) - 1
+        b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+
+        b_Sd = b_S.to(b_Y.dtype)
+        b_R = b_U - tl.dot(b_Y, b_Sd)                                              # [BT, BV]
+        b_Rd = b_R.to(b_Y.dtype)
+        b_Qg = (b_q * tl.exp(b_G) * scale).to(b_Y.dtype)
+        b_O = tl.dot(b_Qg, b_Sd) + tl.dot(b_A.to(b_Y.dtype), b_Rd)
+        tl.store(o + p_tv, b_O.to(o.dtype.element_ty), mask=m_tv)
+
+        b_Kt = tl.where(m_tk, b_k * tl.exp(b_Gl[None, :] - b_G), 0.).to(b_Y.dtype)  # [BT, KP]
+        b_S = b_S * tl.exp(b_Gl)[:, None] + tl.dot(tl.trans(b_Kt), b_Rd)
+
+    if STORE_HT:
+        tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + p_S, b_S, mask=m_S)
+
+
+def state_fwd_grid(N: int, H: int, V: int, BV: int) -> tuple[int, int]:
+    return (triton.cdiv(V, BV), N * H)
+
+
+def state_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    g_cum: torch.Tensor,
+    Y: torch.Tensor,
+    U: torch.Tensor,
+    A_qk: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    store_h: bool,
+    cu_seqlens: torch.Tensor | None,
+    chunk_offsets: torch.Tensor | None,
+    num_chunks: int,
+    config: "KernelConfig",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the fused state pass and output. Returns ``(o, ht or None, h or None)``."""
+    B, T, H, K = k.shape
+    V = U.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    BV = config["BV"]
+    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    h = torch.empty(num_chunks, H, K, V, dtype=q.dtype, device=q.device) if store_h else None
+    _state_fwd_kernel[state_fwd_grid(N, H, V, BV)](
+        q=q, k=k, g_cum=g_cum, Y=Y, U=U, A_qk=A_qk, h0=initial_state,
+        o=o, ht=ht, h=h,
+        cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets,
+        scale=scale, T=T,
+        H=H, K=K, V=V,
+        BT=config["BT"], BV=BV, KP=max(16, triton.next_power_of_2(K)),
+        USE_H0=initial_state is not None,
+        STORE_HT=output_final_state,
+        STORE_H=store_h,
+        IS_VARLEN=cu_seqlens is not None,
+        **config.launch_options(),
+    )
+    return o, ht, h

@@ -1,0 +1,208 @@
+"""Public ops: ``chunk_gdn2`` (training and prefill). Inputs are checked here, nowhere else.
+
+The API follows FLA's ``fla.ops.gdn2.chunk_gdn2`` so it can be swapped in: tensors
+``[B, T, H, D]``, states ``[N, H, K, V]`` in fp32, varlen as ``B == 1`` plus ``cu_seqlens``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gdn2_kernels import _device, dispatch
+from gdn2_kernels._testing import dtype_name
+from gdn2_kernels.configs import MAX_HEAD_DIM, ProblemKey
+from gdn2_kernels.kernels.chunk_fwd import chunk_gdn2_fwd
+from gdn2_kernels.kernels.l2norm import l2norm_fwd
+
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class GDN2Options:
+    """Flags of one ``chunk_gdn2`` call, stored on the autograd ctx."""
+
+    scale: float
+    output_final_state: bool
+    use_qk_l2norm_in_kernel: bool
+    has_initial_state: bool
+    is_varlen: bool
+    disable_recompute: bool
+
+
+# ------------------------------------------------------------------------------------------------
+# Input checks
+# ------------------------------------------------------------------------------------------------
+
+def _require_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values: bool):
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("b", b), ("w", w)):
+        _require_tensor(name, x)
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, T, H, K] (4-D), got shape {tuple(q.shape)}; "
+                         "for one sequence use q[None]")
+    B, T, H, K = q.shape
+    for name, x in (("k", k), ("g", g), ("b", b)):
+        if tuple(x.shape) != (B, T, H, K):
+            raise ValueError(f"{name} must have q's shape [B, T, H, K] = {(B, T, H, K)}, "
+                             f"got {tuple(x.shape)}")
+    if v.ndim != 4 or tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, V] with B, T, H = {(B, T, H)} as in q, "
+                         f"got {tuple(v.shape)}")
+    V = v.shape[-1]
+    if tuple(w.shape) != tuple(v.shape):
+        raise ValueError(f"w (write gate) must have v's shape [B, T, H, V] = {tuple(v.shape)}, "
+                         f"got {tuple(w.shape)}")
+    for name, d in (("K (head dim of q/k)", K), ("V (head dim of v)", V)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name} = {d} is not supported: it must be between 1 and "
+                             f"{MAX_HEAD_DIM}; split larger heads into several heads")
+    for name, x in (("q", q), ("k", k), ("v", v), ("b", b), ("w", w)):
+        if x.dtype not in _INPUT_DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; chunk_gdn2 takes float32, bfloat16 or "
+                            "float16 inputs (cast float64 to float32)")
+    for name, x in (("k", k), ("v", v), ("b", b), ("w", w)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; q, k, v, b, w must "
+                            "share one dtype (cast them before the call)")
+    if g.dtype not in _GATE_DTYPES:
+        raise TypeError(f"g has dtype {g.dtype}; the log-decay must be float32 (bfloat16/float16 "
+                        "are accepted and upcast exactly); a float64 g is not representable in "
+                        "float32: cast it with g.float() if that is intended")
+    dev = q.device
+    for name, x in (("k", k), ("v", v), ("g", g), ("b", b), ("w", w)):
+        if x.device != dev:
+            raise ValueError(f"{name} is on {x.device} but q is on {dev}; move all inputs to one "
+                             "device")
+    if dev.type == "cpu" and not _device.interpreter_active():
+        raise ValueError("inputs are on the CPU but Triton's interpreter is off; move them to a "
+                         "CUDA device, or set TRITON_INTERPRET=1 before importing gdn2_kernels")
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"inputs are on {dev}; chunk_gdn2 runs on CUDA devices (or the CPU "
+                         "through Triton's interpreter)")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a positive number or None (for K**-0.5), got {scale!r}")
+
+    N = B
+    if cu_seqlens is not None:
+        _require_tensor("cu_seqlens", cu_seqlens)
+        if B != 1:
+            raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), "
+                             f"got B = {B}; flatten the batch: x.reshape(1, B * T, ...)")
+        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D [N + 1] with N >= 1, got shape "
+                             f"{tuple(cu_seqlens.shape)}")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        if cu_seqlens.device != dev:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {dev}")
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != T:
+            raise ValueError(f"cu_seqlens must start at 0 and end at T = {T}, got "
+                             f"{bounds[0]} ... {bounds[-1]}")
+        if any(b1 < b0 for b0, b1 in zip(bounds, bounds[1:])):
+            raise ValueError("cu_seqlens must be non-decreasing (sequence boundaries in order)")
+        N = len(bounds) - 1
+    if initial_state is not None:
+        _require_tensor("initial_state", initial_state)
+        if tuple(initial_state.shape) != (N, H, K, V):
+            raise ValueError(f"initial_state must be [N, H, K, V] = {(N, H, K, V)} "
+                             f"(N = {'number of sequences' if cu_seqlens is not None else 'B'}), "
+                             f"got {tuple(initial_state.shape)}")
+        if initial_state.dtype != torch.float32:
+            raise TypeError(f"initial_state must be float32 (the state is kept in fp32), got "
+                            f"{initial_state.dtype}")
+        if initial_state.device != dev:
+            raise ValueError(f"initial_state is on {initial_state.device} but q is on {dev}")
+    if validate_values:
+        bad = ~torch.isfinite(g) | (g > 0)
+        if bool(bad.any()):
+            raise ValueError("g (log-decay) has NaN, Inf or positive entries; it must be finite "
+                             "and <= 0 (decay exp(g) in (0, 1]). Check the gate computation.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Autograd
+# ------------------------------------------------------------------------------------------------
+
+class _ChunkGDN2Function(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts: GDN2Options):
+        key = ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype))
+        pipe = dispatch.resolve(key)
+        if opts.use_qk_l2norm_in_kernel:
+            q, _ = l2norm_fwd(q, pipe["l2norm_fwd"])
+            k, _ = l2norm_fwd(k, pipe["l2norm_fwd"])
+        res = chunk_gdn2_fwd(q, k, v, g.float(), b, w, opts.scale, initial_state,
+                             opts.output_final_state, cu_seqlens, pipe.as_dict())
+        ctx.opts = opts
+        return res.o, res.ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        raise NotImplementedError(
+            "chunk_gdn2's backward is not available in this build; call it under torch.no_grad() "
+            "or detach the inputs")
+
+
+def chunk_gdn2(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    disable_recompute: bool = False,
+    validate_values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunkwise Gated Delta Rule-2 (MATH.md), FLA-compatible.
+
+    Args:
+        q: queries ``[B, T, H, K]``, float32 / bfloat16 / float16.
+        k: keys ``[B, T, H, K]``, same dtype as q.
+        v: values ``[B, T, H, V]``, same dtype as q.
+        g: log-decay ``[B, T, H, K]``, float32 (bf16/fp16 upcast exactly), finite and <= 0.
+        b: erase gate ``[B, T, H, K]`` in [0, 1] (or [0, 2] with negative eigenvalues), q's dtype.
+        w: write gate ``[B, T, H, V]`` in [0, 1], q's dtype.
+        scale: query scale; default ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]`` float32 state entering each sequence; default zeros.
+        output_final_state: also return the state after the last token. Default False.
+        use_qk_l2norm_in_kernel: L2-normalise q and k per head inside the op. Default False.
+        cu_seqlens: ``[N + 1]`` int32/int64 boundaries of sequences packed along T (needs B == 1).
+        disable_recompute: keep the per-chunk states from the forward for the backward (more
+            memory, less time). Default False.
+        validate_values: check g for NaN/Inf/positive entries (one device sync). Default True.
+
+    Returns:
+        o: ``[B, T, H, V]`` in q's dtype.
+        final_state: ``[N, H, K, V]`` float32 if ``output_final_state`` else None.
+
+    Raises:
+        TypeError / ValueError naming the offending argument, for wrong types, shapes, dtypes,
+        devices, head dims over 256, bad ``cu_seqlens`` or gates.
+    """
+    _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
+    opts = GDN2Options(
+        scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,
+        output_final_state=bool(output_final_state),
+        use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel),
+        has_initial_state=initial_state is not None,
+        is_varlen=cu_seqlens is not None,
+        disable_recompute=bool(disable_recompute),
+    )
+    q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    return _ChunkGDN2Function.apply(q, k, v, g, b, w, initial_state, cu_seqlens, opts)
