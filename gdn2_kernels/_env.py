@@ -16,7 +16,7 @@ def interpreter_requested() -> bool:
     return os.environ.get(INTERPRET_VAR, "0").lower() in ("1", "true", "yes", "on")
 
 
-def enable_interpreter_without_gpu() -> bool:
+def enable_interpreter_without_gpu(warn: bool = True) -> bool:
     """Turn on Triton's interpreter when no CUDA device exists and the user has not chosen.
 
     Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, so this must run before any
@@ -30,11 +30,12 @@ def enable_interpreter_without_gpu() -> bool:
     if torch.cuda.is_available():
         return False
     os.environ[INTERPRET_VAR] = "1"
-    warnings.warn(
-        "gdn2_kernels: no CUDA device found; Triton kernels run through the interpreter "
-        f"(slow, for testing). Set {INTERPRET_VAR}=0 to disable.",
-        stacklevel=3,
-    )
+    if warn:
+        warnings.warn(
+            "gdn2_kernels: no CUDA device found; Triton kernels run through the interpreter "
+            f"(slow, for testing). Set {INTERPRET_VAR}=0 to disable.",
+            stacklevel=3,
+        )
     return True
 
 

@@ -338,9 +338,13 @@ L2NORM_FWD = register(KernelSpec(
     outputs=("qn",),
 ))
 
-
-def chunk_sizes() -> tuple[int, ...]:
-    return CHUNK_SIZES
+L2NORM_BWD = register(KernelSpec(
+    name="l2norm_bwd",
+    direction="bwd",
+    doc="VJP of the row-wise L2 normalisation",
+    params=L2NORM_FWD.params,
+    outputs=("dq", "dk"),
+))
 
 
 __all__ = [

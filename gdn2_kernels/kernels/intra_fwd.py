@@ -134,7 +134,8 @@ def _intra_fwd_kernel(
             b_ks = tl.load(k + p_t, mask=m_tk, other=0.).to(tl.float32)
 
             b_er = b_br * b_kr                                                      # e_r
-            b_dr = tl.exp(b_Gr - b_Ga[None, :])                                     # <= 1
+            # Padded rows (past T) have G = 0: keep them out of exp() so 0 * inf never appears.
+            b_dr = tl.exp(tl.where(m_r[:, None], b_Gr - b_Ga[None, :], 0.))          # <= 1
             b_ds = tl.exp(tl.where(m_left[:, None], b_Ga[None, :] - b_Gs, 0.))      # <= 1 if left
             b_ks_a = tl.where(m_left[:, None], b_ks * b_ds, 0.)                     # [BT, BK]
             b_Toff += tl.dot(b_er * b_dr, tl.trans(b_ks_a), input_precision=SOLVE_PRECISION)
@@ -142,7 +143,8 @@ def _intra_fwd_kernel(
 
             # Diagonal block, pairwise: exp(G_r - G_s) for r >= s.
             b_dd = b_Gr[:, None, :] - b_Gr[None, :, :]                              # [BC, BC, BK]
-            b_dd = tl.exp(tl.where((o_c[:, None] >= o_c[None, :])[:, :, None], b_dd, 0.))
+            m_dd = (o_c[:, None] >= o_c[None, :]) & m_r[:, None]
+            b_dd = tl.exp(tl.where(m_dd[:, :, None], b_dd, 0.))
             b_kd = b_kr[None, :, :] * b_dd
             b_Td += tl.sum(b_er[:, None, :] * b_kd, axis=2)
             b_Qd += tl.sum(b_qr[:, None, :] * b_kd, axis=2)

@@ -1,0 +1,1 @@
+"""gdn2 benchmarks: baselines, FLOP/byte model, runners and plots."""
