@@ -94,22 +94,26 @@ for B, T in shapes:
     print(json.dumps(row), flush=True)
     save()
 
-# --- small sweep -------------------------------------------------------------------------------
+# --- small sweep, one stage at a time (the other stage at its default) ---------------------------
 intra, state = get_spec("intra_fwd"), get_spec("state_fwd")
-for B, T in ([(8, 2048), (1, 16384)] if not quick else [(1, 16384)]):
+deadline = time.time() + float(next((a.split("=")[1] for a in sys.argv if a.startswith("--sweep-s=")), 240))
+candidates = []
+for BT, BC, BK, prec, nw in itertools.product((32, 64), (16, 32), (32, 64), ("ieee", "tf32x3", "tf32"),
+                                              (4, 8)):
+    candidates.append(("intra", {"BT": BT}, {"BT": BT, "BC": BC, "BK": BK, "SOLVE_PRECISION": prec,
+                                              "num_warps": nw}))
+for BT, BV, nw, ns in itertools.product((32, 64), (16, 32, 64), (4, 8), (1, 2, 3)):
+    candidates.append(("state", {"BT": BT, "BV": BV, "num_warps": nw, "num_stages": ns}, {"BT": BT}))
+for B, T in [(1, 16384), (8, 2048)]:
     x = make_inputs(B, T, 16, 128, 128, torch.bfloat16, dev)
     args = (x.q, x.k, x.v, x.g, x.b, x.w)
     ref = chunk_gdn2(*args, validate_values=False)[0].float()
-    grid = itertools.product((32, 64), (16, 32), (32, 64), ("ieee", "tf32x3", "tf32"), (16, 32, 64),
-                             (4, 8))
-    for BT, BC, BK, prec, BV, nw in grid:
-        if BC > BT:
-            continue
-        pipe = dispatch.complete_pipeline({
-            "intra_fwd": intra.config({"BT": BT, "BC": BC, "BK": BK, "SOLVE_PRECISION": prec}),
-            "state_fwd": state.config({"BT": BT, "BV": BV, "num_warps": nw}),
-        }, "sweep")
-        row = {"B": B, "T": T, "BT": BT, "BC": BC, "BK": BK, "prec": prec, "BV": BV, "nw": nw}
+    for stage, state_cfg, intra_cfg in candidates:
+        if time.time() > deadline:
+            break
+        pipe = dispatch.complete_pipeline({"intra_fwd": intra.config(intra_cfg),
+                                           "state_fwd": state.config(state_cfg)}, "sweep")
+        row = {"B": B, "T": T, "stage": stage, "intra": intra_cfg, "state": state_cfg}
         try:
             with dispatch.override(pipe):
                 fn = lambda: chunk_gdn2(*args, validate_values=False)  # noqa: E731
@@ -117,7 +121,7 @@ for B, T in ([(8, 2048), (1, 16384)] if not quick else [(1, 16384)]):
                 row["diff_vs_default"] = rel_rms(o, ref)
                 row["ms"] = bench_ms(fn)
         except Exception as exc:  # noqa: BLE001
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         result["sweep"].append(row)
         print(json.dumps(row), flush=True)
         save()
