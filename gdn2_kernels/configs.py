@@ -362,3 +362,26 @@ __all__ = [
     "next_pow2",
     "register",
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding kernel
+# ---------------------------------------------------------------------------------------------
+
+RECURRENT_FWD = register(KernelSpec(
+    name="recurrent_fwd",
+    direction="fwd",
+    doc="token recurrence with the [K, BV] state slice in fp32 registers (decode, short prompts)",
+    params=(
+        Param("BV", (8, 16, 32, 64, 128), 32,
+              "value-axis tile of the state: programs = N*H*V/BV (more for small batches)"),
+        _warps(4, (1, 2, 4, 8)),
+        _stages(2, (1, 2, 3)),
+    ),
+    outputs=("o", "ht"),
+    constraints=(
+        _tile_fits("BV", "V"),
+        _register_budget("recurrent_fwd_registers",
+                         lambda c, k: 2 * next_pow2(k.K) * c["BV"]),
+    ),
+))

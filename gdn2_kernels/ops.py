@@ -1,4 +1,4 @@
-"""Public ops: ``chunk_gdn2`` (training and prefill). Inputs are checked here, nowhere else.
+"""Public ops: ``chunk_gdn2`` (training and prefill) and ``fused_recurrent_gdn2`` (decoding).
 
 The API follows FLA's ``fla.ops.gdn2.chunk_gdn2`` so it can be swapped in: tensors
 ``[B, T, H, D]``, states ``[N, H, K, V]`` in fp32, varlen as ``B == 1`` plus ``cu_seqlens``.
@@ -14,6 +14,7 @@ from gdn2_kernels._testing import dtype_name
 from gdn2_kernels.configs import MAX_HEAD_DIM, ProblemKey
 from gdn2_kernels.kernels.chunk_fwd import chunk_gdn2_fwd
 from gdn2_kernels.kernels.l2norm import l2norm_fwd
+from gdn2_kernels.kernels.recurrent_fwd import recurrent_fwd
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -206,3 +207,72 @@ def chunk_gdn2(
     if initial_state is not None:
         initial_state = initial_state.contiguous()
     return _ChunkGDN2Function.apply(q, k, v, g, b, w, initial_state, cu_seqlens, opts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding (forward only)
+# ------------------------------------------------------------------------------------------------
+
+def _check_no_grad(q, k, v, g, b, w, initial_state) -> None:
+    """``fused_recurrent_gdn2`` has no backward: refuse inputs that would need one."""
+    if not torch.is_grad_enabled():
+        return
+    named = (("q", q), ("k", k), ("v", v), ("g", g), ("b", b), ("w", w),
+             ("initial_state", initial_state))
+    needs = [name for name, x in named if x is not None and x.requires_grad]
+    if needs:
+        raise ValueError(
+            f"fused_recurrent_gdn2 is forward-only but {', '.join(needs)} require(s) grad; call "
+            "it under torch.no_grad() / torch.inference_mode(), or use chunk_gdn2 for training")
+
+
+def fused_recurrent_gdn2(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    validate_values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token-by-token Gated Delta Rule-2 (MATH.md "Recurrence") for decoding; forward only.
+
+    Same arguments, layout and results as :func:`chunk_gdn2` (FLA-compatible), with the state kept
+    in fp32 registers one token at a time: use it for decode steps (T = 1, any batch) and short
+    prompts; use ``chunk_gdn2`` for training and long prefills.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; g (float32 log-decay, <= 0), b: ``[B, T, H, K]``;
+            w: ``[B, T, H, V]``. q, k, v, b, w share one dtype (float32 / bfloat16 / float16).
+        scale: query scale; default ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]`` float32; default zeros.
+        output_final_state: also return the state after the last token. Default False.
+        use_qk_l2norm_in_kernel: L2-normalise q and k inside the kernel. Default False.
+        cu_seqlens: ``[N + 1]`` int32/int64 boundaries of packed sequences (needs B == 1).
+        validate_values: check g for NaN/Inf/positive entries (one device sync per call; pass
+            False in a decode loop whose gates are correct by construction). Default True.
+
+    Returns:
+        o: ``[B, T, H, V]`` in q's dtype.
+        final_state: ``[N, H, K, V]`` float32 if ``output_final_state`` else None.
+
+    Raises:
+        TypeError / ValueError as :func:`chunk_gdn2`, and ValueError when an input requires grad
+        (this op has no backward: call it under ``torch.no_grad()`` or use ``chunk_gdn2``).
+    """
+    _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
+    _check_no_grad(q, k, v, g, b, w, initial_state)
+    key = ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype))
+    config = dispatch.resolve(key)["recurrent_fwd"]
+    q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    return recurrent_fwd(q, k, v, g.float(), b, w,
+                         float(scale) if scale is not None else q.shape[-1] ** -0.5,
+                         initial_state, bool(output_final_state), bool(use_qk_l2norm_in_kernel),
+                         cu_seqlens, config)
