@@ -1,0 +1,285 @@
+"""chunk_gdn2 against the float64 token recurrence, and every input-validation error path.
+
+The forward matrix is :data:`FWD_CASES` (module level, so gradient tests can reuse it through
+:func:`case_params`, :func:`case_inputs` and :func:`case_pipeline`). Every run draws fresh random
+inputs from ``_testing.make_inputs``; errors are compared per named tensor with the tolerances of
+``_testing.TOLERANCES`` for the input dtype, never relaxed.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from gdn2_kernels import _device, chunk_gdn2, dispatch
+from gdn2_kernels._testing import GDN2Inputs, compare, dtype_name, make_inputs
+from gdn2_kernels.configs import CHUNK_SIZES, MAX_HEAD_DIM
+from gdn2_kernels.reference import naive_recurrent_gdn2, naive_recurrent_kda
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One problem of the op matrix: shape, chunk size (pipeline BT), dtype and input flavour."""
+
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    chunk: int = 64
+    dtype: torch.dtype = torch.float32
+    decay: str = "normal"
+    b_max: float = 1.0
+    h0: bool = False
+    cu_seqlens: tuple[int, ...] | None = None
+    l2norm: bool = False
+    scale: float | None = None
+
+    def label(self) -> str:
+        dt = dtype_name(self.dtype).replace("float", "fp").replace("bfp", "bf")
+        s = f"B{self.B}-T{self.T}-H{self.H}-K{self.K}-V{self.V}-{dt}-C{self.chunk}-{self.decay}"
+        s += f"-b{self.b_max:g}" if self.b_max != 1.0 else ""
+        s += "-h0" if self.h0 else ""
+        s += "-varlen" if self.cu_seqlens else ""
+        s += "-l2norm" if self.l2norm else ""
+        return s + (f"-scale{self.scale:g}" if self.scale is not None else "")
+
+
+FWD_CASES: list[OpCase] = [
+    # every chunk size; T not a multiple of it; K != V; K, V not powers of two
+    OpCase(2, 100, 2, 32, 48, chunk=64, h0=True),
+    OpCase(1, 150, 1, 64, 40, chunk=16),
+    OpCase(2, 70, 1, 48, 64, chunk=32, decay="strong", h0=True),
+    OpCase(1, 130, 2, 40, 32, chunk=128, decay="weak", b_max=2.0, h0=True),
+    OpCase(1, 33, 1, 20, 12, chunk=16, b_max=2.0),
+    OpCase(1, 20, 1, MAX_HEAD_DIM, 16, chunk=16, h0=True),
+    # shorter than one chunk; a single token; T a multiple of the chunk with a custom scale
+    OpCase(1, 9, 1, 16, 24, chunk=64, h0=True),
+    OpCase(1, 1, 2, 32, 32, chunk=16),
+    OpCase(1, 64, 1, 32, 32, chunk=16, h0=True, scale=0.5),
+    # varlen: a sequence shorter than a chunk, an empty one, a length-1 one, several per chunk size
+    OpCase(1, 120, 2, 32, 32, chunk=32, h0=True, cu_seqlens=(0, 10, 75, 120)),
+    OpCase(1, 100, 1, 48, 40, chunk=64, decay="strong", cu_seqlens=(0, 1, 1, 66, 100)),
+    OpCase(1, 90, 2, 32, 48, chunk=16, b_max=2.0, h0=True, cu_seqlens=(0, 45, 50, 90)),
+    OpCase(1, 140, 1, 24, 32, chunk=128, decay="weak", h0=True, cu_seqlens=(0, 3, 140)),
+    # q/k L2 norm inside the op (inputs not normalised)
+    OpCase(2, 60, 2, 32, 48, chunk=64, h0=True, l2norm=True),
+    OpCase(1, 100, 1, 64, 64, chunk=32, decay="strong", l2norm=True, cu_seqlens=(0, 30, 100)),
+    # low-precision inputs
+    OpCase(2, 100, 2, 32, 48, chunk=64, dtype=torch.bfloat16, h0=True),
+    OpCase(1, 90, 1, 32, 32, chunk=32, dtype=torch.bfloat16, decay="strong",
+           cu_seqlens=(0, 10, 75, 90)),
+    OpCase(2, 50, 1, 40, 24, chunk=32, dtype=torch.float16, b_max=2.0, h0=True),
+    OpCase(1, 70, 2, 32, 48, chunk=16, dtype=torch.float16, decay="strong", l2norm=True),
+]
+
+
+def case_params(cases: list[OpCase]) -> list:
+    """pytest params of ``cases``; bf16 ones carry the ``bf16_dot`` marker (see conftest)."""
+    return [pytest.param(c, marks=pytest.mark.bf16_dot) if c.dtype == torch.bfloat16 else c
+            for c in cases]
+
+
+def case_inputs(case: OpCase) -> GDN2Inputs:
+    """Fresh random inputs for ``case`` in its dtype (g and h0 float32)."""
+    return make_inputs(case.B, case.T, case.H, case.K, case.V, case.dtype, decay=case.decay,
+                       b_max=case.b_max, with_h0=case.h0, normalize_qk=not case.l2norm,
+                       cu_seqlens=list(case.cu_seqlens) if case.cu_seqlens else None)
+
+
+def case_pipeline(case: OpCase) -> contextlib.AbstractContextManager:
+    """Every kernel's default config at the case's chunk size, for the launches in the block."""
+    return dispatch.override(dispatch.default_pipeline(case.chunk))
+
+
+def _call(fn, case: OpCase, x: GDN2Inputs):
+    return fn(x.q, x.k, x.v, x.g, x.b, x.w, scale=case.scale, initial_state=x.h0,
+              output_final_state=True, use_qk_l2norm_in_kernel=case.l2norm,
+              cu_seqlens=x.cu_seqlens)
+
+
+@pytest.mark.parametrize("case", case_params(FWD_CASES))
+def test_forward_matches_recurrence(case: OpCase):
+    x = case_inputs(case)
+    with case_pipeline(case):
+        o, ht = _call(chunk_gdn2, case, x)
+    N = case.B if case.cu_seqlens is None else len(case.cu_seqlens) - 1
+    assert o.shape == (case.B, case.T, case.H, case.V) and o.dtype == case.dtype
+    assert ht.shape == (N, case.H, case.K, case.V) and ht.dtype == torch.float32
+    ro, rht = _call(naive_recurrent_gdn2, case, x.to(torch.float64))
+    bad = [e for e in compare({"o": o, "ht": ht}, {"o": ro, "ht": rht}, dtype_name(case.dtype))
+           if not e.ok]
+    assert not bad, bad
+
+
+def test_forward_matrix_covers_every_chunk_size():
+    assert {c.chunk for c in FWD_CASES} == set(CHUNK_SIZES)
+
+
+def test_forward_default_dispatch_and_no_final_state():
+    """Without an override the op resolves its own configs; final_state is None unless asked."""
+    x = make_inputs(1, 40, 1, 32, 32)
+    o, ht = chunk_gdn2(x.q, x.k, x.v, x.g, x.b, x.w)
+    assert ht is None
+    ro, _ = naive_recurrent_gdn2(*(t.double() for t in (x.q, x.k, x.v, x.g, x.b, x.w)))
+    assert all(e.ok for e in compare({"o": o}, {"o": ro}, "float32"))
+
+
+def test_forward_tied_gates_match_kda():
+    """b = w = beta * 1 through the kernels equals the separately written KDA recurrence."""
+    x = make_inputs(1, 70, 2, 32, 32, with_h0=True)
+    beta = torch.rand(1, 70, 2)
+    b, w = beta[..., None].expand_as(x.k), beta[..., None].expand_as(x.v)
+    with dispatch.override(dispatch.default_pipeline(32)):
+        o, ht = chunk_gdn2(x.q, x.k, x.v, x.g, b, w, initial_state=x.h0, output_final_state=True)
+    ro, rht = naive_recurrent_kda(x.q.double(), x.k.double(), x.v.double(), x.g.double(),
+                                  beta.double(), initial_state=x.h0.double(),
+                                  output_final_state=True)
+    bad = [e for e in compare({"o": o, "ht": ht}, {"o": ro, "ht": rht}, "float32") if not e.ok]
+    assert not bad, bad
+
+
+def test_forward_non_contiguous_inputs():
+    x = make_inputs(2, 30, 2, 16, 24, with_h0=True)
+    # The same values in [B, H, T, D] memory, viewed back as [B, T, H, D] (non-contiguous).
+    q, k, v, g, b, w = (t.transpose(1, 2).contiguous().transpose(1, 2)
+                        for t in (x.q, x.k, x.v, x.g, x.b, x.w))
+    assert not q.is_contiguous()
+    o, ht = chunk_gdn2(q, k, v, g, b, w, initial_state=x.h0, output_final_state=True)
+    ro, rht = naive_recurrent_gdn2(*(t.double() for t in (x.q, x.k, x.v, x.g, x.b, x.w)),
+                                   initial_state=x.h0.double(), output_final_state=True)
+    bad = [e for e in compare({"o": o, "ht": ht}, {"o": ro, "ht": rht}, "float32") if not e.ok]
+    assert not bad, bad
+
+
+def test_outputs_are_nan_poisoned_before_launch():
+    """The conftest fixture is active: fresh floating allocations hold NaN, integer ones don't."""
+    assert torch.isnan(torch.empty(3)).all()
+    assert torch.isnan(torch.empty_like(torch.zeros(2, dtype=torch.bfloat16))).all()
+    torch.empty(3, dtype=torch.int32)  # integer allocations are left alone
+
+
+# ------------------------------------------------------------------------------------------------
+# Input validation (ops._check_inputs): every error names the argument
+# ------------------------------------------------------------------------------------------------
+
+B_, T_, H_, K_, V_ = 2, 6, 2, 8, 4
+
+
+def _args(device: str = "cpu", **changes) -> dict:
+    x = make_inputs(B_, T_, H_, K_, V_, with_h0=True).to(device=device)
+    args = dict(q=x.q, k=x.k, v=x.v, g=x.g, b=x.b, w=x.w, initial_state=x.h0)
+    args.update(changes)
+    return args
+
+
+def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+BAD_INPUTS = [
+    # (id, changes to a valid call, exception, message pattern)
+    ("q-not-tensor", dict(q=[[1.0]]), TypeError, r"^q must be a torch.Tensor"),
+    ("w-not-tensor", dict(w=None), TypeError, r"^w must be a torch.Tensor"),
+    ("q-rank", dict(q=torch.zeros(T_, H_, K_)), ValueError, r"^q must be \[B, T, H, K\]"),
+    ("k-shape", dict(k=torch.zeros(B_, T_, H_, K_ + 1)), ValueError, r"^k must have q's shape"),
+    ("g-shape", dict(g=torch.zeros(B_, T_ - 1, H_, K_)), ValueError, r"^g must have q's shape"),
+    ("b-shape", dict(b=torch.zeros(B_, T_, H_ + 1, K_)), ValueError, r"^b must have q's shape"),
+    ("v-rank", dict(v=torch.zeros(B_, T_, H_ * V_)), ValueError, r"^v must be \[B, T, H, V\]"),
+    ("v-batch", dict(v=torch.zeros(B_ + 1, T_, H_, V_)), ValueError, r"^v must be \[B, T, H, V\]"),
+    ("w-shape", dict(w=torch.zeros(B_, T_, H_, V_ + 1)), ValueError, r"^w \(write gate\) must"),
+    ("K-too-large", dict(q=_meta(1, 2, 1, MAX_HEAD_DIM + 1), k=_meta(1, 2, 1, MAX_HEAD_DIM + 1),
+                         g=_meta(1, 2, 1, MAX_HEAD_DIM + 1), b=_meta(1, 2, 1, MAX_HEAD_DIM + 1),
+                         v=_meta(1, 2, 1, 4), w=_meta(1, 2, 1, 4)),
+     ValueError, r"^K \(head dim of q/k\) = 257"),
+    ("V-too-large", dict(q=_meta(1, 2, 1, 4), k=_meta(1, 2, 1, 4), g=_meta(1, 2, 1, 4),
+                         b=_meta(1, 2, 1, 4), v=_meta(1, 2, 1, 300), w=_meta(1, 2, 1, 300)),
+     ValueError, r"^V \(head dim of v\) = 300"),
+    ("q-int", dict(q=torch.zeros(B_, T_, H_, K_, dtype=torch.int32)), TypeError, r"^q has dtype"),
+    ("v-int64", dict(v=torch.zeros(B_, T_, H_, V_, dtype=torch.int64)), TypeError,
+     r"^v has dtype"),
+    ("q-float64", dict(q=torch.zeros(B_, T_, H_, K_, dtype=torch.float64)), TypeError,
+     r"^q has dtype torch.float64"),
+    ("mixed-k-bf16", dict(k=torch.zeros(B_, T_, H_, K_, dtype=torch.bfloat16)), TypeError,
+     r"^k has dtype torch.bfloat16 but q has torch.float32"),
+    ("mixed-w-fp16", dict(w=torch.zeros(B_, T_, H_, V_, dtype=torch.float16)), TypeError,
+     r"^w has dtype"),
+    ("g-float64", dict(g=-torch.ones(B_, T_, H_, K_, dtype=torch.float64)), TypeError,
+     r"^g has dtype torch.float64"),
+    ("g-int", dict(g=torch.zeros(B_, T_, H_, K_, dtype=torch.int32)), TypeError, r"^g has dtype"),
+    ("k-other-device", dict(k=_meta(B_, T_, H_, K_)), ValueError, r"^k is on meta but q is on"),
+    ("g-other-device", dict(g=_meta(B_, T_, H_, K_)), ValueError, r"^g is on meta"),
+    ("scale-negative", dict(scale=-1.0), ValueError, r"^scale must be a positive number"),
+    ("scale-string", dict(scale="0.5"), ValueError, r"^scale must be"),
+    ("g-nan", dict(g=torch.full((B_, T_, H_, K_), float("nan"))), ValueError, r"^g \(log-decay\)"),
+    ("g-positive", dict(g=torch.full((B_, T_, H_, K_), 0.1)), ValueError, r"^g \(log-decay\)"),
+    ("g-inf", dict(g=torch.full((B_, T_, H_, K_), -float("inf"))), ValueError, r"^g \(log-decay\)"),
+    ("h0-shape", dict(initial_state=torch.zeros(B_, H_, V_, K_)), ValueError,
+     r"^initial_state must be \[N, H, K, V\]"),
+    ("h0-bf16", dict(initial_state=torch.zeros(B_, H_, K_, V_, dtype=torch.bfloat16)), TypeError,
+     r"^initial_state must be float32"),
+    ("h0-other-device", dict(initial_state=_meta(B_, H_, K_, V_)), ValueError,
+     r"^initial_state is on meta"),
+    ("h0-not-tensor", dict(initial_state=1.0), TypeError, r"^initial_state must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("changes,exc,pattern", [c[1:] for c in BAD_INPUTS],
+                         ids=[c[0] for c in BAD_INPUTS])
+def test_invalid_inputs_raise(changes: dict, exc: type, pattern: str):
+    with pytest.raises(exc, match=pattern):
+        chunk_gdn2(**_args(**changes))
+
+
+def _varlen_args(cu, B: int = 1, **changes) -> dict:
+    x = make_inputs(B, 10, H_, K_, V_, with_h0=False)
+    args = dict(q=x.q, k=x.k, v=x.v, g=x.g, b=x.b, w=x.w, cu_seqlens=cu)
+    args.update(changes)
+    return args
+
+
+BAD_CU_SEQLENS = [
+    ("batch-not-1", dict(B=2), torch.tensor([0, 10]), ValueError,
+     r"batch size must be 1"),
+    ("not-tensor", {}, [0, 10], TypeError, r"^cu_seqlens must be a torch.Tensor"),
+    ("2d", {}, torch.tensor([[0, 10]]), ValueError, r"^cu_seqlens must be 1-D"),
+    ("one-entry", {}, torch.tensor([0]), ValueError, r"^cu_seqlens must be 1-D \[N \+ 1\]"),
+    ("float", {}, torch.tensor([0.0, 10.0]), TypeError, r"^cu_seqlens must be int32 or int64"),
+    ("other-device", {}, torch.empty(2, dtype=torch.int32, device="meta"), ValueError,
+     r"^cu_seqlens is on meta"),
+    ("not-from-0", {}, torch.tensor([1, 10]), ValueError, r"must start at 0 and end at T = 10"),
+    ("past-T", {}, torch.tensor([0, 4, 11]), ValueError, r"must start at 0 and end at T = 10"),
+    ("short-of-T", {}, torch.tensor([0, 4, 9]), ValueError, r"end at T = 10"),
+    ("non-monotone", {}, torch.tensor([0, 6, 4, 10]), ValueError, r"must be non-decreasing"),
+    ("negative", {}, torch.tensor([0, -2, 10]), ValueError, r"must be non-decreasing"),
+    ("h0-per-batch-not-sequence", dict(initial_state=torch.zeros(1, H_, K_, V_)),
+     torch.tensor([0, 4, 10]), ValueError, r"initial_state must be \[N, H, K, V\] = \(2,"),
+]
+
+
+@pytest.mark.parametrize("changes,cu,exc,pattern", [c[1:] for c in BAD_CU_SEQLENS],
+                         ids=[c[0] for c in BAD_CU_SEQLENS])
+def test_invalid_cu_seqlens_raise(changes: dict, cu, exc: type, pattern: str):
+    with pytest.raises(exc, match=pattern):
+        chunk_gdn2(**_varlen_args(cu, **changes))
+
+
+def test_all_inputs_on_unsupported_device_raise():
+    args = {n: _meta(*t.shape, dtype=t.dtype) for n, t in _args().items()}
+    with pytest.raises(ValueError, match=r"^inputs are on meta"):
+        chunk_gdn2(**args)
+
+
+def test_cpu_inputs_without_interpreter_raise(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(_device, "interpreter_active", lambda: False)
+    with pytest.raises(ValueError, match=r"TRITON_INTERPRET=1"):
+        chunk_gdn2(**_args())
+
+
+def test_validate_values_false_skips_the_gate_scan():
+    """validate_values=False accepts g it cannot see problems in (no device sync)."""
+    args = _args(g=torch.full((B_, T_, H_, K_), 0.01), initial_state=None)
+    o, _ = chunk_gdn2(**args, validate_values=False)
+    assert o.shape == (B_, T_, H_, V_)
