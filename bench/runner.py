@@ -1,0 +1,226 @@
+"""``run_bench``: every provider on every shape and mode, measured and modelled; one report.
+
+Order of work per (mode, shape): build the shared inputs once, then for each available provider
+build its step, call it once and synchronise (compilation and FLA's autotuning happen here, never
+inside a timing), time it, and for ``fwdbwd`` record its peak memory. A failure of one row is
+recorded on the row (``unavailable`` for NotImplementedError, ``oom``, ``error``) and the run
+goes on.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from bench import model
+from bench.inputs import ProblemInputs
+from bench.model import Ceilings, Shape
+from bench.providers import Registry, default_registry, load_provider, set_mamba_source, status
+from bench.providers import ProviderStatus
+from bench.timing import CudaMeasurer, Measurer
+
+SCHEMA_VERSION = 1
+DEFAULT_SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384))
+DEFAULT_DECODE_BATCHES = (1, 8, 32, 128)
+
+OK, UNAVAILABLE, SKIPPED, OOM, ERROR = "ok", "unavailable", "skipped", "oom", "error"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    modes: tuple[str, ...] = ("fwd", "fwdbwd")
+    shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES          # (B, T), one token budget
+    H: int = 16
+    D: int = 128
+    dtype: str = "bfloat16"
+    decode_batches: tuple[int, ...] = DEFAULT_DECODE_BATCHES
+    decode_context: int = 4096
+    providers: tuple[str, ...] | None = None                      # None: all registered
+    seed: int = 0
+    warmup_ms: int = 25
+    rep_ms: int = 200
+    mamba_src: str | None = None
+
+    def shapes_for(self, mode: str) -> list[Shape]:
+        if mode == "decode":
+            return [Shape(b, 1, self.H, self.D, self.dtype, self.decode_context)
+                    for b in self.decode_batches]
+        return [Shape(b, t, self.H, self.D, self.dtype) for b, t in self.shapes]
+
+
+@dataclass
+class BenchRow:
+    provider: str
+    mode: str
+    B: int
+    T: int
+    context: int
+    status: str
+    reason: str | None = None
+    ms: float | None = None
+    iqr_ms: float | None = None
+    peak_mem_mb: float | None = None
+    flops: float | None = None
+    bytes: float | None = None
+    tokens_per_s: float | None = None
+    tflops: float | None = None
+    gbps: float | None = None
+    roofline_ms: float | None = None
+    pct_roofline: float | None = None
+    bound: str | None = None
+    speedup: dict[str, float] = field(default_factory=dict)   # baseline name -> its ms / ours
+
+    @property
+    def key(self) -> tuple[str, int, int, int]:
+        return (self.mode, self.B, self.T, self.context)
+
+
+@dataclass
+class BenchReport:
+    schema_version: int
+    created: str
+    options: BenchOptions
+    provenance: dict
+    ceilings: Ceilings | None
+    providers: list[ProviderStatus]
+    rows: list[BenchRow]
+
+    def rows_for(self, mode: str) -> list[BenchRow]:
+        return [r for r in self.rows if r.mode == mode]
+
+
+def fill_metrics(row: BenchRow, family: str, shape: Shape, ceilings: Ceilings | None) -> None:
+    """The model's work and every derived metric of a timed row."""
+    w = model.work(family, row.mode, shape)
+    row.flops, row.bytes = w.flops, w.bytes
+    row.tokens_per_s = model.tokens_per_s(row.ms, shape)
+    row.tflops = model.tflops(w, row.ms)
+    row.gbps = model.gbps(w, row.ms)
+    if ceilings is not None:
+        row.roofline_ms = model.roofline_ms(w, ceilings)
+        row.pct_roofline = model.pct_roofline(w, row.ms, ceilings)
+        row.bound = model.bound(w, ceilings)
+
+
+def fill_speedups(rows: list[BenchRow], baselines: set[str]) -> None:
+    """Per ok row: speed ratio against every ok baseline row of the same mode and shape."""
+    by_key: dict[tuple, list[BenchRow]] = {}
+    for r in rows:
+        if r.status == OK:
+            by_key.setdefault(r.key, []).append(r)
+    for group in by_key.values():
+        for r in group:
+            r.speedup = {b.provider: model.speedup(r.ms, b.ms) for b in group
+                         if b.provider in baselines and b.provider != r.provider}
+
+
+def _failure(exc: BaseException) -> tuple[str, str]:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, NotImplementedError):
+        return UNAVAILABLE, msg
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return OOM, msg[:200]
+    return ERROR, f"{type(exc).__name__}: {msg}"[:300]
+
+
+def _measure_row(row: BenchRow, step_fn: Callable[[], Callable], measurer: Measurer) -> None:
+    step = None
+    try:
+        step = step_fn()
+        step()                      # compile / autotune / warm, never timed
+        measurer.sync()
+        if row.mode == "fwdbwd":
+            row.peak_mem_mb = _mb(measurer.peak_bytes(step))
+        row.ms, row.iqr_ms = measurer.time_ms(step)
+        row.status = OK
+    except Exception as exc:  # one row's failure must not end the run
+        row.status, row.reason = _failure(exc)
+    finally:
+        del step
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _mb(n: int | None) -> float | None:
+    return None if n is None else n / 2 ** 20
+
+
+def run_bench(options: BenchOptions = BenchOptions(), measurer: Measurer | None = None,
+              registry: Registry | None = None, provenance: dict | None = None,
+              progress: Callable[[str], None] | None = None) -> BenchReport:
+    """Benchmark every selected provider; unavailable ones are rows with the reason."""
+    from bench.provenance import collect
+
+    for mode in options.modes:
+        if mode not in model.MODES:
+            raise ValueError(f"mode must be one of {model.MODES}, got {mode!r}")
+    registry = registry or default_registry()
+    set_mamba_source(options.mamba_src)
+    names = list(options.providers) if options.providers else registry.names()
+    providers = [registry.get(n) for n in names]
+    statuses = [status(p) for p in providers]
+    measurer = measurer or CudaMeasurer(options.warmup_ms, options.rep_ms)
+    ops = {p.name: load_provider(p) for p in providers}
+    any_ok = any(op is not None for op, _ in ops.values())
+    ceilings = measurer.ceilings() if any_ok else None
+    say = progress or (lambda _msg: None)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    rows: list[BenchRow] = []
+    for mode in options.modes:
+        for shape in options.shapes_for(mode):
+            inputs = ProblemInputs(shape, device, options.seed)
+            for p in providers:
+                if mode not in p.modes:
+                    continue
+                row = BenchRow(p.name, mode, shape.B, shape.T, shape.context, SKIPPED)
+                op, reason = ops[p.name]
+                if op is None:
+                    row.status, row.reason = UNAVAILABLE, reason
+                else:
+                    say(f"{mode} {shape.label()} {p.name}")
+                    _measure_row(row, lambda: p.make_step(op, inputs, mode), measurer)
+                if row.status == OK:
+                    fill_metrics(row, p.family, shape, ceilings)
+                rows.append(row)
+            del inputs
+    fill_speedups(rows, {p.name for p in providers if p.baseline})
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    prov = provenance if provenance is not None else collect()
+    return BenchReport(SCHEMA_VERSION, created, options, prov, ceilings, statuses, rows)
+
+
+def report_dict(report: BenchReport) -> dict:
+    """The report as plain JSON data (what ``--json`` prints and ``bench/results/`` holds)."""
+    d = asdict(report)
+    d["rows"] = [{**asdict(r), "label": f"{r.B}x{r.T}"} for r in report.rows]
+    return d
+
+
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+    """'8x2048,4x4096' -> ((8, 2048), (4, 4096))."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            b, t = (int(x) for x in part.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"shape {part!r} is not BxT (e.g. 4x4096)") from None
+        if b < 1 or t < 1:
+            raise ValueError(f"shape {part!r}: B and T must be positive")
+        out.append((b, t))
+    if not out:
+        raise ValueError("no shapes given; use e.g. --shapes 8x2048,1x16384")
+    return tuple(out)
+
+
+def parse_ints(text: str, what: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32), all positive."""
+    try:
+        vals = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise ValueError(f"{what} must be positive integers, got {text!r}")
+    return vals
