@@ -89,6 +89,86 @@ def verify(
         raise typer.Exit(1)
 
 
+# ------------------------------------------------------------------------------------------------
+# bench, profile (library: bench/)
+# ------------------------------------------------------------------------------------------------
+
+def _render_bench(report) -> None:
+    from bench import report as render
+
+    for line in render.unavailable_lines(report):
+        console.print(f"[yellow]unavailable[/yellow] {line}")
+    console.print(render.ceilings_line(report))
+    for table in render.tables(report):
+        console.print(table)
+    for line in render.failure_lines(report):
+        console.print(f"[yellow]not timed[/yellow] {line}")
+
+
+@app.command()
+def bench(
+    mode: list[str] = typer.Option(["fwd", "fwdbwd"], "--mode", "-m",
+                                   help="fwd, fwdbwd, decode (repeat for several)"),
+    shapes: str = typer.Option("8x2048,4x4096,2x8192,1x16384", help="BxT list, one token budget"),
+    heads: int = typer.Option(16, help="H"),
+    dim: int = typer.Option(128, help="head dim D (K = V = D)"),
+    dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32"),
+    decode_batches: str = typer.Option("1,8,32,128", help="batch sizes of the decode sweep"),
+    decode_context: int = typer.Option(4096, help="attention KV-cache length in decode"),
+    provider: list[str] = typer.Option(None, "--provider", "-p",
+                                       help="only these providers (repeat); default all"),
+    rep_ms: int = typer.Option(200, help="timing budget per row (ms) for do_bench"),
+    mamba_src: str = typer.Option(None, help="folder holding mamba_ssm/ (Triton SSD sources)"),
+    save: str = typer.Option(None, help="also write the JSON report to this file"),
+    plot: str = typer.Option(None, help="write tokens/s plots to this PNG (needs matplotlib)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Time chunk_gdn2 against FLA, SDPA (flash, cuDNN) and Mamba-2 on the same inputs."""
+    from bench import report as render
+    from bench.runner import BenchOptions, parse_ints, parse_shapes, run_bench
+
+    opts = BenchOptions(modes=tuple(mode), shapes=parse_shapes(shapes), H=heads, D=dim,
+                        dtype=dtype, decode_batches=parse_ints(decode_batches, "--decode-batches"),
+                        decode_context=decode_context, providers=tuple(provider) or None,
+                        rep_ms=rep_ms, mamba_src=mamba_src)
+    report = run_bench(opts, progress=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+    if save:
+        render.save_json(report, save)
+    if plot:
+        render.plot(report, plot)
+    typer.echo(render.to_json(report)) if as_json else _render_bench(report)
+
+
+@app.command()
+def profile(
+    shape: str = typer.Option("2x8192", help="BxT"),
+    heads: int = typer.Option(16, help="H"),
+    dim: int = typer.Option(128, help="head dim D (K = V = D)"),
+    dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32"),
+    backward: bool = typer.Option(True, "--backward/--forward-only",
+                                  help="also profile the backward (when it exists)"),
+    reps: int = typer.Option(20, help="passes; each stage's median is reported"),
+    ncu: str = typer.Option(None, help="run Nsight Compute on this stage (e.g. intra_fwd)"),
+    ncu_out: str = typer.Option("ncu", help="folder for the Nsight Compute report"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Per-stage time, share, GB/s and TFLOP/s of our forward and backward."""
+    from bench import report as render
+    from bench.model import Shape
+    from bench.profile import profile as run_profile
+    from bench.runner import parse_shapes
+
+    (b, t), = parse_shapes(shape)
+    report = run_profile(Shape(b, t, heads, dim, dtype), backward=backward, reps=reps,
+                         ncu_stage=ncu, ncu_out=ncu_out)
+    if as_json:
+        print_json(report)
+        return
+    console.print(render.profile_table(report))
+    for line in render.profile_lines(report):
+        console.print(line)
+
+
 def main() -> None:
     try:
         app()
