@@ -29,11 +29,17 @@ class VerifyCase:
     with_h0: bool = True
     cu_seqlens: tuple[int, ...] | None = None
     backward: bool = False
+    qk_l2norm: bool = False  # unnormalised q, k and use_qk_l2norm_in_kernel=True
+    op: str = "chunk"  # 'chunk' (chunk_gdn2) or 'recurrent' (fused_recurrent_gdn2, forward only)
 
     def label(self) -> str:
         s = f"B{self.B}-T{self.T}-H{self.H}-K{self.K}-V{self.V}-{self.dtype}-{self.decay}"
         if self.cu_seqlens is not None:
             s += "-varlen"
+        if self.qk_l2norm:
+            s += "-l2norm"
+        if self.op != "chunk":
+            s += f"-{self.op}"
         return s + ("-fwdbwd" if self.backward else "-fwd")
 
 
@@ -79,16 +85,22 @@ def default_cases(on_gpu: bool, backward: bool = False) -> list[VerifyCase]:
 def run_case(case: VerifyCase, device: torch.device,
              pipeline: dispatch.PipelineConfig | None = None) -> VerifyResult:
     """Run one case on fresh random inputs and compare every output with the fp64 recurrence."""
+    if case.op not in _OPS:
+        raise ValueError(f"VerifyCase.op must be one of {sorted(_OPS)}, got {case.op!r}")
+    if case.backward and case.op != "chunk":
+        raise ValueError(f"op {case.op!r} is forward-only; set backward=False")
     dtype = getattr(torch, case.dtype)
     x = make_inputs(case.B, case.T, case.H, case.K, case.V, dtype, device, decay=case.decay,
-                    with_h0=case.with_h0, cu_seqlens=list(case.cu_seqlens) if case.cu_seqlens else None)
+                    with_h0=case.with_h0, cu_seqlens=list(case.cu_seqlens) if case.cu_seqlens else None,
+                    normalize_qk=not case.qk_l2norm)
     t0 = time.perf_counter()
     try:
         xin = x.to(dtype, device, requires_grad=case.backward)
         ctx = dispatch.override(pipeline) if pipeline is not None else contextlib.nullcontext()
-        with ctx:
-            o, ht = chunk_gdn2(xin.q, xin.k, xin.v, xin.g, xin.b, xin.w, initial_state=xin.h0,
-                               output_final_state=True, cu_seqlens=xin.cu_seqlens)
+        with ctx, torch.set_grad_enabled(case.backward):
+            o, ht = _OPS[case.op]()(xin.q, xin.k, xin.v, xin.g, xin.b, xin.w, initial_state=xin.h0,
+                                   output_final_state=True, cu_seqlens=xin.cu_seqlens,
+                                   use_qk_l2norm_in_kernel=case.qk_l2norm)
             outs = {"o": o, "ht": ht}
             if case.backward:
                 do, dht = torch.randn_like(o), torch.randn_like(ht)
@@ -101,12 +113,23 @@ def run_case(case: VerifyCase, device: torch.device,
     seconds = time.perf_counter() - t0
     x64 = x.to(torch.float64, device, requires_grad=case.backward)
     ro, rht = naive_recurrent_gdn2(x64.q, x64.k, x64.v, x64.g, x64.b, x64.w, initial_state=x64.h0,
-                                   output_final_state=True, cu_seqlens=x64.cu_seqlens)
+                                   output_final_state=True, cu_seqlens=x64.cu_seqlens,
+                                   use_qk_l2norm_in_kernel=case.qk_l2norm)
     refs = {"o": ro, "ht": rht}
     if case.backward:
         torch.autograd.backward((ro, rht), (do.double(), dht.double()))
         refs.update(_grads(x64))
     return VerifyResult(case, compare(outs, refs, case.dtype), seconds)
+
+
+def _fused_recurrent():
+    from gdn2_kernels import ops  # fused_recurrent_gdn2 arrives with the decoding kernel
+
+    return ops.fused_recurrent_gdn2
+
+
+_OPS: dict[str, Callable[[], Callable]] = {"chunk": lambda: chunk_gdn2,
+                                           "recurrent": _fused_recurrent}
 
 
 def _grads(x) -> dict[str, torch.Tensor]:

@@ -1,0 +1,68 @@
+"""``gdn2 cache``: list, show, clear the user cache and say where it is."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gdn2_kernels import _device, _env, config_store
+
+
+@dataclass
+class CacheSummary:
+    path: str
+    gpu: str | None
+    entries: int
+    keys: list[dict]
+    created: str | None
+    usable_here: bool
+    problem: str | None  # why the file is unusable (corrupt, other GPU/software), else None
+
+
+@dataclass
+class CachePaths:
+    cache_dir: str
+    this_gpu_file: str
+    shipped_profile: str
+    config_file: str | None
+
+
+def paths() -> CachePaths:
+    name = _device.gpu_name()
+    return CachePaths(_env.cache_dir(), str(config_store.user_cache_path(name)),
+                      str(config_store.shipped_profile_path(name)), _env.config_file())
+
+
+def summarize(path: str | Path) -> CacheSummary:
+    try:
+        c = config_store.read(path)
+    except config_store.CacheError as exc:
+        return CacheSummary(str(path), None, 0, [], None, False, str(exc))
+    problem = config_store.check_usable(c, _device.gpu_name())
+    return CacheSummary(str(path), c.gpu.get("name"), len(c.entries),
+                        [k.as_dict() for k in c.keys()], c.created, problem is None, problem)
+
+
+def list_caches() -> list[CacheSummary]:
+    """Every file in the user cache folder, valid or not."""
+    return [summarize(p) for p in config_store.cache_files()]
+
+
+def show(target: str | None = None) -> config_store.CacheFile:
+    """A cache file: ``target`` is a path or a GPU name; default this GPU's user cache file."""
+    if target and (Path(target).exists() or target.endswith(".json")):
+        path = Path(target)
+    else:
+        path = config_store.user_cache_path(target or _device.gpu_name())
+    if not path.exists():
+        raise FileNotFoundError(f"no cache file {path} (run `gdn2 tune` to create it)")
+    return config_store.read(path)
+
+
+def clear(gpu_name: str | None = None) -> list[str]:
+    """Delete this GPU's cache file (or every one when ``gpu_name`` is 'all'); returns paths."""
+    if gpu_name == "all":
+        return [str(p) for p in config_store.clear()]
+    return [str(p) for p in config_store.clear(gpu_name=gpu_name or _device.gpu_name())]
+
+
+__all__ = ["CachePaths", "CacheSummary", "clear", "list_caches", "paths", "show", "summarize"]

@@ -1,0 +1,69 @@
+"""``gdn2 info``: the GPU (NVML), software versions, registered kernels and their spaces, and
+where this machine's configs come from."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gdn2_kernels import _device, config_store, dispatch
+from gdn2_kernels.configs import ProblemKey, all_specs
+from tuner import gpu
+from tuner.strategies import STRATEGIES
+from tuner.tune import GPU_PROBLEM, workload_of
+
+
+@dataclass
+class KernelInfo:
+    name: str
+    direction: str
+    workload: str
+    doc: str
+    params: dict[str, dict[str, Any]]  # name -> {values, default, doc}
+    space_total: int
+    space_valid: int
+    pruned_by_rule: dict[str, int]
+    arch_rules: list[str]
+    resolved: dict[str, Any] | None = None  # the config dispatch resolves for the key
+
+
+@dataclass
+class InfoReport:
+    gpu: gpu.GpuReport
+    device: str
+    arch: str
+    interpreter: bool
+    software: dict[str, Any]
+    key: dict[str, Any]
+    resolved_source: str
+    sources: list[config_store.SourceInfo]
+    kernels: list[KernelInfo] = field(default_factory=list)
+    strategies: list[str] = field(default_factory=list)
+
+
+def collect(key: ProblemKey | None = None) -> InfoReport:
+    """Everything ``gdn2 info`` shows, for ``key`` (default: the paper's K = V = 128, bf16)."""
+    import triton
+
+    key = key or ProblemKey(GPU_PROBLEM.K, GPU_PROBLEM.V, GPU_PROBLEM.dtype)
+    arch = _device.arch()
+    pipe = dispatch.resolve(key)
+    kernels = []
+    for spec in all_specs():
+        rep = spec.space(key, arch, triton.__version__)
+        by_rule: dict[str, int] = {}
+        for pr in rep.pruned:
+            by_rule[pr.rule] = by_rule.get(pr.rule, 0) + 1
+        resolved = pipe.as_dict().get(spec.name)
+        kernels.append(KernelInfo(
+            spec.name, spec.direction, workload_of(spec), spec.doc,
+            {p.name: {"values": list(p.values), "default": p.default, "doc": p.doc}
+             for p in spec.params},
+            rep.total, len(rep.valid), by_rule,
+            [f"{r.name} ({r.arch}): {r.reason} [{r.source}]" for r in spec.arch_rules],
+            resolved.as_dict() if resolved is not None else None))
+    return InfoReport(gpu.report(), _device.gpu_name(), arch, _device.interpreter_active(),
+                      config_store.current_software(), key.as_dict(), pipe.source,
+                      config_store.describe_sources(), kernels, sorted(STRATEGIES))
+
+
+__all__ = ["InfoReport", "KernelInfo", "collect"]

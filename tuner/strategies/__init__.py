@@ -1,0 +1,71 @@
+"""Search strategies: each is one function ``(space, evaluator, budget, **options) -> trials``.
+
+Strategies only order and select candidates; they never touch the GPU (the evaluator does), so
+they are tested on the CPU with :class:`tuner.evaluate.ReplayEvaluator`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from tuner.strategies import exhaustive, halving
+from tuner.strategies import random as random_search
+from tuner.trial import Strategy, StrategyOption
+
+
+@dataclass(frozen=True)
+class StrategyInfo:
+    name: str
+    run: Strategy
+    options: tuple[StrategyOption, ...]
+    doc: str
+
+
+STRATEGIES: dict[str, StrategyInfo] = {
+    info.name: info for info in (
+        StrategyInfo("exhaustive", exhaustive.exhaustive, exhaustive.OPTIONS,
+                     exhaustive.__doc__.splitlines()[0]),
+        StrategyInfo("random", random_search.random, random_search.OPTIONS,
+                     random_search.__doc__.splitlines()[0]),
+        StrategyInfo("halving", halving.halving, halving.OPTIONS, halving.__doc__.splitlines()[0]),
+    )
+}
+
+
+def get_strategy(name: str) -> StrategyInfo:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise KeyError(f"no strategy {name!r}; available: {sorted(STRATEGIES)}") from None
+
+
+def parse_options(name: str, pairs: Mapping[str, str] | list[str]) -> dict[str, Any]:
+    """Typed options of strategy ``name`` from ``name=value`` strings (CLI ``--option``)."""
+    info = get_strategy(name)
+    if isinstance(pairs, list):
+        items = {}
+        for pair in pairs:
+            if "=" not in pair:
+                raise ValueError(f"strategy option {pair!r} is not name=value")
+            k, v = pair.split("=", 1)
+            items[k.strip()] = v.strip()
+        pairs = items
+    table = {o.name: o for o in info.options}
+    out = {}
+    for k, v in pairs.items():
+        if k not in table:
+            raise ValueError(f"strategy {name!r} has no option {k!r}; it has {sorted(table)}")
+        out[k] = table[k].type(v)
+    return out
+
+
+def help_text() -> str:
+    """One line per strategy with its options, for the CLI help."""
+    lines = []
+    for info in STRATEGIES.values():
+        opts = ", ".join(f"{o.name}={o.default} ({o.help})" for o in info.options)
+        lines.append(f"{info.name}: {info.doc} Options: {opts}.")
+    return "\n".join(lines)
+
+
+__all__ = ["STRATEGIES", "StrategyInfo", "get_strategy", "help_text", "parse_options"]

@@ -1,0 +1,28 @@
+"""Random search: ``n`` candidates drawn without replacement with a fixed seed (so resumable)."""
+from __future__ import annotations
+
+import random as _random
+from typing import Sequence
+
+from tuner.trial import Budget, Candidate, Evaluator, StrategyOption, Trial
+
+OPTIONS: tuple[StrategyOption, ...] = (
+    StrategyOption("n", int, 16, "candidates drawn per kernel and chunk size"),
+    StrategyOption("seed", int, 0, "seed of the draw; the same seed redraws the same candidates"),
+    StrategyOption("effort", int, 1, "timing effort of every trial"),
+)
+
+
+def sample(space: Sequence[Candidate], n: int, seed: int) -> list[Candidate]:
+    """``n`` candidates of ``space`` (all if it is smaller), the spec default always first."""
+    space = list(space)
+    if n >= len(space):
+        return space
+    rng = _random.Random(seed)
+    return [space[0]] + rng.sample(space[1:], max(0, n - 1))
+
+
+def random(space: Sequence[Candidate], evaluator: Evaluator, budget: Budget, n: int = 16,
+           seed: int = 0, effort: int = 1) -> list[Trial]:
+    """Evaluate ``n`` random candidates of ``space`` at ``effort``."""
+    return evaluator(sample(space, n, seed), effort, budget)
