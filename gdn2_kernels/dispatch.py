@@ -116,9 +116,27 @@ def _lookup(key: ProblemKey, gpu: str, arch: str) -> PipelineConfig:
     return default_pipeline()
 
 
+_builtin_sources_loaded = False
+
+
+def _load_builtin_sources() -> None:
+    """Import ``config_store`` (which imports this module) to register the file sources.
+
+    Done on first use rather than at import so the import order stays configs -> dispatch ->
+    config_store. Sources added with add_source before the first resolve rank above these.
+    """
+    global _builtin_sources_loaded
+    if not _builtin_sources_loaded:
+        _builtin_sources_loaded = True
+        from gdn2_kernels import config_store
+
+        config_store.register_sources()
+
+
 def resolve(key: ProblemKey) -> PipelineConfig:
     """The pipeline config for ``key`` on the current device."""
     ov = getattr(_local, "override", None)
     if ov is not None:
         return ov
+    _load_builtin_sources()
     return _lookup(key, _device.gpu_name(), _device.arch())

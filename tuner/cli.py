@@ -5,6 +5,7 @@ dataclass; ``--json`` prints it as JSON; library errors become one line and exit
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -167,6 +168,304 @@ def profile(
     console.print(render.profile_table(report))
     for line in render.profile_lines(report):
         console.print(line)
+
+
+# ------------------------------------------------------------------------------------------------
+# info, tune, cache (library: tuner/)
+# ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _library_errors():
+    """Typed library errors -> one red line and exit code 1 (also under typer's CliRunner)."""
+    from gdn2_kernels.config_store import CacheError
+    from tuner.tune import TuneError
+
+    try:
+        yield
+    except (TuneError, CacheError, FileNotFoundError, ValueError, KeyError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        err_console.print(f"[red]error:[/red] {msg}")
+        raise typer.Exit(1) from None
+
+
+def _render_info(report) -> None:
+    g = report.gpu
+    console.print(f"[bold]GPU[/bold]: {g.note}")
+    for ident, sample in zip(g.devices, g.samples):
+        console.print(f"  [{ident.index}] {ident.name}  uuid={ident.uuid}  "
+                      f"cc={ident.compute_capability}  mem={ident.memory_total_mb} MiB  "
+                      f"driver={ident.driver}")
+        console.print(f"      SM {sample.sm_clock_mhz}/{ident.max_sm_clock_mhz} MHz  "
+                      f"mem {sample.mem_clock_mhz}/{ident.max_mem_clock_mhz} MHz  "
+                      f"{sample.temperature_c} C  {sample.power_w} W / {ident.power_limit_w} W  "
+                      f"throttle: {', '.join(sample.throttle_reasons) or 'none'}")
+    _interpreter_note(report.interpreter)
+    console.print("[bold]software[/bold]: " + "  ".join(f"{k} {v}" for k, v in report.software.items()))
+    table = Table(title=f"config sources for {report.device} (highest precedence first)")
+    for col in ("source", "path", "state"):
+        table.add_column(col)
+    for s in report.sources:
+        state = ("[green]in use if it has the key[/green] " if s.usable else "[dim]unused[/dim] ")
+        table.add_row(s.name, s.path or "-", state + s.note)
+    console.print(table)
+    console.print(f"configs for {report.key} come from: [bold]{report.resolved_source}[/bold]")
+    table = Table(title=f"registered kernels (space for {report.key} on {report.arch})")
+    for col in ("kernel", "dir", "workload", "valid/total", "pruned by rule"):
+        table.add_column(col)
+    for k in report.kernels:
+        pruned = ", ".join(f"{r}: {n}" for r, n in k.pruned_by_rule.items()) or "-"
+        table.add_row(k.name, k.direction, k.workload, f"{k.space_valid}/{k.space_total}", pruned)
+    console.print(table)
+    for k in report.kernels:
+        params = "  ".join(f"{n}∈{tuple(p['values'])}" for n, p in k.params.items())
+        resolved = ",".join(f"{n}={v}" for n, v in (k.resolved or {}).items()) or "-"
+        console.print(f"[bold]{k.name}[/bold]: {params}\n  resolved: {resolved}")
+        for rule in k.arch_rules:
+            console.print(f"  arch rule {rule}")
+    console.print("strategies: " + ", ".join(report.strategies))
+
+
+@app.command()
+def info(as_json: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+    """GPU identity and health (NVML), software, kernels and their spaces, config sources."""
+    from tuner.info import collect
+
+    with _library_errors():
+        report = collect()
+    print_json(report) if as_json else _render_info(report)
+
+
+def _render_plan(plan) -> None:
+    _interpreter_note(plan.interpreter)
+    console.print(f"problem {plan.problem.label()} key {plan.key} on {plan.device} ({plan.arch}), "
+                  f"devices {plan.devices}; strategy {plan.strategy} {plan.strategy_options}; "
+                  f"budget {plan.max_minutes} min, {plan.max_configs or 'no'} config limit")
+    table = Table(title="search space (pruned configs are never run)")
+    for col in ("search", "workload", "total", "valid", "pruned: rule (count) reason"):
+        table.add_column(col)
+    for s in plan.searches:
+        pruned = "\n".join(f"{r} ({n}): {s.pruned_reasons[r]}" for r, n in s.pruned_by_rule.items())
+        table.add_row(s.label(), s.workload, str(s.total), str(s.valid), pruned or "-")
+    console.print(table)
+    for kernel, reason in plan.skipped:
+        console.print(f"[yellow]skipped {kernel}[/yellow]: {reason}")
+    console.print(f"trial log: {plan.log_path}")
+
+
+def _best_table(bests) -> Table:
+    table = Table(title="best verified configs so far")
+    for col in ("search", "config", "median ms", "IQR ms", "effort"):
+        table.add_column(col)
+    for name, t in bests.items():
+        table.add_row(name, t.label(), f"{t.median_ms:.4g}", f"{t.iqr_ms:.2g}", str(t.effort))
+    return table
+
+
+def _render_tune(result) -> None:
+    plan = result.plan
+    _interpreter_note(plan.interpreter)
+    table = Table(title=f"tune of {plan.problem.label()} on {plan.device}")
+    for col in ("search", "trials", "statuses", "best config", "median ms", "IQR ms"):
+        table.add_column(col)
+    for s in result.searches:
+        b = s.best
+        table.add_row(s.plan.label(), str(s.trials),
+                      ", ".join(f"{k} {v}" for k, v in sorted(s.by_status.items())),
+                      b.label() if b else "[red]none verified[/red]",
+                      f"{b.median_ms:.4g}" if b else "-", f"{b.iqr_ms:.2g}" if b else "-")
+    console.print(table)
+    table = Table(title="whole pipeline per chunk size (" + (
+        "forward+backward" if plan.backward_available else "forward only") + ")")
+    for col in ("BT", "median ms", "IQR ms", "status"):
+        table.add_column(col)
+    for t in result.pipelines:
+        mark = " [green]<- chosen[/green]" if t.chunk_size == result.chosen_chunk_size else ""
+        table.add_row(str(t.chunk_size), f"{t.median_ms:.4g}" if t.median_ms else "-",
+                      f"{t.iqr_ms:.2g}" if t.iqr_ms is not None else "-", t.status + mark)
+    if result.default is not None:
+        d = result.default
+        table.add_row(f"defaults (BT={d.chunk_size})", f"{d.median_ms:.4g}" if d.median_ms else "-",
+                      f"{d.iqr_ms:.2g}" if d.iqr_ms is not None else "-", d.status)
+    console.print(table)
+    for kernel, reason in plan.skipped:
+        console.print(f"[yellow]skipped {kernel}[/yellow]: {reason}")
+    if result.speedup:
+        console.print(f"tuned pipeline vs spec defaults: [bold]{result.speedup:.2f}x[/bold]"
+                      + (" (interpreter timings)" if plan.interpreter else ""))
+    console.print(f"{result.trials_run} trials run, {result.trials_resumed} taken from the log, "
+                  f"{result.worker_restarts} worker restarts, {result.seconds:.0f} s; "
+                  f"log {plan.log_path}")
+    console.print(("[yellow]" if plan.interpreter else "") + result.note
+                  + ("[/yellow]" if plan.interpreter else ""))
+    for path in result.written:
+        console.print(f"wrote {path}")
+
+
+def _tune_options(batch, seqlen, heads, head_k, head_v, dtype, kernel, chunk_size, forward_only,
+                  strategy, option, max_minutes, max_configs, devices, log, output, no_cache,
+                  fresh, timeout):
+    from tuner.gpu import gpu_available
+    from tuner.strategies import parse_options
+    from tuner.tune import CPU_PROBLEM, GPU_PROBLEM, TuneOptions
+
+    base = GPU_PROBLEM if gpu_available() else CPU_PROBLEM
+    given = {"B": batch, "T": seqlen, "H": heads, "K": head_k, "V": head_v, "dtype": dtype}
+    problem = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    return TuneOptions(problem=problem, kernels=tuple(kernel or ()) or None,
+                       chunk_sizes=tuple(chunk_size or ()) or None, backward=not forward_only,
+                       strategy=strategy, strategy_options=parse_options(strategy, list(option)),
+                       max_minutes=max_minutes, max_configs=max_configs, devices=devices,
+                       log_path=log, output=output, write_cache=not no_cache, resume=not fresh,
+                       timeout_s=timeout)
+
+
+@app.command()
+def tune(
+    batch: int = typer.Option(None, "--batch", "-B", help="B of the timing problem [GPU 4, CPU 1]"),
+    seqlen: int = typer.Option(None, "--seqlen", "-T", help="T of the timing problem [GPU 4096, CPU 64]"),
+    heads: int = typer.Option(None, "--heads", "-H", help="heads [GPU 16, CPU 1]"),
+    head_k: int = typer.Option(None, "--k", "-K", help="key head dim [GPU 128, CPU 32]"),
+    head_v: int = typer.Option(None, "--v", "-V", help="value head dim [GPU 128, CPU 32]"),
+    dtype: list[str] = typer.Option(None, "--dtype",
+                                    help="input dtype, repeat for several [GPU bfloat16, CPU float32]"),
+    kernel: list[str] = typer.Option(None, "--kernel", "-k", help="only these kernels (repeat)"),
+    chunk_size: list[int] = typer.Option(None, "--chunk-size", "-c",
+                                         help="chunk sizes BT to try (repeat) [GPU all, CPU 32, 64]"),
+    forward_only: bool = typer.Option(False, "--forward-only", help="skip the backward kernels"),
+    strategy: str = typer.Option("halving", help="exhaustive, random or halving (see --option)"),
+    option: list[str] = typer.Option(None, "--option", "-o",
+                                     help="strategy option name=value (repeat): "
+                                          "random n, seed; halving n, eta, seed; effort"),
+    max_minutes: float = typer.Option(None, help="time budget [GPU 9, CPU 1.5]"),
+    max_configs: int = typer.Option(None, help="distinct configs to try, split over the searches"),
+    devices: str = typer.Option("auto", help="'auto' (current GPU), 'all' (shard over every "
+                                             "visible GPU), or indices like 0,1"),
+    log: str = typer.Option(None, help="trial log (JSONL) [cache dir/logs/<GPU>-<problem>.jsonl]"),
+    output: str = typer.Option(None, help="also write the profile JSON here (GPU only)"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="do not write the user cache"),
+    fresh: bool = typer.Option(False, "--fresh", help="ignore (set aside) an existing trial log"),
+    timeout: float = typer.Option(180.0, help="seconds before a hung candidate is killed"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the space and pruning, run nothing"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Search, verify and time kernel configs for this GPU; write the best to the user cache."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tuner.tune import make_plan, tune as run_tune
+
+    results = []
+    for dt in (dtype or [None]):
+        with _library_errors():
+            opts = _tune_options(batch, seqlen, heads, head_k, head_v, dt, kernel, chunk_size,
+                                 forward_only, strategy, option or [], max_minutes, max_configs,
+                                 devices, log, output, no_cache, fresh, timeout)
+            if dry_run:
+                plan = make_plan(opts)
+                print_json(plan) if as_json else _render_plan(plan)
+                continue
+            out = err_console if as_json else console
+            bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TimeElapsedColumn(), console=out)
+            task = bar.add_task("tuning", total=None)
+            with Live(Group(bar, _best_table({})), console=out, refresh_per_second=4,
+                      transient=as_json) as live:
+                def progress(ev) -> None:
+                    t = ev.trial
+                    desc = f"{ev.phase} {ev.search}" + (f": {t.label()} {t.status}" if t else "")
+                    bar.update(task, completed=ev.done, total=max(ev.expected, ev.done),
+                               description=desc[:90])
+                    live.update(Group(bar, _best_table(ev.bests)))
+
+                result = run_tune(opts, progress)
+        results.append(result)
+        if not as_json:
+            _render_tune(result)
+    if as_json and not dry_run:
+        print_json(results[0] if len(results) == 1 else results)
+    if any(not r.ok for r in results):
+        raise typer.Exit(1)
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The user cache of tuned configs.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
+    """List the cache files, their GPU, keys, and whether they can be used here."""
+    from tuner.cache import list_caches, paths
+
+    files = list_caches()
+    if as_json:
+        print_json(files)
+        return
+    table = Table(title=f"user cache {paths().cache_dir}")
+    for col in ("file", "GPU", "entries", "keys", "created", "usable here"):
+        table.add_column(col)
+    for f in files:
+        keys = "; ".join(f"K{k['K']} V{k['V']} {k['dtype']}" for k in f.keys)
+        table.add_row(f.path, f.gpu or "-", str(f.entries), keys, f.created or "-",
+                      "[green]yes[/green]" if f.usable_here else f"[red]no[/red]: {f.problem}")
+    console.print(table)
+
+
+@cache_app.command("show")
+def cache_show(
+    target: str = typer.Argument(None, help="a cache file path or GPU name [this GPU]"),
+    as_json: bool = typer.Option(False, "--json", help="print the file as JSON"),
+) -> None:
+    """Show the entries of one cache file (validated)."""
+    from tuner.cache import show
+
+    with _library_errors():
+        cache = show(target)
+    if as_json:
+        typer.echo(json.dumps(cache.as_dict(), indent=2))
+        return
+    console.print(f"{cache.path}: GPU {cache.gpu.get('name')}, created {cache.created}, "
+                  + ", ".join(f"{k} {v}" for k, v in cache.software.items()))
+    table = Table()
+    for col in ("kernel", "key", "config", "median ms", "IQR ms", "max rel err (worst tensor)"):
+        table.add_column(col)
+    for e in cache.entries:
+        worst = max(((n, v.get("max_rel_err", 0.0)) for n, v in e.verified.items()),
+                    key=lambda x: x[1], default=None)
+        table.add_row(e.kernel, f"K{e.key['K']} V{e.key['V']} {e.key['dtype']}",
+                      ",".join(f"{k}={v}" for k, v in e.config.items()),
+                      f"{e.median_ms:.4g}" if e.median_ms is not None else "-",
+                      f"{e.iqr_ms:.2g}" if e.iqr_ms is not None else "-",
+                      f"{worst[1]:.1e} ({worst[0]})" if worst else "-")
+    console.print(table)
+
+
+@cache_app.command("clear")
+def cache_clear(
+    gpu: str = typer.Option(None, help="the GPU whose file to delete [this GPU]; 'all' for every file"),
+    as_json: bool = typer.Option(False, "--json", help="print the removed paths as JSON"),
+) -> None:
+    """Delete cached configs (the shipped profiles are not touched)."""
+    from tuner.cache import clear
+
+    removed = clear(gpu)
+    if as_json:
+        print_json({"removed": removed})
+        return
+    console.print("\n".join(f"removed {p}" for p in removed) or "nothing to remove")
+
+
+@cache_app.command("path")
+def cache_path(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
+    """Where the cache, this GPU's file, its shipped profile and $GDN2_CONFIG_FILE are."""
+    from tuner.cache import paths
+
+    p = paths()
+    if as_json:
+        print_json(p)
+        return
+    console.print(f"cache folder:     {p.cache_dir}\nthis GPU's file:  {p.this_gpu_file}\n"
+                  f"shipped profile:  {p.shipped_profile}\nGDN2_CONFIG_FILE: {p.config_file or '-'}")
 
 
 def main() -> None:
