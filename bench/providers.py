@@ -18,6 +18,7 @@ pure-Python Triton modules are executed. The source tree is, in order: an explic
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -94,8 +95,6 @@ class Registry:
 
 def load_provider(p: Provider) -> tuple[Any, str | None]:
     """``(op, None)`` when ``p`` can run here, else ``(None, reason)``."""
-    if not torch.cuda.is_available():
-        return None, "no CUDA device (benchmarks time GPU kernels)"
     try:
         return p.load(), None
     except Unavailable as exc:
@@ -111,6 +110,15 @@ def status(p: Provider) -> ProviderStatus:
 # ------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------
+
+def _on_cuda(load: Callable[[], Any]) -> Callable[[], Any]:
+    """Every registered provider times GPU kernels: no CUDA device, no provider."""
+    def checked():
+        if not torch.cuda.is_available():
+            raise Unavailable("no CUDA device (benchmarks time GPU kernels)")
+        return load()
+    return checked
+
 
 def _import(module: str, what: str):
     try:
@@ -331,4 +339,6 @@ def default_registry() -> Registry:
                         ALL_MODES, lambda: load_mamba_ssd(), _mamba_step,
                         note="64 heads x head dim 64 x d_state 64 (GDN-2's state size); "
                              "decode: selective_state_update"))
+    for name, p in r.providers.items():
+        r.providers[name] = dataclasses.replace(p, load=_on_cuda(p.load))
     return r

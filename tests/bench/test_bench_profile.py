@@ -1,0 +1,60 @@
+"""gdn2 profile on the CPU: stages discovered from the launchers, through the interpreter."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from bench import report as render
+from bench.model import Shape
+from bench.profile import discover_launchers, profile, run_ncu
+
+
+def test_launchers_are_discovered_from_the_orchestrators():
+    found = {(m.__name__.rsplit(".", 1)[-1], n) for m, n, _ in discover_launchers()}
+    assert ("chunk_fwd", "intra_fwd") in found and ("chunk_fwd", "state_fwd") in found
+    assert all(not n.endswith("_grid") and not n.startswith("_") for _, n in found)
+
+
+def test_profile_forward_stages_and_restores_launchers():
+    import gdn2_kernels.kernels.chunk_fwd as orchestrator
+
+    before = orchestrator.intra_fwd
+    rep = profile(Shape(1, 70, 1, 16, "float32"), backward=True, reps=2)
+    assert orchestrator.intra_fwd is before
+    stages = {(s.phase, s.stage): s for s in rep.stages}
+    assert {("fwd", "intra_fwd"), ("fwd", "state_fwd")} <= set(stages)
+    assert sum(s.share for s in rep.stages) == pytest.approx(100.0)
+    intra = stages[("fwd", "intra_fwd")]
+    assert intra.calls == 1 and intra.bytes > 0 and intra.flops > 0 and intra.tflops is not None
+    assert rep.interpreter and rep.fwd_ms is None
+    console = Console(record=True, width=160)
+    console.print(render.profile_table(rep))
+    assert "intra_fwd" in console.export_text()
+    assert any("sum of stages" in line for line in render.profile_lines(rep))
+
+
+def test_ncu_missing_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr("bench.profile.shutil.which", lambda name: None)
+    with pytest.raises(RuntimeError, match="ncu"):
+        run_ncu("intra_fwd", Shape(1, 64, 1, 16), tmp_path)
+
+
+def test_cli_bench_json_lists_unavailable_providers(monkeypatch):
+    from tuner.cli import app
+
+    import bench.runner as runner
+    from bench.model import Ceilings
+
+    monkeypatch.setattr("bench.provenance.collect", lambda: {"gpu": {"name": None}})
+    monkeypatch.setattr(runner.CudaMeasurer, "ceilings", lambda self: Ceilings(1.0, 1.0))
+    res = CliRunner().invoke(app, ["bench", "-p", "fla-gdn2", "-p", "mamba2", "--shapes",
+                                   "1x64", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output[res.output.index("{"):])
+    st = {p["name"]: p for p in d["providers"]}
+    assert set(st) == {"fla-gdn2", "mamba2"}
+    if not st["fla-gdn2"]["available"]:
+        assert st["fla-gdn2"]["reason"]

@@ -1,0 +1,81 @@
+"""Provider registry: data, availability with reasons, the mamba loader."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from bench import providers
+from bench.providers import Provider, Registry, Unavailable, default_registry, load_provider
+
+
+def test_default_registry_as_data():
+    r = default_registry()
+    names = r.names()
+    for n in ("gdn2", "gdn2-kda", "fla-gdn2", "fla-kda", "fla-gdn", "sdpa-flash", "sdpa-cudnn",
+              "mamba2"):
+        assert n in names
+    ours = [r.get(n) for n in names if not r.get(n).baseline]
+    assert {p.name for p in ours} == {"gdn2", "gdn2-kda", "gdn2-decode"}
+    assert r.get("fla-gdn2-decode").fwd_only and not r.get("fla-gdn2").fwd_only
+    assert "decode" in r.get("sdpa-flash").modes and "decode" not in r.get("fla-kda").modes
+
+
+def test_registry_rejects_duplicates_and_names_the_choices():
+    r = Registry()
+    p = Provider("x", "x", "gdn2", True, False, ("fwd",), lambda: None, lambda *a: None)
+    r.register(p)
+    with pytest.raises(ValueError, match="already"):
+        r.register(p)
+    with pytest.raises(KeyError, match="available: x"):
+        r.get("y")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU reason")
+def test_every_provider_unavailable_without_cuda_with_reason():
+    for p in default_registry().providers.values():
+        st = providers.status(p)
+        assert not st.available
+        assert "no CUDA device" in st.reason
+
+
+def test_unavailable_reason_is_returned_not_raised():
+    def load():
+        raise Unavailable("nope: reason")
+    p = Provider("x", "x", "gdn2", True, False, ("fwd",), load, lambda *a: None)
+    assert load_provider(p) == (None, "nope: reason")
+
+
+def test_mamba_loader_reports_missing_sources(tmp_path, monkeypatch):
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] == "mamba_ssm"}
+    for k in saved:
+        monkeypatch.delitem(sys.modules, k)
+    monkeypatch.setattr(providers, "REPO_MAMBA_SRC", tmp_path / "nothing")
+    monkeypatch.setattr(providers.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(Unavailable, match="sources not found"):
+        providers.load_mamba_ssd()
+    assert "mamba_ssm" not in sys.modules
+
+
+def test_mamba_loader_bypasses_package_init(tmp_path, monkeypatch):
+    """A package __init__ that would fail (like mamba's CUDA extensions) is never run."""
+    root = tmp_path / "src"
+    pkg = root / "mamba_ssm"
+    (pkg / "ops" / "triton").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('selective_scan_cuda')\n")
+    (pkg / "ops" / "__init__.py").write_text("")
+    (pkg / "ops" / "triton" / "__init__.py").write_text("")
+    (pkg / "ops" / "triton" / "ssd_combined.py").write_text(
+        "def mamba_chunk_scan_combined(*a, **k):\n    return 'ssd'\n")
+    (pkg / "ops" / "triton" / "selective_state_update.py").write_text(
+        "def selective_state_update(*a, **k):\n    return 'ssu'\n")
+    for k in [k for k in sys.modules if k.split(".")[0] == "mamba_ssm"]:
+        monkeypatch.delitem(sys.modules, k)
+    try:
+        ns = providers.load_mamba_ssd(root)
+        assert ns.chunk_scan() == "ssd" and ns.state_update() == "ssu"
+        assert ns.source == str(root)
+    finally:
+        for k in [k for k in sys.modules if k.split(".")[0] == "mamba_ssm"]:
+            del sys.modules[k]
