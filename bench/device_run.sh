@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Benchmarks and profile on a GPU machine without internet; results land in OUT_DIR.
+#
+#   bash bench/device_run.sh OUT_DIR [all|bench|decode|profile] [extra `gdn2 bench` options]
+#
+# Installs the carried wheels (.whl/*.whl: fla-core) into /tmp/site; Mamba-2's Triton SSD sources
+# are read from .whl/mamba_ssd (no install). Writes, per GPU (name sanitised) and UTC date:
+#   <date>_<GPU>.json / .png          gdn2 bench, fwd and fwd+bwd, default token budget
+#   <date>_<GPU>_decode.json / .png   gdn2 bench, decode batch sweep
+#   <date>_<GPU>_profile.json         gdn2 profile (2x8192), plus bench.log / profile.log
+# Copy the JSON/PNG files to bench/results/ and run `python bench/render_results.py`.
+set -uo pipefail
+OUT=${1:?usage: bench/device_run.sh OUT_DIR [all|bench|decode|profile] [gdn2 bench options]}
+PART=${2:-all}
+shift $(( $# >= 2 ? 2 : 1 ))
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+GDN2="python3 -m tuner.cli"
+
+GPU=$(python3 -c "import torch; from gdn2_kernels._device import sanitize_gpu_name; \
+print(sanitize_gpu_name(torch.cuda.get_device_name(0)))") || exit 1
+STEM="$(date -u +%Y-%m-%d)_${GPU}"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.limit \
+  --format=csv 2>/dev/null | tee "$OUT/bench.log"
+
+rc=0
+if [[ $PART == all || $PART == bench ]]; then
+  $GDN2 bench -m fwd -m fwdbwd --save "$OUT/$STEM.json" --plot "$OUT/$STEM.png" "$@" \
+    2>&1 | tee -a "$OUT/bench.log" || rc=1
+fi
+if [[ $PART == all || $PART == decode ]]; then
+  $GDN2 bench -m decode --save "$OUT/${STEM}_decode.json" --plot "$OUT/${STEM}_decode.png" "$@" \
+    2>&1 | tee -a "$OUT/bench.log" || rc=1
+fi
+if [[ $PART == all || $PART == profile ]]; then
+  $GDN2 profile --shape 2x8192 --json > "$OUT/${STEM}_profile.json" || rc=1
+  $GDN2 profile --shape 1x16384 2>&1 | tee "$OUT/profile.log" || rc=1
+fi
+ls -la "$OUT"
+exit $rc

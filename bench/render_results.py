@@ -1,0 +1,138 @@
+"""Build ``docs/results.md`` from the committed ``bench/results/*.json`` (numbers never typed).
+
+    python bench/render_results.py [--results bench/results] [--out docs/results.md]
+
+A bench report (``gdn2 bench --save``) becomes its provenance, the measured ceilings, one table
+per mode and the speed ratios of ours against each baseline; a PNG with the same stem is shown
+above it. A profile report (``gdn2 profile --json``, file ending ``_profile.json``) becomes its
+stage table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODE_TITLES = {"fwd": "Forward", "fwdbwd": "Forward + backward", "decode": "Decode (one token)"}
+
+
+def _f(x, spec: str) -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+def _shape(r: dict) -> str:
+    return f"{r['B']}x{r['context']}" if r["mode"] == "decode" else f"{r['B']}x{r['T']}"
+
+
+def render_bench(d: dict, png: str | None) -> list[str]:
+    prov = d.get("provenance", {})
+    gpu = prov.get("gpu") or {}
+    sw = prov.get("software") or {}
+    lines = [f"## {gpu.get('name') or 'unknown GPU'}, {d.get('created', '')[:10]}", ""]
+    lines.append(f"torch {sw.get('torch')}, triton {sw.get('triton')}, CUDA {sw.get('cuda')}, "
+                 f"cuDNN {sw.get('cudnn')}, fla-core {sw.get('fla_core')}; driver "
+                 f"{gpu.get('driver')}; commit `{(prov.get('git_commit') or 'unknown')[:12]}`.")
+    sample = gpu.get("sample") or {}
+    if sample:
+        lines.append(f"SM clock {sample.get('sm_clock_mhz')} MHz (max "
+                     f"{gpu.get('max_sm_clock_mhz')}), {sample.get('temperature_c')} °C, "
+                     f"throttle reasons: {', '.join(sample.get('throttle_reasons') or []) or 'none'}.")
+    c = d.get("ceilings")
+    if c:
+        lines.append(f"Ceilings measured in the same run: bf16 matmul {c['matmul_tflops']:.0f} "
+                     f"TFLOP/s, device copy {c['copy_gbps']:.0f} GB/s (read + write).")
+    o = d["options"]
+    lines += [f"H = {o['H']}, D = {o['D']}, {o['dtype']}; median of `triton.testing.do_bench` "
+              f"runs with the L2 flushed, warm-up and autotuning excluded.", ""]
+    if png:
+        lines += [f"![tokens/s]({png})", ""]
+    down = [p for p in d["providers"] if not p["available"]]
+    if down:
+        lines += ["Not run: " + "; ".join(f"`{p['name']}` ({p['reason']})" for p in down) + ".",
+                  ""]
+    baselines = [p["name"] for p in d["providers"] if p["baseline"]]
+    for mode in o["modes"]:
+        rows = [r for r in d["rows"] if r["mode"] == mode
+                and r["provider"] not in {p["name"] for p in down}]
+        if not rows:
+            continue
+        lines += [f"### {MODE_TITLES.get(mode, mode)}", ""]
+        body = []
+        for r in rows:
+            if r["status"] != "ok":
+                body.append([r["provider"], _shape(r), r["status"], "", "", "", "", "",
+                             (r.get("reason") or "")[:80]])
+                continue
+            body.append([r["provider"], _shape(r), _f(r["ms"], ".3f"),
+                         _f(r["tokens_per_s"], ".3g"), _f(r["tflops"], ".1f"),
+                         _f(r["gbps"], ".0f"), _f(r["pct_roofline"], ".1f"),
+                         _f(r["peak_mem_mb"], ".0f"), ""])
+        lines += _table(["provider", "B x context" if mode == "decode" else "B x T", "ms",
+                         "tokens/s", "TFLOP/s", "GB/s", "% roofline", "peak MiB", "note"], body)
+        ours = [r for r in rows if r["provider"] not in baselines and r["status"] == "ok"]
+        cols = [b for b in baselines if any(b in r["speedup"] for r in ours)]
+        if ours and cols:
+            lines += [f"Speed ratio, {MODE_TITLES.get(mode, mode).lower()} (× faster than the "
+                      "baseline):", ""]
+            lines += _table(["provider", "shape"] + cols,
+                            [[r["provider"], _shape(r)] + [_f(r["speedup"].get(b), ".2f")
+                                                          for b in cols] for r in ours])
+    return lines
+
+
+def render_profile(d: dict) -> list[str]:
+    s = d["shape"]
+    lines = [f"### Profile: B={s['B']} T={s['T']} H={s['H']} K=V={s['D']} {s['dtype']}, "
+             f"chunk {d['chunk_size']} ({d['config_source']} configs), {d['device']}", ""]
+    lines += _table(["phase", "stage", "calls", "ms", "share %", "GB/s", "TFLOP/s"],
+                    [[st["phase"], st["stage"], str(st["calls"]), _f(st["ms"], ".4f"),
+                      _f(st["share"], ".1f"), _f(st["gbps"], ".0f"), _f(st["tflops"], ".1f")]
+                     for st in d["stages"]])
+    if d.get("fwd_ms") is not None:
+        lines += [f"Forward end to end: {d['fwd_ms']:.4f} ms.", ""]
+    if d.get("backward_reason"):
+        lines += [f"Backward not profiled: {d['backward_reason']}", ""]
+    return lines
+
+
+def render(results: Path, out: Path) -> str:
+    lines = ["# Benchmark results", "",
+             "Generated by `python bench/render_results.py` from the JSON files in "
+             "`bench/results/` (written on the device by `bench/device_run.sh`); do not edit by "
+             "hand. Metrics and the roofline are defined in [bench_model.md](bench_model.md).", ""]
+    files = sorted(results.glob("*.json"))
+    if not files:
+        lines += ["No results committed yet.", ""]
+    rel = Path("..") / results.resolve().relative_to(REPO) if results.resolve().is_relative_to(
+        REPO) else results.resolve()
+    for f in files:
+        d = json.loads(f.read_text())
+        if "stages" in d:
+            lines += render_profile(d)
+        else:
+            png = f.with_suffix(".png")
+            lines += render_bench(d, str(rel / png.name) if png.is_file() else None)
+    text = "\n".join(lines).rstrip() + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
+    args = ap.parse_args(argv)
+    render(args.results, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
