@@ -5,9 +5,13 @@ TRITON_INTERPRET is already set), so the same kernels run on the CPU, slowly, fo
 """
 from gdn2_kernels import _env
 
-_env.enable_interpreter_without_gpu()
+if _env.enable_interpreter_without_gpu():
+    from gdn2_kernels._interpreter import patch_bf16_dot
+
+    patch_bf16_dot()
 
 from gdn2_kernels.ops import chunk_gdn2, fused_recurrent_gdn2  # noqa: E402
+from gdn2_kernels.layer import GatedDeltaNet2, GDN2Cache  # noqa: E402
 from gdn2_kernels.reference import (  # noqa: E402
     naive_chunk_gdn2,
     naive_recurrent_gdn2,
@@ -15,4 +19,4 @@ from gdn2_kernels.reference import (  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["chunk_gdn2", "fused_recurrent_gdn2", "naive_chunk_gdn2", "naive_recurrent_gdn2", "__version__"]
+__all__ = ["GDN2Cache", "GatedDeltaNet2", "chunk_gdn2", "fused_recurrent_gdn2", "naive_chunk_gdn2", "naive_recurrent_gdn2", "__version__"]

@@ -291,7 +291,7 @@ INTRA_FWD = register(KernelSpec(
         Param("BC", (16, 32), 16, "sub-chunk rows: diagonal blocks solved by substitution"),
         Param("BK", (16, 32, 64), 32, "key-axis tile of the T/A_qk products and of Y"),
         Param("BV", (16, 32, 64), 32, "value-axis tile of U"),
-        Param("SOLVE_PRECISION", ("ieee", "tf32x3", "tf32"), "ieee",
+        Param("SOLVE_PRECISION", ("ieee", "tf32x3", "tf32"), "tf32x3",
               "precision of the dots that merge the (I+T)^-1 blocks"),
         _warps(),
         _stages(),
@@ -303,8 +303,7 @@ INTRA_FWD = register(KernelSpec(
         _tile_fits("BK", "K"),
         _tile_fits("BV", "V"),
         _register_budget("intra_fwd_registers",
-                         lambda c, k: 3 * c["BT"] * c["BT"] + c["BC"] * c["BC"] * c["BK"]
-                         + 4 * c["BT"] * max(c["BK"], c["BV"])),
+                         lambda c, k: 3 * c["BT"] * c["BT"] + 4 * c["BT"] * max(c["BK"], c["BV"])),
     ),
 ))
 

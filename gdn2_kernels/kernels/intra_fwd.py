@@ -17,8 +17,8 @@ walks ``chunk_indices`` (sequence, chunk) pairs so chunks never straddle two seq
 Tiling: the chunk is cut into C / ``BC`` row blocks. For row block i, the entries left of its
 diagonal block come from one dot over key tiles of ``BK`` with both factors offset against the
 block's first row a (exp(G_r - G_a) and exp(G_a - G_s), both <= 1, so strong decay never
-overflows); the diagonal BC x BC block is formed pairwise from exp(G_r - G_s) over a
-[BC, BC, BK] tile. The diagonal block of A is inverted by forward substitution in fp32 registers,
+overflows); the diagonal BC x BC block is formed exactly, one column s at a time, from
+exp(G_r - G_s) on [BC, BK] tiles (no anchor can serve a whole diagonal block under strong decay). The diagonal block of A is inverted by forward substitution in fp32 registers,
 and row block i of A is then ``-A_ii (T_i,<i A_<i,:)``, reading the finished rows of A back from
 this program's own output (a barrier orders the two). ``SOLVE_PRECISION`` sets the dot precision
 of the T product and of those merges (ieee, tf32x3 = split precision, or tf32). Y and U are dots of
@@ -141,13 +141,17 @@ def _intra_fwd_kernel(
             b_Toff += tl.dot(b_er * b_dr, tl.trans(b_ks_a), input_precision=SOLVE_PRECISION)
             b_Qoff += tl.dot(b_qr * b_dr, tl.trans(b_ks_a))
 
-            # Diagonal block, pairwise: exp(G_r - G_s) for r >= s.
-            b_dd = b_Gr[:, None, :] - b_Gr[None, :, :]                              # [BC, BC, BK]
-            m_dd = (o_c[:, None] >= o_c[None, :]) & m_r[:, None]
-            b_dd = tl.exp(tl.where(m_dd[:, :, None], b_dd, 0.))
-            b_kd = b_kr[None, :, :] * b_dd
-            b_Td += tl.sum(b_er[:, None, :] * b_kd, axis=2)
-            b_Qd += tl.sum(b_qr[:, None, :] * b_kd, axis=2)
+            # Diagonal block, one column s at a time: exp(G_r - G_s) for r >= s (2-D tiles only).
+            for j in range(BC):
+                m_j = (o_c >= j) & m_r
+                p_j = (t0 + c0 + j).to(tl.int64) * (H * K) + o_k
+                m_jk = m_k & (o_k * 0 + (t0 + c0 + j) < T)
+                b_kj = tl.load(k + p_j, mask=m_jk, other=0.).to(tl.float32)
+                b_Gj = tl.load(g_cum + p_j, mask=m_jk, other=0.)
+                b_kdec = b_kj[None, :] * tl.exp(tl.where(m_j[:, None], b_Gr - b_Gj[None, :], 0.))
+                b_Td += tl.where((o_c == j)[None, :], tl.sum(b_er * b_kdec, 1)[:, None], 0.)
+                b_Qd += tl.where((o_c == j)[None, :], tl.sum(b_qr * b_kdec, 1)[:, None], 0.)
+        b_Td = tl.where(o_c[:, None] > o_c[None, :], b_Td, 0.)
 
         # Inverse of the unit lower-triangular diagonal block by forward substitution.
         b_Ai = -tl.where(o_c[:, None] > o_c[None, :], b_Td, 0.)
