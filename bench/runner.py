@@ -17,7 +17,7 @@ import torch
 from bench import model
 from bench.inputs import ProblemInputs
 from bench.model import Ceilings, Shape
-from bench.providers import Registry, default_registry, load_provider, set_mamba_source, status
+from bench.providers import Registry, default_registry, load_provider, set_mamba_source
 from bench.providers import ProviderStatus
 from bench.timing import CudaMeasurer, Measurer
 
@@ -160,9 +160,11 @@ def run_bench(options: BenchOptions = BenchOptions(), measurer: Measurer | None 
     set_mamba_source(options.mamba_src)
     names = list(options.providers) if options.providers else registry.names()
     providers = [registry.get(n) for n in names]
-    statuses = [status(p) for p in providers]
     measurer = measurer or CudaMeasurer(options.warmup_ms, options.rep_ms)
     ops = {p.name: load_provider(p) for p in providers}
+    statuses = [ProviderStatus(p.name, p.label, p.family, p.baseline, p.fwd_only, list(p.modes),
+                               ops[p.name][0] is not None, ops[p.name][1], p.note)
+                for p in providers]
     any_ok = any(op is not None for op, _ in ops.values())
     ceilings = measurer.ceilings() if any_ok else None
     say = progress or (lambda _msg: None)
