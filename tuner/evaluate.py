@@ -279,9 +279,13 @@ class WorkerPool:
         task = w.task
         if w.conn.poll():
             try:
-                return w.conn.recv()
+                trial = w.conn.recv()
             except (EOFError, OSError):
-                pass
+                trial = None
+            if trial is not None:
+                if trial.status == "crash":  # the worker exits after a crash; start a fresh one
+                    w.close(kill=True)
+                return trial
         elif w.proc.is_alive():
             if time.monotonic() - w.started <= task.settings.timeout_s:
                 return None

@@ -177,7 +177,7 @@ class TrialLog:
 
     def append(self, trial: Trial) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        line = json.dumps(trial.as_dict(), sort_keys=True)
+        line = json.dumps(trial.as_dict())  # key order kept: labels follow the spec order
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()

@@ -257,14 +257,11 @@ def make_plan(options: TuneOptions) -> TunePlan:
     if options.strategy not in ("exhaustive", "random", "halving"):
         get_strategy(options.strategy)  # raises with the list
     specs = _select_specs(options)
-    bwd_reason = backward_status() if any(s.direction == "bwd" for s in specs) else None
+    bwd_reason = backward_status() if options.backward else "backward tuning off (--forward-only)"
     chunk_sizes = list(options.chunk_sizes or get_spec(next(
         (s.name for s in all_specs() if _has_bt(s)))).param("BT").values)
     searches, skipped = [], []
     for spec in specs:
-        if spec.direction == "bwd" and not options.backward:
-            skipped.append((spec.name, "backward tuning off (--forward-only)"))
-            continue
         if spec.direction == "bwd" and bwd_reason:
             skipped.append((spec.name, bwd_reason))
             continue

@@ -1,0 +1,90 @@
+"""``gdn2 info``, ``gdn2 tune`` and ``gdn2 cache`` through typer's CliRunner."""
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from gdn2_kernels import _device, config_store
+from gdn2_kernels.configs import get_spec
+from tuner.cli import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, list(args))
+
+
+def _cache_file(path, name=None):
+    entry = config_store.CacheEntry("state_fwd", {"K": 32, "V": 32, "dtype": "float32"},
+                                    get_spec("state_fwd").config({"BT": 32}).as_dict(), 1.0, 0.1)
+    config_store.write_entries(path, [entry], {"name": name or _device.gpu_name()})
+
+
+def test_info_json():
+    res = _run("info", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["gpu"]["cuda_available"] is False and "no GPU" in data["gpu"]["note"]
+    assert {k["name"] for k in data["kernels"]} >= {"intra_fwd", "state_fwd"}
+    assert [s["name"] for s in data["sources"]] == ["config_file", "user_cache",
+                                                    "shipped_profile", "default"]
+    assert _run("info").exit_code == 0
+
+
+def test_tune_dry_run_lists_space_and_pruning():
+    res = _run("tune", "--dry-run", "--json", "-k", "intra_fwd", "-c", "32")
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    (search,) = plan["searches"]
+    assert search["chunk_size"] == 32 and search["pruned_by_rule"]
+    assert search["valid"] + len(search["pruned"]) == search["total"]
+    res = _run("tune", "--dry-run")
+    assert res.exit_code == 0 and "pruned" in res.stdout
+
+
+def test_tune_bad_input_is_one_line_and_exit_1():
+    res = _run("tune", "--dry-run", "-k", "nope_fwd")
+    assert res.exit_code == 1 and "no kernel spec 'nope_fwd'" in res.output
+    res = _run("tune", "--dry-run", "--strategy", "random", "-o", "eta=2")
+    assert res.exit_code == 1 and "no option 'eta'" in res.output
+
+
+def test_tune_runs_on_the_interpreter_and_says_so(tmp_path):
+    res = _run("tune", "-k", "l2norm_fwd", "-H", "1", "-K", "16", "-V", "16", "-T", "32",
+               "--strategy", "random", "-o", "n=1", "--max-configs", "1",
+               "--log", str(tmp_path / "log.jsonl"), "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["ok"] and data["written"] == [] and "interpreter" in data["note"]
+
+
+def test_cache_commands(isolated_cache):
+    res = _run("cache", "path", "--json")
+    assert res.exit_code == 0
+    paths = json.loads(res.stdout)
+    assert paths["this_gpu_file"].endswith("cpu-interpreter.json")
+
+    _cache_file(paths["this_gpu_file"])
+    _cache_file(isolated_cache / "cache" / "NVIDIA_H100_80GB_HBM3.json", "NVIDIA H100 80GB HBM3")
+    (isolated_cache / "cache" / "broken.json").write_text("{")
+    res = _run("cache", "ls", "--json")
+    rows = {r["path"].rsplit("/", 1)[1]: r for r in json.loads(res.stdout)}
+    assert rows["cpu-interpreter.json"]["usable_here"] is True
+    assert rows["NVIDIA_H100_80GB_HBM3.json"]["usable_here"] is False
+    assert "not valid JSON" in rows["broken.json"]["problem"]
+    assert _run("cache", "ls").exit_code == 0
+
+    res = _run("cache", "show", "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)["entries"][0]["kernel"] == "state_fwd"
+    assert _run("cache", "show").exit_code == 0
+    res = _run("cache", "show", str(isolated_cache / "cache" / "broken.json"))
+    assert res.exit_code == 1 and "not valid JSON" in res.output
+
+    res = _run("cache", "clear", "--json")
+    assert json.loads(res.stdout)["removed"] == [paths["this_gpu_file"]]
+    res = _run("cache", "show")
+    assert res.exit_code == 1 and "no cache file" in res.output
+    res = _run("cache", "clear", "--gpu", "all")
+    assert res.exit_code == 0 and "NVIDIA_H100" in res.stdout

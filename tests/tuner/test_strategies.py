@@ -1,0 +1,75 @@
+"""Strategies against a replay evaluator (no kernels), and the space/pruning plan."""
+from __future__ import annotations
+
+from helpers import logged, state_fwd_candidates
+
+from tuner.evaluate import ReplayEvaluator
+from tuner.strategies import get_strategy, help_text, parse_options
+from tuner.strategies.exhaustive import exhaustive
+from tuner.strategies.halving import halving
+from tuner.strategies.random import random
+from tuner.trial import Budget, best
+from tuner.tune import TuneOptions, make_plan
+
+CANDS = state_fwd_candidates(bvs=(16, 32), warps=(2, 4), stages=(1, 2, 3))  # 12
+
+
+def _log(medians, efforts=(1, 3, 9)):
+    return [t for e in efforts for t in logged(CANDS, medians, e)]
+
+
+def test_exhaustive_visits_all_and_respects_max_configs():
+    ev = ReplayEvaluator(_log({}))
+    assert len(exhaustive(CANDS, ev, Budget())) == 12
+    ev = ReplayEvaluator(_log({}))
+    assert len(exhaustive(CANDS, ev, Budget(max_configs=5))) == 5
+
+
+def test_random_is_seeded_and_keeps_the_default_first():
+    a = [t.label() for t in random(CANDS, ReplayEvaluator(_log({})), Budget(), n=4, seed=1)]
+    b = [t.label() for t in random(CANDS, ReplayEvaluator(_log({})), Budget(), n=4, seed=1)]
+    assert a == b and len(a) == 4 and a[0] == CANDS[0].label()
+
+
+def test_halving_finds_the_fastest_and_never_advances_failures():
+    fast, broken = CANDS[7].label(), CANDS[3].label()
+    medians = {fast: 0.5, broken: None, CANDS[5].label(): 0.9}
+    ev = ReplayEvaluator(_log(medians))
+    trials = halving(CANDS, ev, Budget(), eta=3)
+    win = best(trials)
+    assert win.label() == fast and win.effort > 1
+    efforts = {e for label, e in ev.calls if label == broken}
+    assert efforts == {1}
+    assert len([c for c in ev.calls if c[1] == 3]) == 3  # 11 ok // 3 re-timed
+
+
+def test_wrong_results_never_win():
+    medians = {c.label(): None for c in CANDS[:6]}
+    medians[CANDS[0].label()] = None
+    trials = exhaustive(CANDS, ReplayEvaluator(_log(medians)), Budget())
+    assert best(trials).label() not in medians
+
+
+def test_options_table_parses_and_documents():
+    assert parse_options("halving", ["eta=2", "n=4"]) == {"eta": 2, "n": 4}
+    assert "eta" in help_text() and get_strategy("random").options
+    try:
+        parse_options("random", ["eta=2"])
+    except ValueError as exc:
+        assert "no option 'eta'" in str(exc)
+    else:
+        raise AssertionError("unknown option accepted")
+
+
+def test_plan_reports_pruning_per_chunk_size_and_skips_missing_backward():
+    plan = make_plan(TuneOptions(kernels=("intra_fwd", "state_fwd", "l2norm_bwd"),
+                                 chunk_sizes=(32, 64)))
+    labels = [s.label() for s in plan.searches]
+    assert labels == ["intra_fwd@BT=32", "intra_fwd@BT=64", "state_fwd@BT=32", "state_fwd@BT=64"]
+    intra = plan.searches[0]
+    assert intra.total == intra.valid + sum(intra.pruned_by_rule.values())
+    assert "BK_le_K" in intra.pruned_reasons and len(intra.pruned) == intra.total - intra.valid
+    if not plan.backward_available:
+        assert [k for k, _ in plan.skipped] == ["l2norm_bwd"]
+    else:
+        assert any(s.kernel == "l2norm_bwd" and s.workload == "fwd+bwd" for s in plan.searches)
