@@ -36,19 +36,32 @@ Tensor = torch.Tensor
 _TAGS = (torch.Tag.needs_contiguous_strides,)
 
 
-def _num_seqs(q: Tensor, cu_seqlens: Optional[Tensor]) -> int:
-    return q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+# Both forward ops share one schema and one fake: (o, final state or an empty tensor).
+_FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor g, Tensor b, Tensor w, Tensor? initial_state, "
+    "Tensor? cu_seqlens, float scale, bool output_final_state, bool use_qk_l2norm_in_kernel, "
+    "bool validate_values) -> (Tensor, Tensor)")
+
+
+def _fwd_fake(q, k, v, g, b, w, initial_state, cu_seqlens, scale, output_final_state,
+              use_qk_l2norm_in_kernel, validate_values):
+    if not output_final_state:
+        return v.new_empty(v.shape), q.new_empty(0, dtype=torch.float32)
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return v.new_empty(v.shape), q.new_empty(N, q.shape[2], q.shape[3], v.shape[3],
+                                             dtype=torch.float32)
 
 
 def _state_or_empty(ht: Optional[Tensor], like: Tensor) -> Tensor:
     return ht if ht is not None else like.new_empty(0, dtype=torch.float32)
 
 
-def _fake_state(q: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], wanted: bool) -> Tensor:
-    if not wanted:
-        return q.new_empty(0, dtype=torch.float32)
-    return q.new_empty(_num_seqs(q, cu_seqlens), q.shape[2], q.shape[3], v.shape[3],
-                       dtype=torch.float32)
+def _call_fwd(op, q, k, v, g, b, w, scale, initial_state, output_final_state,
+              use_qk_l2norm_in_kernel, cu_seqlens, validate_values):
+    o, ht = op(q, k, v, g, b, w, initial_state, cu_seqlens,
+               float(scale) if scale is not None else q.shape[-1] ** -0.5,
+               bool(output_final_state), bool(use_qk_l2norm_in_kernel), bool(validate_values))
+    return o, (ht if output_final_state else None)
 
 
 @contextlib.contextmanager
@@ -69,21 +82,8 @@ def _autograd_enabled() -> Iterator[None]:
 # chunk_gdn2
 # ------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("gdn2::chunk_gdn2", mutates_args=(), tags=_TAGS)
-def _chunk_gdn2_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    b: Tensor,
-    w: Tensor,
-    initial_state: Optional[Tensor],
-    cu_seqlens: Optional[Tensor],
-    scale: float,
-    output_final_state: bool,
-    use_qk_l2norm_in_kernel: bool,
-    validate_values: bool,
-) -> tuple[Tensor, Tensor]:
+def _chunk_gdn2_impl(q, k, v, g, b, w, initial_state, cu_seqlens, scale, output_final_state,
+                     use_qk_l2norm_in_kernel, validate_values):
     ops._check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     pipe = dispatch.resolve(ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype)))
@@ -96,10 +96,9 @@ def _chunk_gdn2_op(
     return res.o, _state_or_empty(res.ht, q)
 
 
-@_chunk_gdn2_op.register_fake
-def _(q, k, v, g, b, w, initial_state, cu_seqlens, scale, output_final_state,
-      use_qk_l2norm_in_kernel, validate_values):
-    return v.new_empty(v.shape), _fake_state(q, v, cu_seqlens, output_final_state)
+_chunk_gdn2_op = torch.library.custom_op("gdn2::chunk_gdn2", _chunk_gdn2_impl, mutates_args=(),
+                                         schema=_FWD_SCHEMA, tags=_TAGS)
+_chunk_gdn2_op.register_fake(_fwd_fake)
 
 
 @torch.library.custom_op("gdn2::chunk_gdn2_bwd", mutates_args=(), tags=_TAGS)
@@ -178,32 +177,16 @@ def chunk_gdn2(
     validate_values: bool = True,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """:func:`gdn2_kernels.ops.chunk_gdn2` as a compilable custom op (same Args and Returns)."""
-    o, ht = torch.ops.gdn2.chunk_gdn2(
-        q, k, v, g, b, w, initial_state, cu_seqlens,
-        float(scale) if scale is not None else q.shape[-1] ** -0.5,
-        bool(output_final_state), bool(use_qk_l2norm_in_kernel), bool(validate_values))
-    return o, (ht if output_final_state else None)
+    return _call_fwd(torch.ops.gdn2.chunk_gdn2, q, k, v, g, b, w, scale, initial_state,
+                     output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, validate_values)
 
 
 # ------------------------------------------------------------------------------------------------
 # fused_recurrent_gdn2
 # ------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("gdn2::fused_recurrent_gdn2", mutates_args=(), tags=_TAGS)
-def _fused_recurrent_gdn2_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    g: Tensor,
-    b: Tensor,
-    w: Tensor,
-    initial_state: Optional[Tensor],
-    cu_seqlens: Optional[Tensor],
-    scale: float,
-    output_final_state: bool,
-    use_qk_l2norm_in_kernel: bool,
-    validate_values: bool,
-) -> tuple[Tensor, Tensor]:
+def _fused_recurrent_gdn2_impl(q, k, v, g, b, w, initial_state, cu_seqlens, scale,
+                               output_final_state, use_qk_l2norm_in_kernel, validate_values):
     with torch.no_grad():
         o, ht = ops.fused_recurrent_gdn2(q, k, v, g, b, w, scale, initial_state,
                                          output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
@@ -211,16 +194,14 @@ def _fused_recurrent_gdn2_op(
     return o, _state_or_empty(ht, q)
 
 
-@_fused_recurrent_gdn2_op.register_fake
-def _(q, k, v, g, b, w, initial_state, cu_seqlens, scale, output_final_state,
-      use_qk_l2norm_in_kernel, validate_values):
-    return v.new_empty(v.shape), _fake_state(q, v, cu_seqlens, output_final_state)
-
-
 def _fused_recurrent_backward(ctx, do, dht):
     raise RuntimeError("fused_recurrent_gdn2 is forward-only (decoding); use chunk_gdn2 to train")
 
 
+_fused_recurrent_gdn2_op = torch.library.custom_op(
+    "gdn2::fused_recurrent_gdn2", _fused_recurrent_gdn2_impl, mutates_args=(),
+    schema=_FWD_SCHEMA, tags=_TAGS)
+_fused_recurrent_gdn2_op.register_fake(_fwd_fake)
 _fused_recurrent_gdn2_op.register_autograd(_fused_recurrent_backward)
 
 
@@ -240,11 +221,8 @@ def fused_recurrent_gdn2(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """:func:`gdn2_kernels.ops.fused_recurrent_gdn2` as a compilable custom op (same Args)."""
     ops._check_no_grad(q, k, v, g, b, w, initial_state)
-    o, ht = torch.ops.gdn2.fused_recurrent_gdn2(
-        q, k, v, g, b, w, initial_state, cu_seqlens,
-        float(scale) if scale is not None else q.shape[-1] ** -0.5,
-        bool(output_final_state), bool(use_qk_l2norm_in_kernel), bool(validate_values))
-    return o, (ht if output_final_state else None)
+    return _call_fwd(torch.ops.gdn2.fused_recurrent_gdn2, q, k, v, g, b, w, scale, initial_state,
+                     output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, validate_values)
 
 
 __all__ = ["chunk_gdn2", "fused_recurrent_gdn2"]
