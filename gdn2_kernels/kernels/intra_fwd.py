@@ -17,8 +17,10 @@ walks ``chunk_indices`` (sequence, chunk) pairs so chunks never straddle two seq
 Tiling: the chunk is cut into C / ``BC`` row blocks. For row block i, the entries left of its
 diagonal block come from one dot over key tiles of ``BK`` with both factors offset against the
 block's first row a (exp(G_r - G_a) and exp(G_a - G_s), both <= 1, so strong decay never
-overflows); the diagonal BC x BC block is formed exactly, one column s at a time, from
-exp(G_r - G_s) on [BC, BK] tiles (no anchor can serve a whole diagonal block under strong decay). The diagonal block of A is inverted by forward substitution in fp32 registers,
+overflows). The diagonal BC x BC block uses the same anchor when the block's decay span
+max_c(G_a - G_last) is at most SAFE_SPAN = 60 (then every factor lies in [e^-60, e^60]: no overflow,
+full fp32 precision); with stronger decay it is formed exactly, one column s at a time, from
+exp(G_r - G_s) on [BC, BK] tiles. The check is per block at run time; both paths are tested. The diagonal block of A is inverted by forward substitution in fp32 registers,
 and row block i of A is then ``-A_ii (T_i,<i A_<i,:)``, reading the finished rows of A back from
 this program's own output (a barrier orders the two). ``SOLVE_PRECISION`` sets the dot precision
 of the T product and of those merges (ieee, tf32x3 = split precision, or tf32). Y and U are dots of
@@ -36,6 +38,9 @@ import triton.language as tl
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
+
+
+SAFE_SPAN = tl.constexpr(60.0)
 
 
 @triton.jit
@@ -118,6 +123,16 @@ def _intra_fwd_kernel(
         b_Qoff = tl.zeros([BC, BT], dtype=tl.float32)
         b_Td = tl.zeros([BC, BC], dtype=tl.float32)
         b_Qd = tl.zeros([BC, BC], dtype=tl.float32)
+        # Decay span of the block, max over channels of G_a - G_last (>= 0). Under SAFE_SPAN the
+        # diagonal block is a dot against the same anchor (factors within e^-60..e^60, exact in
+        # fp32); above it (strong decay) it is formed one column at a time.
+        e_r = tl.minimum(t0 + c0 + BC, T) - 1
+        b_span = 0.
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            b_Ga = tl.load(g_cum + (t0 + c0).to(tl.int64) * (H * K) + o_k, mask=o_k < K, other=0.)
+            b_Ge = tl.load(g_cum + e_r.to(tl.int64) * (H * K) + o_k, mask=o_k < K, other=0.)
+            b_span = tl.maximum(b_span, tl.max(b_Ga - b_Ge, 0))
         for i_k in range(tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
@@ -141,16 +156,21 @@ def _intra_fwd_kernel(
             b_Toff += tl.dot(b_er * b_dr, tl.trans(b_ks_a), input_precision=SOLVE_PRECISION)
             b_Qoff += tl.dot(b_qr * b_dr, tl.trans(b_ks_a))
 
-            # Diagonal block, one column s at a time: exp(G_r - G_s) for r >= s (2-D tiles only).
-            for j in range(BC):
-                m_j = (o_c >= j) & m_r
-                p_j = (t0 + c0 + j).to(tl.int64) * (H * K) + o_k
-                m_jk = m_k & (o_k * 0 + (t0 + c0 + j) < T)
-                b_kj = tl.load(k + p_j, mask=m_jk, other=0.).to(tl.float32)
-                b_Gj = tl.load(g_cum + p_j, mask=m_jk, other=0.)
-                b_kdec = b_kj[None, :] * tl.exp(tl.where(m_j[:, None], b_Gr - b_Gj[None, :], 0.))
-                b_Td += tl.where((o_c == j)[None, :], tl.sum(b_er * b_kdec, 1)[:, None], 0.)
-                b_Qd += tl.where((o_c == j)[None, :], tl.sum(b_qr * b_kdec, 1)[:, None], 0.)
+            if b_span <= SAFE_SPAN:
+                b_kr_a = b_kr * tl.exp(tl.where(m_r[:, None], b_Ga[None, :] - b_Gr, 0.))
+                b_Td += tl.dot(b_er * b_dr, tl.trans(b_kr_a), input_precision=SOLVE_PRECISION)
+                b_Qd += tl.dot(b_qr * b_dr, tl.trans(b_kr_a))
+            else:
+                # Diagonal block, one column s at a time: exp(G_r - G_s), r >= s (2-D tiles).
+                for j in range(BC):
+                    m_j = (o_c >= j) & m_r
+                    p_j = (t0 + c0 + j).to(tl.int64) * (H * K) + o_k
+                    m_jk = m_k & (o_k * 0 + (t0 + c0 + j) < T)
+                    b_kj = tl.load(k + p_j, mask=m_jk, other=0.).to(tl.float32)
+                    b_Gj = tl.load(g_cum + p_j, mask=m_jk, other=0.)
+                    b_kdec = b_kj[None, :] * tl.exp(tl.where(m_j[:, None], b_Gr - b_Gj[None, :], 0.))
+                    b_Td += tl.where((o_c == j)[None, :], tl.sum(b_er * b_kdec, 1)[:, None], 0.)
+                    b_Qd += tl.where((o_c == j)[None, :], tl.sum(b_qr * b_kdec, 1)[:, None], 0.)
         b_Td = tl.where(o_c[:, None] > o_c[None, :], b_Td, 0.)
 
         # Inverse of the unit lower-triangular diagonal block by forward substitution.
