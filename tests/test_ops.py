@@ -77,8 +77,8 @@ FWD_CASES: list[OpCase] = [
 
 
 def case_params(cases: list[OpCase]) -> list:
-    """pytest params of ``cases``; bf16 ones carry the ``bf16_dot`` marker (see conftest)."""
-    return [pytest.param(c, marks=pytest.mark.bf16_dot) if c.dtype == torch.bfloat16 else c
+    """pytest params of ``cases``; bf16 ones carry the ``bf16_accuracy`` marker (see conftest)."""
+    return [pytest.param(c, marks=pytest.mark.bf16_accuracy) if c.dtype == torch.bfloat16 else c
             for c in cases]
 
 
