@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -113,6 +114,10 @@ class CacheFile:
 # ------------------------------------------------------------------------------------------------
 
 def package_version() -> str:
+    """``gdn2_kernels.__version__`` (right even when run from a checkout that is not installed)."""
+    version = getattr(sys.modules.get("gdn2_kernels"), "__version__", None)
+    if version:
+        return str(version)
     try:
         return metadata.version("gdn2-kernels")
     except metadata.PackageNotFoundError:

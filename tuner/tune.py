@@ -164,7 +164,7 @@ def defaults(options: TuneOptions) -> TuneOptions:
     if options.max_minutes is None:
         changes["max_minutes"] = 9.0 if on_gpu else 1.5
     if options.max_configs is None and not on_gpu:
-        changes["max_configs"] = 12
+        changes["max_configs"] = 24
     if options.chunk_sizes is None and not on_gpu:
         changes["chunk_sizes"] = (32, 64)
     if options.verify_T is None:
@@ -174,9 +174,9 @@ def defaults(options: TuneOptions) -> TuneOptions:
     if options.warmup is None:
         changes["warmup"] = 5 if on_gpu else 1
     if options.strategy == "halving" and not options.strategy_options and not on_gpu:
-        changes["strategy_options"] = {"n": 3, "eta": 3}
+        changes["strategy_options"] = {"n": 4, "eta": 2}
     if options.strategy == "halving" and not options.strategy_options and on_gpu:
-        changes["strategy_options"] = {"n": 27, "eta": 3}
+        changes["strategy_options"] = {"n": 12, "eta": 3}
     return dataclasses.replace(options, **changes)
 
 

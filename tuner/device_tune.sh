@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Full default tune on a GPU machine, then a cold-start check with the profile it made.
+#
+#   OUT=/some/folder bash tuner/device_tune.sh [extra `gdn2 tune` options, e.g. --devices all]
+#
+# Writes under $OUT (default ./out):
+#   info.json                  `gdn2 info --json` before the tune (GPU/NVML, software, spaces)
+#   trials.jsonl               the trial log (every trial, appended as it finished; resumable)
+#   <GPU>.json                 the profile (cache schema) -> commit it as profiles/<GPU>.json
+#   tune.json                  `gdn2 tune --json` (searches, per-BT pipelines, speed-up, counts)
+#   cold_start.json            fresh process, empty Triton cache, first fwd+bwd with the profile
+#   verify.json                `gdn2 verify --backward --json` with the profile
+#   timing.txt                 wall-clock seconds of the tune and the cold start
+# The user cache goes to $OUT/cache so the machine's ~/.cache/gdn2 is not touched.
+set -euo pipefail
+OUT="${OUT:-out}"
+mkdir -p "$OUT"
+export GDN2_CACHE_DIR="$OUT/cache"
+PY="${PYTHON:-python}"
+
+$PY -m tuner.cli info --json > "$OUT/info.json"
+PROFILE="$OUT/$($PY -c 'from gdn2_kernels import _device, config_store; print(config_store.profile_filename(_device.gpu_name()))' 2>/dev/null)"
+
+start=$(date +%s)
+$PY -m tuner.cli tune --max-minutes 9 --log "$OUT/trials.jsonl" --output "$PROFILE" --json "$@" \
+    > "$OUT/tune.json"
+tune_s=$(( $(date +%s) - start ))
+
+cold_cache="$(mktemp -d)"
+start=$(date +%s)
+TRITON_CACHE_DIR="$cold_cache" GDN2_CONFIG_FILE="$PROFILE" $PY -m tuner.cold_start --json \
+    > "$OUT/cold_start.json"
+cold_s=$(( $(date +%s) - start ))
+rm -rf "$cold_cache"
+
+GDN2_CONFIG_FILE="$PROFILE" $PY -m tuner.cli verify --backward --json > "$OUT/verify.json" \
+    || echo "verify reported failures (see verify.json)"
+printf 'tune_s %s\ncold_start_process_s %s\nprofile %s\n' "$tune_s" "$cold_s" "$PROFILE" \
+    | tee "$OUT/timing.txt"
