@@ -337,6 +337,69 @@ L2NORM_FWD = register(KernelSpec(
     outputs=("qn",),
 ))
 
+# ---------------------------------------------------------------------------------------------
+# Backward kernels
+# ---------------------------------------------------------------------------------------------
+
+SM90_NO_ACC_TRANSPOSE = (
+    "No kernel transposes an mma accumulator: Triton 3.4 to 3.7.0 miscompile that pattern on sm90 "
+    "(issue 3). Transposed products are formed from loaded operands instead, so no config needs "
+    "pruning for it; this note keeps the reason next to the specs."
+)
+
+STATE_BWD = register(KernelSpec(
+    name="state_bwd",
+    direction="bwd",
+    doc="reverse state pass: dR, R and dS' per chunk, dh0 (serial over chunks, parallel over V)",
+    params=(
+        BT,
+        Param("BV", (16, 32, 64), 32, "value-axis tile of the state gradient"),
+        _warps(),
+        _stages(1, (1, 2, 3)),
+    ),
+    outputs=("dh0", "dv"),
+    constraints=(
+        _tile_fits("BV", "V"),
+        _register_budget("state_bwd_registers",
+                         lambda c, k: 3 * next_pow2(k.K) * c["BV"] + 4 * c["BT"] * next_pow2(k.K)),
+    ),
+))
+
+INTRA_BWD = register(KernelSpec(
+    name="intra_bwd",
+    direction="bwd",
+    doc="output/WY/pairwise VJPs per chunk: dq, dk, dv, db, dw and dg (reverse cumsum)",
+    params=(
+        BT,
+        Param("BC", (16, 32), 16, "sub-chunk rows of the pairwise VJP"),
+        Param("BK", (16, 32, 64), 32, "key-axis tile"),
+        Param("BV", (16, 32, 64), 32, "value-axis tile"),
+        Param("SOLVE_PRECISION", ("ieee", "tf32x3", "tf32"), "tf32x3",
+              "precision of dT = -A^T dA A^T and of the dT products"),
+        _warps(),
+        _stages(1, (1, 2)),
+    ),
+    outputs=("dq", "dk", "db", "dg", "dv", "dw"),
+    constraints=(
+        Constraint("BC_divides_BT", "sub-chunks must tile the chunk",
+                   lambda c, k: c["BC"] <= c["BT"] and c["BT"] % c["BC"] == 0),
+        _tile_fits("BK", "K"),
+        _tile_fits("BV", "V"),
+        _register_budget("intra_bwd_registers",
+                         lambda c, k: 5 * c["BT"] * c["BT"] + 6 * c["BT"] * max(c["BK"], c["BV"])),
+    ),
+    arch_rules=(
+        ArchRule(
+            name="sm90_wy_bwd_8_warps",
+            arch="sm90",
+            reason="8-warp schedules of the 64x64 WY backward trip a Triton WGMMA layout "
+                   "assertion on Hopper (reported in issue 3 for GDN-2 WY backward kernels)",
+            source="issue 3",
+            forbids=lambda c, k: c["num_warps"] == 8 and c["BT"] == 64,
+        ),
+    ),
+))
+
 L2NORM_BWD = register(KernelSpec(
     name="l2norm_bwd",
     direction="bwd",

@@ -13,7 +13,8 @@ from gdn2_kernels import _device, dispatch
 from gdn2_kernels._testing import dtype_name
 from gdn2_kernels.configs import MAX_HEAD_DIM, ProblemKey
 from gdn2_kernels.kernels.chunk_fwd import chunk_gdn2_fwd
-from gdn2_kernels.kernels.l2norm import l2norm_fwd
+from gdn2_kernels.kernels.chunk_bwd import chunk_gdn2_bwd
+from gdn2_kernels.kernels.l2norm import l2norm_bwd, l2norm_fwd
 from gdn2_kernels.kernels.recurrent_fwd import recurrent_fwd
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -138,19 +139,36 @@ class _ChunkGDN2Function(torch.autograd.Function):
     def forward(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts: GDN2Options):
         key = ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype))
         pipe = dispatch.resolve(key)
+        q_rstd = k_rstd = None
         if opts.use_qk_l2norm_in_kernel:
-            q, _ = l2norm_fwd(q, pipe["l2norm_fwd"])
-            k, _ = l2norm_fwd(k, pipe["l2norm_fwd"])
+            q, q_rstd = l2norm_fwd(q, pipe["l2norm_fwd"])
+            k, k_rstd = l2norm_fwd(k, pipe["l2norm_fwd"])
         res = chunk_gdn2_fwd(q, k, v, g.float(), b, w, opts.scale, initial_state,
-                             opts.output_final_state, cu_seqlens, pipe.as_dict())
+                             opts.output_final_state, cu_seqlens, pipe.as_dict(),
+                             store_h=opts.disable_recompute)
+        ctx.save_for_backward(q, k, v, b, w, res.g_cum, res.A, res.A_qk, res.Y, res.U, res.h,
+                              initial_state, cu_seqlens, res.chunk_indices, res.chunk_offsets,
+                              q_rstd, k_rstd)
         ctx.opts = opts
+        ctx.pipe = pipe
+        ctx.g_dtype = g.dtype
         return res.o, res.ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        raise NotImplementedError(
-            "chunk_gdn2's backward is not available in this build; call it under torch.no_grad() "
-            "or detach the inputs")
+        (q, k, v, b, w, g_cum, A, A_qk, Y, U, h, h0, cu_seqlens, idx, offs,
+         q_rstd, k_rstd) = ctx.saved_tensors
+        opts, pipe = ctx.opts, ctx.pipe
+        grads = chunk_gdn2_bwd(q, k, v, b, w, g_cum, A, A_qk, Y, U, h, opts.scale, h0,
+                               do.contiguous(), dht.contiguous() if dht is not None else None,
+                               cu_seqlens, idx, offs, pipe.as_dict(),
+                               need_dh0=h0 is not None and ctx.needs_input_grad[6])
+        dq, dk = grads.dq, grads.dk
+        if opts.use_qk_l2norm_in_kernel:
+            dq = l2norm_bwd(q, q_rstd, dq, pipe["l2norm_bwd"])
+            dk = l2norm_bwd(k, k_rstd, dk, pipe["l2norm_bwd"])
+        return (dq.to(q.dtype), dk.to(k.dtype), grads.dv, grads.dg.to(ctx.g_dtype),
+                grads.db.to(b.dtype), grads.dw, grads.dh0, None, None)
 
 
 def chunk_gdn2(

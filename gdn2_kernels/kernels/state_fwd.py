@@ -7,7 +7,8 @@ For each chunk, in order, with S the state entering it (fp32, on chip):
     S  <- Diag(exp(G_C)) S + K_tail^T R,  K_tail = exp(G_C - G) (.) k
 
 and finally ``ht = S`` ``[N, H, K, V]`` fp32. With ``STORE_H`` the state entering every chunk is
-also written to ``h`` ``[NT_total, H, K, V]`` (the backward reads it instead of recomputing).
+also written to ``h`` ``[NT_total, H, K, V]`` (the backward reads it); ``STORE_O=False`` skips the
+output (the backward's recomputation of h).
 
 Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's state and walks
 that sequence's chunks serially. ``K`` is held whole (padded to a power of two, ``KP``); the
@@ -52,6 +53,7 @@ def _state_fwd_kernel(
     USE_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
     STORE_H: tl.constexpr,
+    STORE_O: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -71,7 +73,8 @@ def _state_fwd_kernel(
     g_cum += (bos * H + i_h) * K
     Y += (bos * H + i_h) * K
     U += (bos * H + i_h) * V
-    o += (bos * H + i_h) * V
+    if STORE_O:
+        o += (bos * H + i_h) * V
     A_qk += (bos * H + i_h) * BT
 
     o_k = tl.arange(0, KP)
@@ -108,9 +111,10 @@ def _state_fwd_kernel(
         b_Sd = b_S.to(b_Y.dtype)
         b_R = b_U - tl.dot(b_Y, b_Sd)                                              # [BT, BV]
         b_Rd = b_R.to(b_Y.dtype)
-        b_Qg = (b_q * tl.exp(b_G) * scale).to(b_Y.dtype)
-        b_O = tl.dot(b_Qg, b_Sd) + tl.dot(b_A.to(b_Y.dtype), b_Rd)
-        tl.store(o + p_tv, b_O.to(o.dtype.element_ty), mask=m_tv)
+        if STORE_O:
+            b_Qg = (b_q * tl.exp(b_G) * scale).to(b_Y.dtype)
+            b_O = tl.dot(b_Qg, b_Sd) + tl.dot(b_A.to(b_Y.dtype), b_Rd)
+            tl.store(o + p_tv, b_O.to(o.dtype.element_ty), mask=m_tv)
 
         b_Kt = tl.where(m_tk, b_k * tl.exp(b_Gl[None, :] - b_G), 0.).to(b_Y.dtype)  # [BT, KP]
         b_S = b_S * tl.exp(b_Gl)[:, None] + tl.dot(tl.trans(b_Kt), b_Rd)
@@ -138,13 +142,17 @@ def state_fwd(
     chunk_offsets: torch.Tensor | None,
     num_chunks: int,
     config: "KernelConfig",
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the fused state pass and output. Returns ``(o, ht or None, h or None)``."""
+    store_o: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the fused state pass and output. Returns ``(o, ht, h)``, each None when not asked.
+
+    ``store_o=False`` (with ``store_h``) is the backward's recomputation of the chunk states.
+    """
     B, T, H, K = k.shape
     V = U.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     BV = config["BV"]
-    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device)
+    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device) if store_o else None
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     h = torch.empty(num_chunks, H, K, V, dtype=q.dtype, device=q.device) if store_h else None
     _state_fwd_kernel[state_fwd_grid(N, H, V, BV)](
@@ -157,6 +165,7 @@ def state_fwd(
         USE_H0=initial_state is not None,
         STORE_HT=output_final_state,
         STORE_H=store_h,
+        STORE_O=store_o,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
     )

@@ -1,0 +1,71 @@
+"""Backward orchestration of ``chunk_gdn2``: launcher calls only, tensors in and out.
+
+Pipeline (MATH.md "Backward"):
+
+    [state_fwd]  recompute the chunk states h (unless the forward kept them: disable_recompute)
+    state_bwd    reverse pass over chunks -> R, dR, dh (per chunk), dh0
+    intra_bwd    per chunk -> dq, dk, dv, dg, db, dw
+    [l2norm_bwd] through the in-kernel q/k normalisation (done by the op)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+
+from gdn2_kernels import _varlen
+from gdn2_kernels.kernels.intra_bwd import intra_bwd
+from gdn2_kernels.kernels.state_bwd import state_bwd
+from gdn2_kernels.kernels.state_fwd import state_fwd
+
+if TYPE_CHECKING:
+    from gdn2_kernels.configs import KernelConfig
+
+
+@dataclass
+class BwdResult:
+    dq: torch.Tensor  # fp32
+    dk: torch.Tensor  # fp32
+    dv: torch.Tensor
+    dg: torch.Tensor  # fp32
+    db: torch.Tensor  # fp32
+    dw: torch.Tensor
+    dh0: torch.Tensor | None
+
+
+def chunk_gdn2_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    g_cum: torch.Tensor,
+    A: torch.Tensor,
+    A_qk: torch.Tensor,
+    Y: torch.Tensor,
+    U: torch.Tensor,
+    h: torch.Tensor | None,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    chunk_indices: torch.Tensor | None,
+    chunk_offsets: torch.Tensor | None,
+    configs: Mapping[str, "KernelConfig"],
+    need_dh0: bool,
+) -> BwdResult:
+    """Gradients of every input from ``do`` (and ``dht``) and the forward's intermediates."""
+    B, T = k.shape[:2]
+    BT = configs["intra_bwd"]["BT"]
+    if h is None:
+        _, _, h = state_fwd(q, k, g_cum, Y, U, A_qk, scale, initial_state, False, True,
+                            cu_seqlens, chunk_offsets, _varlen.num_chunks(T, B, cu_seqlens, BT),
+                            configs["state_fwd"], store_o=False)
+    R, dR, dh, dh0 = state_bwd(q, k, g_cum, Y, U, A_qk, h, do, dht, scale, need_dh0,
+                               cu_seqlens, chunk_offsets, configs["state_bwd"])
+    dq, dk, dv, dg, db, dw = intra_bwd(q, k, v, b, w, g_cum, A, h, dh, do, R, dR, scale,
+                                       cu_seqlens, chunk_indices, chunk_offsets,
+                                       configs["intra_bwd"])
+    return BwdResult(dq, dk, dv, dg, db, dw, dh0)

@@ -1,0 +1,365 @@
+"""Intra-chunk backward: output, WY and pairwise VJPs, gate gradients (MATH.md "Backward").
+
+One program per (chunk, head). With S = h (state entering the chunk), dS' = dh (gradient of the
+state leaving it), R and dR from the reverse state pass, and the forward's A, A_qk, g_cum:
+
+  phase A (value tiles BV)   dA_qk = lower(dO R^T)        dA = dR Z^T        dZ = A^T dR
+                             dv = dZ (.) w,  dw = dZ (.) v                                  -> dv, dw
+  phase B (key tiles BK)     dQ_gamma = dO S^T   dY = -dR S^T   dK_tail = R dS'^T
+                             dA += dY E_bar^T    dE_bar = A^T dY
+                             and the elementwise parts: dq = scale gamma dQ_gamma, dE = gamma dE_bar,
+                             dk = (gamma_C/gamma) dK_tail, dG = Q_gamma dQ_gamma + E_bar dE_bar
+                             - K_tail dK_tail (+ the gamma_C terms on the chunk's last row)
+  phase C                    dT = -strict_lower(A^T dA A^T)                    -> scratch (fp32)
+  phase D (key tiles BK)     pairwise VJP of T_rs = sum_c E_rc k_sc e^(G_rc - G_sc) and of
+                             A_qk: row blocks give dE, dq (and dG += E dE + q dq), column blocks
+                             give dk (and dG -= k dk); then db = dE (.) k, dk += dE (.) b and
+                             dg = reverse cumsum of dG inside the chunk.
+
+The gates sit inside the dot products (dA takes Z = w (.) v and E_bar = gamma (.) b (.) k), which is
+what distinguishes GDN-2's WY backward from KDA's scalar-beta one.
+
+Tiling of phase D follows the forward: rows of block i use the anchor a = the block's first row
+(exp(G_r - G_a) <= 1 and exp(G_a - G_s) <= 1 left of the block), columns of block j the anchor
+b = the block's last row (exp(G_r - G_b) <= 1 below it, exp(G_b - G_s) <= 1 inside it). The
+diagonal block rides on the same dot when the block's decay span is at most SAFE_SPAN, and is
+formed exactly one column / row at a time otherwise. dT, dA_qk and the partial gradients pass
+through global memory inside the program (ordered by barriers).
+
+Outputs are fp32 ``[B, T, H, K]`` for dq, dk, db, dg and the input dtype for dv, dw.
+Grid: ``(number of chunks, B * H)``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    from gdn2_kernels.configs import KernelConfig
+
+SAFE_SPAN = tl.constexpr(60.0)
+
+
+@triton.jit
+def _intra_bwd_kernel(
+    q,
+    k,
+    v,
+    b,
+    w,
+    g_cum,
+    A,
+    h,
+    dh,
+    do,
+    R,
+    dR,
+    dT_buf,
+    dAqk_buf,
+    dq,
+    dk,
+    db,
+    dg,
+    dv,
+    dw,
+    cu_seqlens,
+    chunk_indices,
+    chunk_offsets,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    SOLVE_PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    tl.static_assert(BT % BC == 0, "BC must divide BT")
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+        i_c = tl.load(chunk_offsets + i_n).to(tl.int64) + i_t
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_c = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    t0 = i_t * BT
+
+    for_k = (bos * H + i_h) * K
+    for_v = (bos * H + i_h) * V
+    for_a = (bos * H + i_h) * BT
+    q += for_k
+    k += for_k
+    b += for_k
+    g_cum += for_k
+    dq += for_k
+    dk += for_k
+    db += for_k
+    dg += for_k
+    v += for_v
+    w += for_v
+    do += for_v
+    R += for_v
+    dR += for_v
+    dv += for_v
+    dw += for_v
+    A += for_a
+    dT_buf += for_a
+    dAqk_buf += for_a
+    h += (i_c * H + i_h) * K * V
+    dh += (i_c * H + i_h) * K * V
+
+    o_t = t0 + tl.arange(0, BT)
+    m_t = o_t < T
+    r_t = o_t.to(tl.int64)
+    o_j = tl.arange(0, BT)
+    o_c = tl.arange(0, BC)
+    last = tl.minimum(T, t0 + BT) - 1
+    p_A = r_t[:, None] * (H * BT) + o_j[None, :]
+    b_A = tl.load(A + p_A, mask=m_t[:, None], other=0.)                              # [BT, BT]
+
+    # Phase A: value tiles.
+    b_dAqk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        p_v = r_t[:, None] * (H * V) + o_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.)
+        b_R = tl.load(R + p_v, mask=m_tv, other=0.)
+        b_dR = tl.load(dR + p_v, mask=m_tv, other=0.).to(tl.float32)
+        b_v = tl.load(v + p_v, mask=m_tv, other=0.).to(tl.float32)
+        b_w = tl.load(w + p_v, mask=m_tv, other=0.).to(tl.float32)
+        b_dAqk += tl.dot(b_do, tl.trans(b_R.to(b_do.dtype)))
+        b_dA += tl.dot(b_dR, tl.trans(b_w * b_v))
+        b_dZ = tl.dot(tl.trans(b_A), b_dR)
+        tl.store(dv + p_v, (b_dZ * b_w).to(dv.dtype.element_ty), mask=m_tv)
+        tl.store(dw + p_v, (b_dZ * b_v).to(dw.dtype.element_ty), mask=m_tv)
+
+    # Phase B: key tiles; the state products and the elementwise parts of the gradients.
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        p_k = r_t[:, None] * (H * K) + o_k[None, :]
+        b_dQg = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dY = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dKt = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dD = tl.zeros([BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            m_tv = m_t[:, None] & m_v[None, :]
+            p_v = r_t[:, None] * (H * V) + o_v[None, :]
+            p_s = o_k[:, None] * V + o_v[None, :]
+            m_s = m_k[:, None] & m_v[None, :]
+            b_S = tl.load(h + p_s, mask=m_s, other=0.)                               # [BK, BV]
+            b_dS = tl.load(dh + p_s, mask=m_s, other=0.)
+            b_do = tl.load(do + p_v, mask=m_tv, other=0.)
+            b_R = tl.load(R + p_v, mask=m_tv, other=0.)
+            b_dR = tl.load(dR + p_v, mask=m_tv, other=0.)
+            dt = b_do.dtype
+            b_dQg += tl.dot(b_do, tl.trans(b_S.to(dt)))
+            b_dY -= tl.dot(b_dR.to(dt), tl.trans(b_S.to(dt)))
+            b_dKt += tl.dot(b_R.to(dt), tl.trans(b_dS.to(dt)))
+            b_dD += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), 1)
+        b_G = tl.load(g_cum + p_k, mask=m_tk, other=0.)
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.).to(tl.float32)
+        b_b = tl.load(b + p_k, mask=m_tk, other=0.).to(tl.float32)
+        b_q = tl.load(q + p_k, mask=m_tk, other=0.).to(tl.float32)
+        b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+        b_gam = tl.exp(b_G)
+        b_Eb = b_b * b_k * b_gam                                                    # E_bar
+        b_dA += tl.dot(b_dY, tl.trans(b_Eb))
+        b_dEb = tl.dot(tl.trans(b_A), b_dY)
+        b_tail = tl.where(m_tk, tl.exp(b_Gl[None, :] - b_G), 0.)
+        b_Kt = b_k * b_tail
+        b_dG = b_q * b_gam * scale * b_dQg + b_Eb * b_dEb - b_Kt * b_dKt
+        b_dGl = tl.sum(b_Kt * b_dKt, 0) + tl.exp(b_Gl) * b_dD
+        b_dG += tl.where((o_t == last)[:, None], b_dGl[None, :], 0.)
+        tl.store(dq + p_k, scale * b_gam * b_dQg, mask=m_tk)
+        tl.store(db + p_k, b_gam * b_dEb, mask=m_tk)                 # dE, finished in phase D
+        tl.store(dk + p_k, b_tail * b_dKt, mask=m_tk)
+        tl.store(dg + p_k, b_dG, mask=m_tk)
+
+    # Phase C: dT = -strict_lower(A^T dA A^T); both weight matrices to scratch.
+    b_X = tl.dot(tl.trans(b_A), b_dA, input_precision=SOLVE_PRECISION)
+    b_dT = -tl.dot(b_X, tl.trans(b_A), input_precision=SOLVE_PRECISION)
+    b_dT = tl.where(o_j[:, None] > o_j[None, :], b_dT, 0.)
+    b_dAqk = tl.where(o_j[:, None] >= o_j[None, :], b_dAqk, 0.) * scale
+    tl.store(dT_buf + p_A, b_dT, mask=m_t[:, None])
+    tl.store(dAqk_buf + p_A, b_dAqk, mask=m_t[:, None])
+    tl.debug_barrier()
+
+    # Phase D: pairwise VJPs, one key tile at a time.
+    n_c = tl.cdiv(tl.minimum(BT, T - t0), BC)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        p_t = r_t[:, None] * (H * K) + o_k[None, :]
+        b_Gs = tl.load(g_cum + p_t, mask=m_tk, other=0.)                            # [BT, BK]
+        b_ks = tl.load(k + p_t, mask=m_tk, other=0.).to(tl.float32)
+        b_Es = tl.load(b + p_t, mask=m_tk, other=0.).to(tl.float32) * b_ks
+        b_qs = tl.load(q + p_t, mask=m_tk, other=0.).to(tl.float32)
+
+        # (a) row blocks: dE and dq.
+        for i_c in range(n_c):
+            c0 = i_c * BC
+            o_r = t0 + c0 + o_c
+            m_r = o_r < T
+            m_rk = m_r[:, None] & m_k[None, :]
+            r_r = o_r.to(tl.int64)
+            p_r = r_r[:, None] * (H * K) + o_k[None, :]
+            p_w = r_r[:, None] * (H * BT) + o_j[None, :]
+            b_W1 = tl.load(dT_buf + p_w, mask=m_r[:, None], other=0.)               # [BC, BT]
+            b_W2 = tl.load(dAqk_buf + p_w, mask=m_r[:, None], other=0.)
+            b_Gr = tl.load(g_cum + p_r, mask=m_rk, other=0.)
+            b_kr = tl.load(k + p_r, mask=m_rk, other=0.).to(tl.float32)
+            b_br = tl.load(b + p_r, mask=m_rk, other=0.).to(tl.float32)
+            b_qr = tl.load(q + p_r, mask=m_rk, other=0.).to(tl.float32)
+            b_Ga = tl.load(g_cum + (t0 + c0).to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+            e_r = tl.minimum(t0 + c0 + BC, T) - 1
+            b_Ge = tl.load(g_cum + e_r.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+            b_span = tl.max(tl.where(m_k, b_Ga - b_Ge, 0.), 0)
+            b_dr = tl.exp(tl.where(m_rk, b_Gr - b_Ga[None, :], 0.))                 # <= 1
+            if b_span <= SAFE_SPAN:
+                m_s = (o_j < c0 + BC) & m_t
+                b_ka = tl.where(m_s[:, None], b_ks * tl.exp(tl.where(m_s[:, None],
+                                                                      b_Ga[None, :] - b_Gs, 0.)), 0.)
+                b_dEp = b_dr * tl.dot(b_W1, b_ka, input_precision=SOLVE_PRECISION)
+                b_dqp = b_dr * tl.dot(b_W2, b_ka)
+            else:
+                m_s = (o_j < c0) & m_t
+                b_ka = tl.where(m_s[:, None], b_ks * tl.exp(tl.where(m_s[:, None],
+                                                                      b_Ga[None, :] - b_Gs, 0.)), 0.)
+                b_dEp = b_dr * tl.dot(b_W1, b_ka, input_precision=SOLVE_PRECISION)
+                b_dqp = b_dr * tl.dot(b_W2, b_ka)
+                for j in range(BC):
+                    m_jj = (o_c >= j) & m_r
+                    p_j = (t0 + c0 + j).to(tl.int64) * (H * K) + o_k
+                    m_jk = m_k & (o_k * 0 + (t0 + c0 + j) < T)
+                    b_kj = tl.load(k + p_j, mask=m_jk, other=0.).to(tl.float32)
+                    b_Gj = tl.load(g_cum + p_j, mask=m_jk, other=0.)
+                    b_kdec = b_kj[None, :] * tl.exp(tl.where(m_jj[:, None], b_Gr - b_Gj[None, :], 0.))
+                    b_kdec = tl.where(m_jj[:, None], b_kdec, 0.)
+                    b_w1 = tl.sum(tl.where((o_j == c0 + j)[None, :], b_W1, 0.), 1)
+                    b_w2 = tl.sum(tl.where((o_j == c0 + j)[None, :], b_W2, 0.), 1)
+                    b_dEp += b_w1[:, None] * b_kdec
+                    b_dqp += b_w2[:, None] * b_kdec
+            b_Er = b_br * b_kr
+            b_dE = tl.load(db + p_r, mask=m_rk, other=0.) + b_dEp
+            tl.store(dq + p_r, tl.load(dq + p_r, mask=m_rk, other=0.) + b_dqp, mask=m_rk)
+            tl.store(db + p_r, b_dE * b_kr, mask=m_rk)
+            tl.store(dk + p_r, tl.load(dk + p_r, mask=m_rk, other=0.) + b_dE * b_br, mask=m_rk)
+            tl.store(dg + p_r, tl.load(dg + p_r, mask=m_rk, other=0.) + b_Er * b_dEp + b_qr * b_dqp,
+                     mask=m_rk)
+        tl.debug_barrier()
+
+        # (b) column blocks: dk from the pairwise products.
+        for i_c in range(n_c):
+            c0 = i_c * BC
+            o_s = t0 + c0 + o_c
+            m_sr = o_s < T
+            m_sk = m_sr[:, None] & m_k[None, :]
+            r_s = o_s.to(tl.int64)
+            p_s = r_s[:, None] * (H * K) + o_k[None, :]
+            p_wc = r_t[:, None] * (H * BT) + (c0 + o_c)[None, :]
+            b_W1c = tl.load(dT_buf + p_wc, mask=m_t[:, None], other=0.)             # [BT, BC]
+            b_W2c = tl.load(dAqk_buf + p_wc, mask=m_t[:, None], other=0.)
+            b_Gc = tl.load(g_cum + p_s, mask=m_sk, other=0.)                         # [BC, BK]
+            b_kc = tl.load(k + p_s, mask=m_sk, other=0.).to(tl.float32)
+            e_c = tl.minimum(t0 + c0 + BC, T) - 1
+            b_Gb = tl.load(g_cum + e_c.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+            b_Ga = tl.load(g_cum + (t0 + c0).to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+            b_span = tl.max(tl.where(m_k, b_Ga - b_Gb, 0.), 0)
+            b_dc = tl.exp(tl.where(m_sk, b_Gb[None, :] - b_Gc, 0.))                 # <= 1
+            if b_span <= SAFE_SPAN:
+                m_rr = (o_t >= t0 + c0) & m_t
+            else:
+                m_rr = (o_t > e_c) & m_t
+            b_xa = tl.exp(tl.where(m_rr[:, None], b_Gs - b_Gb[None, :], 0.))
+            b_X1 = tl.where(m_rr[:, None], b_Es * b_xa, 0.)
+            b_X2 = tl.where(m_rr[:, None], b_qs * b_xa, 0.)
+            b_dkp = b_dc * (tl.dot(tl.trans(b_W1c), b_X1, input_precision=SOLVE_PRECISION)
+                            + tl.dot(tl.trans(b_W2c), b_X2))
+            if b_span > SAFE_SPAN:
+                for i in range(BC):
+                    m_ii = (o_c <= i) & m_sr
+                    p_i = (t0 + c0 + i).to(tl.int64) * (H * K) + o_k
+                    m_ik = m_k & (o_k * 0 + (t0 + c0 + i) < T)
+                    b_Gi = tl.load(g_cum + p_i, mask=m_ik, other=0.)
+                    b_Ei = (tl.load(b + p_i, mask=m_ik, other=0.).to(tl.float32)
+                            * tl.load(k + p_i, mask=m_ik, other=0.).to(tl.float32))
+                    b_qi = tl.load(q + p_i, mask=m_ik, other=0.).to(tl.float32)
+                    b_dec = tl.exp(tl.where(m_ii[:, None], b_Gi[None, :] - b_Gc, 0.))
+                    b_dec = tl.where(m_ii[:, None], b_dec, 0.)
+                    b_w1 = tl.sum(tl.where((o_j == c0 + i)[:, None], b_W1c, 0.), 0)     # [BC]
+                    b_w2 = tl.sum(tl.where((o_j == c0 + i)[:, None], b_W2c, 0.), 0)
+                    b_dkp += (b_w1[:, None] * b_Ei[None, :] + b_w2[:, None] * b_qi[None, :]) * b_dec
+            tl.store(dk + p_s, tl.load(dk + p_s, mask=m_sk, other=0.) + b_dkp, mask=m_sk)
+            tl.store(dg + p_s, tl.load(dg + p_s, mask=m_sk, other=0.) - b_kc * b_dkp, mask=m_sk)
+        tl.debug_barrier()
+
+        # dg = reverse cumulative sum of dG inside the chunk.
+        b_dG = tl.load(dg + p_t, mask=m_tk, other=0.)
+        b_rev = tl.sum(b_dG, 0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
+        tl.store(dg + p_t, b_rev, mask=m_tk)
+
+
+def intra_bwd_grid(num_chunks: int, B: int, H: int) -> tuple[int, int]:
+    return (num_chunks, B * H)
+
+
+def intra_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    b: torch.Tensor,
+    w: torch.Tensor,
+    g_cum: torch.Tensor,
+    A: torch.Tensor,
+    h: torch.Tensor,
+    dh: torch.Tensor,
+    do: torch.Tensor,
+    R: torch.Tensor,
+    dR: torch.Tensor,
+    scale: float,
+    cu_seqlens: torch.Tensor | None,
+    chunk_indices: torch.Tensor | None,
+    chunk_offsets: torch.Tensor | None,
+    config: "KernelConfig",
+) -> tuple[torch.Tensor, ...]:
+    """Launch the intra-chunk backward. Returns ``(dq, dk, dv, dg, db, dw)``; dq/dk/dg/db fp32."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    BT = config["BT"]
+    dT_buf = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
+    dAqk_buf = torch.empty_like(dT_buf)
+    dq = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
+    dk, db, dg = torch.empty_like(dq), torch.empty_like(dq), torch.empty_like(dq)
+    dv = torch.empty_like(v)
+    dw = torch.empty_like(w)
+    num_chunks = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
+    _intra_bwd_kernel[intra_bwd_grid(num_chunks, B, H)](
+        q=q, k=k, v=v, b=b, w=w, g_cum=g_cum, A=A, h=h, dh=dh, do=do, R=R, dR=dR,
+        dT_buf=dT_buf, dAqk_buf=dAqk_buf, dq=dq, dk=dk, db=db, dg=dg, dv=dv, dw=dw,
+        cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_offsets=chunk_offsets,
+        scale=scale, T=T,
+        H=H, K=K, V=V,
+        BT=BT, BC=config["BC"], BK=config["BK"], BV=config["BV"],
+        SOLVE_PRECISION=config["SOLVE_PRECISION"],
+        IS_VARLEN=cu_seqlens is not None,
+        **config.launch_options(),
+    )
+    return dq, dk, dv, dg, db, dw

@@ -1,0 +1,173 @@
+"""Reverse inter-chunk state pass (MATH.md "Backward", state and output paths).
+
+The forward per chunk, with S the state entering it, is R = U - Y S, O = Q_gamma S + A_qk R and
+S' = Diag(gamma_C) S + K_tail^T R. Walking the chunks backwards with dS' = dL/dS' (``dht`` for
+the last chunk, fp32 on chip):
+
+    dR  = A_qk^T dO + K_tail dS'                                   -> dR [B, T, H, V]
+    dS  = Q_gamma^T dO + Diag(gamma_C) dS' - Y^T dR                (becomes dS' of the chunk before)
+
+and it stores what the parallel intra-chunk backward needs: the residuals R (recomputed from the
+states h of the forward) and dS' of every chunk -> dh ``[NT_total, H, K, V]``. After the first
+chunk, dS is the gradient of the initial state -> dh0 ``[N, H, K, V]`` fp32.
+
+Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's state gradient and
+walks that sequence's chunks from last to first. K is held whole (padded to ``KP``). Transposed
+products use loaded operands only (never a transposed mma accumulator: see the sm90 rule in
+configs.py).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+if TYPE_CHECKING:
+    from gdn2_kernels.configs import KernelConfig
+
+
+@triton.jit
+def _state_bwd_kernel(
+    q,
+    k,
+    g_cum,
+    Y,
+    U,
+    A_qk,
+    h,
+    do,
+    dht,
+    R,
+    dR,
+    dh,
+    dh0,
+    cu_seqlens,
+    chunk_offsets,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BV: tl.constexpr,
+    KP: tl.constexpr,
+    USE_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    NT = tl.cdiv(T, BT)
+
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    g_cum += (bos * H + i_h) * K
+    Y += (bos * H + i_h) * K
+    U += (bos * H + i_h) * V
+    do += (bos * H + i_h) * V
+    R += (bos * H + i_h) * V
+    dR += (bos * H + i_h) * V
+    A_qk += (bos * H + i_h) * BT
+
+    o_k = tl.arange(0, KP)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    o_i = tl.arange(0, BT)
+    p_S = o_k[:, None] * V + o_v[None, :]
+    m_S = m_k[:, None] & m_v[None, :]
+
+    b_dS = tl.zeros([KP, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dS += tl.load(dht + (i_n * H + i_h).to(tl.int64) * K * V + p_S, mask=m_S, other=0.)
+
+    for i_r in range(NT):
+        i_t = NT - 1 - i_r
+        o_t = i_t * BT + o_i
+        m_t = o_t < T
+        r_t = o_t.to(tl.int64)
+        p_h = ((c0 + i_t) * H + i_h) * K * V + p_S
+        b_S = tl.load(h + p_h, mask=m_S, other=0.)                                  # [KP, BV]
+        tl.store(dh + p_h, b_dS.to(dh.dtype.element_ty), mask=m_S)
+
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tk = r_t[:, None] * (H * K) + o_k[None, :]
+        p_tv = r_t[:, None] * (H * V) + o_v[None, :]
+        b_Y = tl.load(Y + p_tk, mask=m_tk, other=0.)
+        b_U = tl.load(U + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        b_G = tl.load(g_cum + p_tk, mask=m_tk, other=0.)
+        b_q = tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32)
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32)
+        b_do = tl.load(do + p_tv, mask=m_tv, other=0.)
+        b_A = tl.load(A_qk + r_t[:, None] * (H * BT) + o_i[None, :], mask=m_t[:, None], other=0.)
+        last = tl.minimum(T, i_t * BT + BT) - 1
+        b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+
+        dt = b_Y.dtype
+        b_R = b_U - tl.dot(b_Y, b_S.to(dt))                                          # [BT, BV]
+        tl.store(R + p_tv, b_R.to(R.dtype.element_ty), mask=m_tv)
+        b_Kt = tl.where(m_tk, b_k * tl.exp(b_Gl[None, :] - b_G), 0.).to(dt)          # [BT, KP]
+        b_dSd = b_dS.to(dt)
+        b_dR = tl.dot(tl.trans(b_A).to(dt), b_do.to(dt)) + tl.dot(b_Kt, b_dSd)
+        tl.store(dR + p_tv, b_dR.to(dR.dtype.element_ty), mask=m_tv)
+        b_Qg = (b_q * tl.exp(b_G) * scale).to(dt)
+        b_dS = (b_dS * tl.exp(b_Gl)[:, None] + tl.dot(tl.trans(b_Qg), b_do.to(dt))
+                - tl.dot(tl.trans(b_Y), b_dR.to(dt)))
+
+    if STORE_DH0:
+        tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * K * V + p_S, b_dS, mask=m_S)
+
+
+def state_bwd_grid(N: int, H: int, V: int, BV: int) -> tuple[int, int]:
+    return (triton.cdiv(V, BV), N * H)
+
+
+def state_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    g_cum: torch.Tensor,
+    Y: torch.Tensor,
+    U: torch.Tensor,
+    A_qk: torch.Tensor,
+    h: torch.Tensor,
+    do: torch.Tensor,
+    dht: torch.Tensor | None,
+    scale: float,
+    store_dh0: bool,
+    cu_seqlens: torch.Tensor | None,
+    chunk_offsets: torch.Tensor | None,
+    config: "KernelConfig",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Launch the reverse state pass. Returns ``(R, dR, dh, dh0 or None)``."""
+    B, T, H, K = k.shape
+    V = U.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    BV = config["BV"]
+    R = torch.empty(B, T, H, V, dtype=do.dtype, device=do.device)
+    dR = torch.empty_like(R)
+    dh = torch.empty_like(h)
+    dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=do.device) if store_dh0 else None
+    _state_bwd_kernel[state_bwd_grid(N, H, V, BV)](
+        q=q, k=k, g_cum=g_cum, Y=Y, U=U, A_qk=A_qk, h=h, do=do, dht=dht,
+        R=R, dR=dR, dh=dh, dh0=dh0,
+        cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets,
+        scale=scale, T=T,
+        H=H, K=K, V=V,
+        BT=config["BT"], BV=BV, KP=max(16, triton.next_power_of_2(K)),
+        USE_DHT=dht is not None,
+        STORE_DH0=store_dh0,
+        IS_VARLEN=cu_seqlens is not None,
+        **config.launch_options(),
+    )
+    return R, dR, dh, dh0
