@@ -193,7 +193,8 @@ class GatedDeltaNet2(nn.Module):
         """An empty-history cache for ``batch_size`` sequences (zero state and conv tails)."""
         w = self.q_proj.weight
         device = w.device if device is None else device
-        W, kd, vd = self.conv_size - 1, self.num_heads * self.head_dim, self.num_v_heads * self.head_v_dim
+        W = self.conv_size - 1
+        kd, vd = self.num_heads * self.head_dim, self.num_v_heads * self.head_v_dim
         return GDN2Cache(
             state=torch.zeros(batch_size, self.num_v_heads, self.head_dim, self.head_v_dim,
                               dtype=torch.float32, device=device),
@@ -227,8 +228,8 @@ class GatedDeltaNet2(nn.Module):
         if not isinstance(cache, GDN2Cache):
             raise TypeError(f"{name}: cache must be a GDN2Cache, got {type(cache).__name__}")
         if cache.layer_tag is not None and cache.layer_tag != self._tag:
-            raise ValueError(f"{name}: this cache belongs to another GatedDeltaNet2 layer; keep one "
-                             "GDN2Cache per layer")
+            raise ValueError(f"{name}: this cache belongs to another GatedDeltaNet2 layer; keep "
+                             "one GDN2Cache per layer")
         if cache.state is None:
             return
         B = x.shape[0]
@@ -272,9 +273,10 @@ class GatedDeltaNet2(nn.Module):
 
         keep = cache is not None
         started = keep and cache.state is not None
-        q, tail_q = _causal_conv(self.q_proj(x), self.q_conv1d, cache.conv_q if started else None, keep)
-        k, tail_k = _causal_conv(self.k_proj(x), self.k_conv1d, cache.conv_k if started else None, keep)
-        v, tail_v = _causal_conv(self.v_proj(x), self.v_conv1d, cache.conv_v if started else None, keep)
+        tails = (cache.conv_q, cache.conv_k, cache.conv_v) if started else (None, None, None)
+        q, tail_q = _causal_conv(self.q_proj(x), self.q_conv1d, tails[0], keep)
+        k, tail_k = _causal_conv(self.k_proj(x), self.k_conv1d, tails[1], keep)
+        v, tail_v = _causal_conv(self.v_proj(x), self.v_conv1d, tails[2], keep)
         # Views before the pointwise ops: the op inputs are then fresh tensors, not views (Inductor
         # cannot order the symbolic strides of saved views under dynamic shapes).
         q = F.silu(q.view(B, T, H, K))
@@ -287,7 +289,7 @@ class GatedDeltaNet2(nn.Module):
             b = b * 2.0
         w = torch.sigmoid(self.w_proj(x).view(B, T, HV, V))
         if HV != H:
-            heads = torch.arange(HV, device=x.device) // (HV // H)    # value head j reads key head j // G
+            heads = torch.arange(HV, device=x.device) // (HV // H)   # value head j: key head j // G
             q, k, g, b = (t.index_select(2, heads) for t in (q, k, g, b))
 
         compiling = torch.compiler.is_compiling()

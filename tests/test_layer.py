@@ -117,7 +117,8 @@ def test_layer_matches_hand_written_forward():
     H, K, HV, V, W = layer.num_heads, layer.head_dim, layer.num_v_heads, layer.head_v_dim, 4
 
     def conv(y, m):
-        return F.conv1d(F.pad(y.transpose(1, 2), (W - 1, 0)), m.weight, groups=y.shape[-1]).transpose(1, 2)
+        y = F.pad(y.transpose(1, 2), (W - 1, 0))
+        return F.conv1d(y, m.weight, groups=y.shape[1]).transpose(1, 2)
 
     q = reference.l2norm(F.silu(conv(layer.q_proj(x), layer.q_conv1d)).view(B, T, H, K))
     k = reference.l2norm(F.silu(conv(layer.k_proj(x), layer.k_conv1d)).view(B, T, H, K))

@@ -142,7 +142,8 @@ def recurrent_fwd(
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     BV = config["BV"]
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=v.device) if output_final_state else None
+    ht = (torch.empty(N, H, K, V, dtype=torch.float32, device=v.device) if output_final_state
+          else None)
     _recurrent_fwd_kernel[recurrent_fwd_grid(N, H, V, BV)](
         q=q, k=k, v=v, g=g, b=b, w=w, h0=initial_state,
         o=o, ht=ht,
