@@ -121,7 +121,7 @@ class TuneResult:
     pipelines: list[Trial]  # one per chunk size: the per-kernel winners together
     default: Trial | None  # the spec defaults, same workload
     chosen_chunk_size: int | None
-    speedup: float | None  # default / chosen pipeline median
+    speedup: float | None  # default / chosen pipeline median (1.0: the defaults were kept)
     entries: list[dict[str, Any]]
     written: list[str]
     note: str
@@ -388,6 +388,8 @@ def tune(options: TuneOptions, progress: Progress | None = None) -> TuneResult:
     chosen = min(ok, key=lambda t: t.median_ms) if ok else None
     speedup = (default.median_ms / chosen.median_ms
                if chosen and default and default.ok and default.median_ms else None)
+    if speedup is not None and speedup < 1:  # never ship a pipeline slower than the defaults
+        chosen, speedup = default, 1.0
     entries = _entries(plan, results, chosen, key) if chosen else []
     written, note = _write(plan, entries, options)
     if progress:
@@ -430,15 +432,25 @@ def _chunk_label(bt: int) -> KernelConfig:
 def _entries(plan: TunePlan, results: list[SearchResult], chosen: Trial,
              key: ProblemKey) -> list[config_store.CacheEntry]:
     out = []
+    if chosen.stage == "default":
+        for r in results:
+            if r.plan.chunk_size in (None, chosen.chunk_size):
+                cfg = chosen.pipeline[r.plan.kernel]
+                out.append(config_store.CacheEntry(r.plan.kernel, key.as_dict(), dict(cfg),
+                                                   chosen.median_ms, chosen.iqr_ms,
+                                                   _verified(chosen)))
+        return out
     for r in results:
         if r.best is None or r.plan.chunk_size not in (None, chosen.chunk_size):
             continue
         out.append(config_store.CacheEntry(r.plan.kernel, key.as_dict(), dict(r.best.config),
-                                           r.best.median_ms, r.best.iqr_ms,
-                                           {n: {"max_rel_err": e["max_rel_err"],
-                                                "rel_rms": e["rel_rms"]}
-                                            for n, e in r.best.errors.items()}))
+                                           r.best.median_ms, r.best.iqr_ms, _verified(r.best)))
     return out
+
+
+def _verified(trial: Trial) -> dict[str, dict[str, float]]:
+    return {n: {"max_rel_err": e["max_rel_err"], "rel_rms": e["rel_rms"]}
+            for n, e in trial.errors.items()}
 
 
 def _write(plan: TunePlan, entries: list[config_store.CacheEntry],

@@ -32,3 +32,20 @@ def test_tiny_tune_verifies_picks_a_pipeline_writes_nothing_and_resumes(tmp_path
     assert again.trials_run == 0 and again.trials_resumed == n
     assert len(read_log(log)) == n
     assert again.entries == first.entries
+
+
+def test_defaults_are_kept_when_they_are_fastest():
+    from gdn2_kernels import dispatch
+    from gdn2_kernels.configs import ProblemKey
+    from tuner.trial import Trial
+    from tuner.tune import KernelPlan, SearchResult, _entries
+
+    pipe = dispatch.default_pipeline(64)
+    default = Trial("d", "pipeline", {"BT": 64}, 64, "fwd", "default", 1, "ok", median_ms=1.0,
+                    iqr_ms=0.1, errors={"o": {"max_rel_err": 1e-3, "rel_rms": 1e-4}},
+                    pipeline={n: c.as_dict() for n, c in pipe.configs})
+    plan = KernelPlan("state_fwd", "fwd", "fwd", 64, 1, 1, {}, {}, [])
+    entries = _entries(None, [SearchResult(plan, 1, {"ok": 1}, None)], default,
+                       ProblemKey(32, 32, "float32"))
+    assert [(e.kernel, e.config) for e in entries] == [("state_fwd", pipe["state_fwd"].as_dict())]
+    assert entries[0].median_ms == 1.0 and entries[0].verified["o"]["rel_rms"] == 1e-4
