@@ -89,10 +89,10 @@ def _intra_bwd_kernel(
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
         T = (eos - bos).to(tl.int32)
-        i_c = tl.load(chunk_offsets + i_n).to(tl.int64) + i_t
+        i_ch = tl.load(chunk_offsets + i_n).to(tl.int64) + i_t
     else:
         bos = i_b.to(tl.int64) * T
-        i_c = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+        i_ch = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
     t0 = i_t * BT
 
     for_k = (bos * H + i_h) * K
@@ -116,8 +116,8 @@ def _intra_bwd_kernel(
     A += for_a
     dT_buf += for_a
     dAqk_buf += for_a
-    h += (i_c * H + i_h) * K * V
-    dh += (i_c * H + i_h) * K * V
+    h += (i_ch * H + i_h) * K * V
+    dh += (i_ch * H + i_h) * K * V
 
     o_t = t0 + tl.arange(0, BT)
     m_t = o_t < T
