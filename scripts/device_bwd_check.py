@@ -1,7 +1,7 @@
 """Device run for issue 3: gradient errors beside FLA, fwd+bwd time and peak memory beside FLA,
-and a short training loop with our op and with FLA's.
+(the training loop is scripts/device_train_check.py).
 
-Usage: python scripts/device_bwd_check.py OUT_DIR [--skip-train]
+Usage: python scripts/device_bwd_check.py OUT_DIR
 Writes OUT_DIR/bwd_check.json incrementally.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ from triton.testing import do_bench
 
 import gdn2_kernels.ops as ops
 from gdn2_kernels._testing import make_inputs, rel_rms
-from gdn2_kernels.layer import GatedDeltaNet2
 from gdn2_kernels.reference import naive_recurrent_gdn2
 
 out_dir = sys.argv[1]
@@ -26,7 +25,7 @@ result: dict = {
     "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
     "triton": triton.__version__, "cuda": torch.version.cuda,
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "gradients": [], "timing": [], "training": {},
+    "gradients": [], "timing": [],
 }
 
 
@@ -119,48 +118,4 @@ for B, T in [(8, 2048), (4, 4096), (2, 8192), (1, 16384)]:
     print(json.dumps(row), flush=True)
     save()
 
-# --- training loop -----------------------------------------------------------------------------
-if "--skip-train" not in sys.argv:
-    class TinyLM(torch.nn.Module):
-        def __init__(self, vocab=512, d=256, layers=2):
-            super().__init__()
-            self.emb = torch.nn.Embedding(vocab, d)
-            self.mixers = torch.nn.ModuleList(
-                GatedDeltaNet2(hidden_size=d, num_heads=4, head_dim=64, mode="chunk")
-                for _ in range(layers))
-            self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(layers))
-            self.head = torch.nn.Linear(d, vocab)
-
-        def forward(self, ids):
-            h = self.emb(ids)
-            for norm, mixer in zip(self.norms, self.mixers):
-                h = h + mixer(norm(h))
-            return self.head(h)
-
-    def train(op_name):
-        torch.manual_seed(0)
-        model = TinyLM().to(dev, torch.bfloat16)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        gen = torch.Generator(device=dev).manual_seed(1)
-        # A learnable task: the second half of each sequence repeats the first half.
-        losses = []
-        for step in range(40):
-            half = torch.randint(0, 512, (4, 256), device=dev, generator=gen)
-            ids = torch.cat([half, half], 1)
-            logits = model(ids[:, :-1]).float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), ids[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return losses
-
-    ours_op = ops.chunk_gdn2
-    result["training"]["ours"] = train("ours")
-    if fla_chunk_gdn2 is not None:
-        ops.chunk_gdn2 = lambda *a, validate_values=True, **kw: fla_chunk_gdn2(*a, **kw)
-        result["training"]["fla"] = train("fla")
-        ops.chunk_gdn2 = ours_op
-    print("training", json.dumps(result["training"]), flush=True)
-    save()
 print("DONE", flush=True)

@@ -1,0 +1,72 @@
+"""Device run for issue 3: a tiny GDN-2 language model trained a few steps with our op and,
+from the same initialisation and data, with FLA's chunk_gdn2 swapped in.
+
+Task: y_t = x_{t-3} on random tokens (vocab 64), which the model can only solve by carrying
+tokens through the recurrent state. fp32 parameters (AdamW), fp32 activations into the op.
+Usage: python scripts/device_train_check.py OUT_DIR
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+import gdn2_kernels.ops as ops
+from gdn2_kernels.layer import GatedDeltaNet2
+
+out_dir = sys.argv[1]
+dev = torch.device("cuda")
+VOCAB, LAG, STEPS = 64, 3, 80
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self, d: int = 128, layers: int = 2):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, d)
+        self.mixers = torch.nn.ModuleList(
+            GatedDeltaNet2(hidden_size=d, num_heads=2, head_dim=64, mode="chunk")
+            for _ in range(layers))
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(layers))
+        self.head = torch.nn.Linear(d, VOCAB)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for norm, mixer in zip(self.norms, self.mixers):
+            h = h + mixer(norm(h))
+        return self.head(h)
+
+
+def train() -> list[float]:
+    torch.manual_seed(0)
+    model = TinyLM().to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    losses = []
+    for _ in range(STEPS):
+        ids = torch.randint(0, VOCAB, (8, 256 + LAG), device=dev, generator=gen)
+        logits = model(ids[:, LAG:])
+        loss = torch.nn.functional.cross_entropy(logits[:, LAG:].reshape(-1, VOCAB),
+                                                 ids[:, LAG:-LAG].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(round(loss.item(), 5))
+    return losses
+
+
+result = {"device": torch.cuda.get_device_name(0), "task": f"y_t = x_(t-{LAG}), vocab {VOCAB}",
+          "steps": STEPS}
+ours = ops.chunk_gdn2
+result["ours"] = train()
+try:
+    from fla.ops.gdn2 import chunk_gdn2 as fla_chunk_gdn2
+
+    ops.chunk_gdn2 = lambda *a, validate_values=True, **kw: fla_chunk_gdn2(*a, **kw)
+    result["fla"] = train()
+    ops.chunk_gdn2 = ours
+    result["max_abs_loss_diff"] = max(abs(a - b) for a, b in zip(result["ours"], result["fla"]))
+except ImportError as exc:
+    result["fla"] = f"unavailable: {exc}"
+print(json.dumps({k: (v if not isinstance(v, list) else v[::10] + v[-1:]) for k, v in result.items()}))
+json.dump(result, open(f"{out_dir}/train_check.json", "w"), indent=1)
