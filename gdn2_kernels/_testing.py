@@ -18,8 +18,9 @@ _LOW_PRECISION = {
     "dq": 1e-2, "dk": 1e-2, "dv": 1e-2, "dh0": 1e-2,
     "db": 2e-2, "dw": 2e-2, "dg": 2e-2,
     "g_cum": 1e-5, "A": 5e-3, "A_qk": 5e-3, "Y": 5e-3, "U": 5e-3, "qn": 5e-3,
+    "Qg": 5e-3, "Kt": 5e-3, "gC": 1e-5,
 }
-_FP32 = {name: 1e-3 for name in _LOW_PRECISION} | {"g_cum": 1e-6}
+_FP32 = {name: 1e-3 for name in _LOW_PRECISION} | {"g_cum": 1e-6, "gC": 1e-6}
 TOLERANCES: dict[str, dict[str, float]] = {
     "bfloat16": _LOW_PRECISION,
     "float16": _LOW_PRECISION,

@@ -146,9 +146,9 @@ class _ChunkGDN2Function(torch.autograd.Function):
         res = chunk_gdn2_fwd(q, k, v, g.float(), b, w, opts.scale, initial_state,
                              opts.output_final_state, cu_seqlens, pipe.as_dict(),
                              store_h=opts.disable_recompute)
-        ctx.save_for_backward(q, k, v, b, w, res.g_cum, res.A, res.A_qk, res.Y, res.U, res.h,
-                              initial_state, cu_seqlens, res.chunk_indices, res.chunk_offsets,
-                              q_rstd, k_rstd)
+        ctx.save_for_backward(q, k, v, b, w, res.g_cum, res.A, res.A_qk, res.Y, res.U, res.Qg,
+                              res.Kt, res.gC, res.h, initial_state, cu_seqlens, res.chunk_indices,
+                              res.chunk_offsets, q_rstd, k_rstd)
         ctx.opts = opts
         ctx.pipe = pipe
         ctx.g_dtype = g.dtype
@@ -156,10 +156,10 @@ class _ChunkGDN2Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        (q, k, v, b, w, g_cum, A, A_qk, Y, U, h, h0, cu_seqlens, idx, offs,
+        (q, k, v, b, w, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, h0, cu_seqlens, idx, offs,
          q_rstd, k_rstd) = ctx.saved_tensors
         opts, pipe = ctx.opts, ctx.pipe
-        grads = chunk_gdn2_bwd(q, k, v, b, w, g_cum, A, A_qk, Y, U, h, opts.scale, h0,
+        grads = chunk_gdn2_bwd(q, k, v, b, w, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, opts.scale, h0,
                                do.contiguous(), dht.contiguous() if dht is not None else None,
                                cu_seqlens, idx, offs, pipe.as_dict(),
                                need_dh0=h0 is not None and ctx.needs_input_grad[6])

@@ -147,7 +147,8 @@ class ChunkStages:
 
     g_cum ``[B,T,H,K]`` (cumulative log-decay inside each chunk); A and A_qk ``[B,T,H,BT]`` (row t
     holds row t's entries of its chunk's C x C matrix, zero above the diagonal); Y ``[B,T,H,K]``;
-    U ``[B,T,H,V]``; h ``[NC_total,H,K,V]`` (state entering each chunk); o ``[B,T,H,V]``;
+    U ``[B,T,H,V]``; Qg = scale * exp(G) q and Kt = exp(G_C - G) k ``[B,T,H,K]``; gC = exp(G_C)
+    ``[NC_total,H,K]``; h ``[NC_total,H,K,V]`` (state entering each chunk); o ``[B,T,H,V]``;
     final ``[N,H,K,V]``. A_qk includes ``scale``.
     """
 
@@ -156,6 +157,9 @@ class ChunkStages:
     A_qk: Tensor
     Y: Tensor
     U: Tensor
+    Qg: Tensor
+    Kt: Tensor
+    gC: Tensor
     h: Tensor
     o: Tensor
     final: Tensor
@@ -191,7 +195,7 @@ def _chunk_forward(q, k, v, g, b, w, S0, C):
     G_last = G[-1]                                                   # [H, K]
     K_tail = k * (G_last[None] - G).exp()
     S = S0 * G_last.exp()[..., None] + torch.einsum("rhk,rhv->hkv", K_tail, R)
-    return G, A, A_qk, Y, U, O, S
+    return G, A, A_qk, Y, U, O, S, q * G.exp(), K_tail, G_last.exp()
 
 
 def chunk_stages_fwd(
@@ -217,15 +221,18 @@ def chunk_stages_fwd(
     Y_all = torch.zeros(B, T, H, K, dtype=dt, device=k.device)
     U_all = torch.zeros(B, T, H, V, dtype=dt, device=k.device)
     o_all = torch.zeros(B, T, H, V, dtype=dt, device=k.device)
-    hs, finals = [], []
+    Qg_all, Kt_all = torch.zeros_like(Y_all), torch.zeros_like(Y_all)
+    hs, gCs, finals = [], [], []
     for n, (i_b, bos, eos) in enumerate(_sequences(T, B, cu_seqlens)):
         S = (initial_state[n].to(dt) if initial_state is not None
              else torch.zeros(H, K, V, dtype=dt, device=k.device))
         for s in range(bos, eos, C):
             e = min(s + C, eos)
             hs.append(S)
-            G, A, A_qk, Y, U, O, S = _chunk_forward(
+            G, A, A_qk, Y, U, O, S, Qg, Kt, gC = _chunk_forward(
                 q[i_b, s:e], k[i_b, s:e], v[i_b, s:e], g[i_b, s:e], b[i_b, s:e], w[i_b, s:e], S, C)
+            Qg_all[i_b, s:e], Kt_all[i_b, s:e] = Qg, Kt
+            gCs.append(gC)
             m = e - s
             g_cum[i_b, s:e] = G
             A_all[i_b, s:e, :, :m] = A.permute(1, 0, 2)
@@ -233,7 +240,9 @@ def chunk_stages_fwd(
             Y_all[i_b, s:e], U_all[i_b, s:e], o_all[i_b, s:e] = Y, U, O
         finals.append(S)
     h = torch.stack(hs, 0) if hs else torch.zeros(0, H, K, V, dtype=dt, device=k.device)
-    return ChunkStages(g_cum, A_all, Aqk_all, Y_all, U_all, h, o_all, torch.stack(finals, 0))
+    gC_all = torch.stack(gCs, 0) if gCs else torch.zeros(0, H, K, dtype=dt, device=k.device)
+    return ChunkStages(g_cum, A_all, Aqk_all, Y_all, U_all, Qg_all, Kt_all, gC_all, h, o_all,
+                       torch.stack(finals, 0))
 
 
 def naive_chunk_gdn2(

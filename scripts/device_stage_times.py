@@ -35,7 +35,7 @@ for B, T in [(1, 16384), (8, 2048)]:
     x = make_inputs(B, T, 16, 128, 128, torch.bfloat16, dev)
     for BT in (64, 32):
         base = intra.config({"BT": BT})
-        g_cum, A, A_qk, Y, U = intra_fwd(x.q, x.k, x.v, x.g, x.b, x.w, 0.088, None, None, base)
+        g_cum, A, A_qk, Y, U, Qg, Kt, gC = intra_fwd(x.q, x.k, x.v, x.g, x.b, x.w, 0.088, None, None, base)
         nc = _varlen.num_chunks(T, B, None, BT)
         grid_i = [intra.config({"BT": BT, "BC": 16, "BK": bk, "BV": bv, "SOLVE_PRECISION": p,
                                 "num_warps": nw, "num_stages": ns})
@@ -47,7 +47,7 @@ for B, T in [(1, 16384), (8, 2048)]:
             if time.time() > deadline:
                 break
             if cfg.kernel == "state_fwd":
-                fn = lambda: state_fwd(x.q, x.k, g_cum, Y, U, A_qk, 0.088, None, False, False,  # noqa
+                fn = lambda: state_fwd(Qg, Kt, gC, Y, U, A_qk, None, False, False,  # noqa
                                        None, None, nc, cfg)
             else:
                 fn = lambda: intra_fwd(x.q, x.k, x.v, x.g, x.b, x.w, 0.088, None, None, cfg)  # noqa

@@ -45,6 +45,9 @@ def chunk_gdn2_bwd(
     A_qk: torch.Tensor,
     Y: torch.Tensor,
     U: torch.Tensor,
+    Qg: torch.Tensor,
+    Kt: torch.Tensor,
+    gC: torch.Tensor,
     h: torch.Tensor | None,
     scale: float,
     initial_state: torch.Tensor | None,
@@ -60,11 +63,11 @@ def chunk_gdn2_bwd(
     B, T = k.shape[:2]
     BT = configs["intra_bwd"]["BT"]
     if h is None:
-        _, _, h = state_fwd(q, k, g_cum, Y, U, A_qk, scale, initial_state, False, True,
-                            cu_seqlens, chunk_offsets, _varlen.num_chunks(T, B, cu_seqlens, BT),
+        _, _, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, False, True, cu_seqlens,
+                            chunk_offsets, _varlen.num_chunks(T, B, cu_seqlens, BT),
                             configs["state_fwd"], store_o=False)
-    R, dR, dh, dh0 = state_bwd(q, k, g_cum, Y, U, A_qk, h, do, dht, scale, need_dh0,
-                               cu_seqlens, chunk_offsets, configs["state_bwd"])
+    R, dR, dh, dh0 = state_bwd(Qg, Kt, gC, Y, U, A_qk, h, do, dht, need_dh0, cu_seqlens,
+                               chunk_offsets, configs["state_bwd"])
     dq, dk, dv, dg, db, dw = intra_bwd(q, k, v, b, w, g_cum, A, h, dh, do, R, dR, scale,
                                        cu_seqlens, chunk_indices, chunk_offsets,
                                        configs["intra_bwd"])

@@ -3,7 +3,7 @@
 Pipeline (MATH.md "Chunkwise form"):
 
     [l2norm_fwd]  q, k -> normalised q, k                    (optional)
-    intra_fwd     q, k, v, g, b, w -> g_cum, A, A_qk, Y, U    (one program per chunk and head)
+    intra_fwd     q, k, v, g, b, w -> g_cum, A, A_qk, Y, U, Qg, Kt, gC  (per chunk and head)
     state_fwd     -> o, ht [, h]                              (serial over chunks, parallel over V)
 """
 from __future__ import annotations
@@ -32,6 +32,9 @@ class FwdResult:
     A_qk: torch.Tensor
     Y: torch.Tensor
     U: torch.Tensor
+    Qg: torch.Tensor
+    Kt: torch.Tensor
+    gC: torch.Tensor
     h: torch.Tensor | None
     chunk_indices: torch.Tensor | None
     chunk_offsets: torch.Tensor | None
@@ -58,9 +61,9 @@ def chunk_gdn2_fwd(
     if cu_seqlens is not None:
         idx = _varlen.chunk_indices(cu_seqlens, BT)
         offs = _varlen.chunk_offsets(cu_seqlens, BT)
-    g_cum, A, A_qk, Y, U = intra_fwd(q, k, v, g, b, w, scale, cu_seqlens, idx,
-                                     configs["intra_fwd"])
-    o, ht, h = state_fwd(q, k, g_cum, Y, U, A_qk, scale, initial_state, output_final_state,
-                         store_h, cu_seqlens, offs, _varlen.num_chunks(T, B, cu_seqlens, BT),
+    g_cum, A, A_qk, Y, U, Qg, Kt, gC = intra_fwd(q, k, v, g, b, w, scale, cu_seqlens, idx,
+                                                 configs["intra_fwd"])
+    o, ht, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state, store_h,
+                         cu_seqlens, offs, _varlen.num_chunks(T, B, cu_seqlens, BT),
                          configs["state_fwd"])
-    return FwdResult(o, ht, g_cum, A, A_qk, Y, U, h, idx, offs)
+    return FwdResult(o, ht, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, idx, offs)

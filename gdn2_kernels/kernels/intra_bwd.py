@@ -126,6 +126,8 @@ def _intra_bwd_kernel(
     o_c = tl.arange(0, BC)
     last = tl.minimum(T, t0 + BT) - 1
     p_A = r_t[:, None] * (H * BT) + o_j[None, :]
+    # A is re-read in each phase (L1/L2 hits) rather than held: keeping the three [BT, BT] fp32
+    # tiles live across phases spilled registers.
     b_A = tl.load(A + p_A, mask=m_t[:, None], other=0.)                              # [BT, BT]
 
     # Phase A: value tiles.
@@ -145,6 +147,8 @@ def _intra_bwd_kernel(
         b_dZ = tl.dot(tl.trans(b_A), b_dR)
         tl.store(dv + p_v, (b_dZ * b_w).to(dv.dtype.element_ty), mask=m_tv)
         tl.store(dw + p_v, (b_dZ * b_v).to(dw.dtype.element_ty), mask=m_tv)
+    b_dAqk = tl.where(o_j[:, None] >= o_j[None, :], b_dAqk, 0.) * scale
+    tl.store(dAqk_buf + p_A, b_dAqk, mask=m_t[:, None])
 
     # Phase B: key tiles; the state products and the elementwise parts of the gradients.
     for i_k in range(tl.cdiv(K, BK)):
@@ -181,7 +185,8 @@ def _intra_bwd_kernel(
         b_gam = tl.exp(b_G)
         b_Eb = b_b * b_k * b_gam                                                    # E_bar
         b_dA += tl.dot(b_dY, tl.trans(b_Eb))
-        b_dEb = tl.dot(tl.trans(b_A), b_dY)
+        b_At = tl.load(A + p_A, mask=m_t[:, None], other=0.)
+        b_dEb = tl.dot(tl.trans(b_At), b_dY)
         b_tail = tl.where(m_tk, tl.exp(b_Gl[None, :] - b_G), 0.)
         b_Kt = b_k * b_tail
         b_dG = b_q * b_gam * scale * b_dQg + b_Eb * b_dEb - b_Kt * b_dKt
@@ -192,13 +197,12 @@ def _intra_bwd_kernel(
         tl.store(dk + p_k, b_tail * b_dKt, mask=m_tk)
         tl.store(dg + p_k, b_dG, mask=m_tk)
 
-    # Phase C: dT = -strict_lower(A^T dA A^T); both weight matrices to scratch.
+    # Phase C: dT = -strict_lower(A^T dA A^T) to scratch (dA_qk went there after phase A).
+    b_A = tl.load(A + p_A, mask=m_t[:, None], other=0.)
     b_X = tl.dot(tl.trans(b_A), b_dA, input_precision=SOLVE_PRECISION)
     b_dT = -tl.dot(b_X, tl.trans(b_A), input_precision=SOLVE_PRECISION)
     b_dT = tl.where(o_j[:, None] > o_j[None, :], b_dT, 0.)
-    b_dAqk = tl.where(o_j[:, None] >= o_j[None, :], b_dAqk, 0.) * scale
     tl.store(dT_buf + p_A, b_dT, mask=m_t[:, None])
-    tl.store(dAqk_buf + p_A, b_dAqk, mask=m_t[:, None])
     tl.debug_barrier()
 
     # Phase D: pairwise VJPs, one key tile at a time.

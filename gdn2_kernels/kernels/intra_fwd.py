@@ -8,6 +8,9 @@ Computes, for each chunk of C = ``BT`` tokens and each head (MATH.md "Chunkwise 
     A_qk  = scale * lower(Q K^T (.) exp(G_r - G_s))          -> A_qk   [B, T, H, BT] fp32
     Y     = A E_bar,   E_bar = exp(G) (.) b (.) k            -> Y      [B, T, H, K]  (dtype of k)
     U     = A Z,       Z = w (.) v                           -> U      [B, T, H, V]  (dtype of k)
+    Q_gamma = scale * exp(G) (.) q                           -> Qg     [B, T, H, K]  (dtype of k)
+    K_tail  = exp(G_C - G) (.) k                             -> Kt     [B, T, H, K]  (dtype of k)
+    gamma_C = exp(G_C)  (C = the chunk's last row)           -> gC     [NT_total, H, K] fp32
 
 Row t of A / A_qk holds row (t mod C) of its chunk's C x C matrix (zeros above the diagonal).
 
@@ -56,6 +59,9 @@ def _intra_fwd_kernel(
     A_qk,
     Y,
     U,
+    Qg,
+    Kt,
+    gC,
     cu_seqlens,
     chunk_indices,
     scale,
@@ -74,12 +80,14 @@ def _intra_fwd_kernel(
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     if IS_VARLEN:
+        i_ch = i_t.to(tl.int64)                  # flat chunk index (chunk_indices is in order)
         i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
         i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
         T = (eos - bos).to(tl.int32)
     else:
+        i_ch = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
         bos = i_b.to(tl.int64) * T
     t0 = i_t * BT
 
@@ -90,6 +98,8 @@ def _intra_fwd_kernel(
     b += (bos * H + i_h) * K
     g_cum += (bos * H + i_h) * K
     Y += (bos * H + i_h) * K
+    Qg += (bos * H + i_h) * K
+    Kt += (bos * H + i_h) * K
     v += (bos * H + i_h) * V
     w += (bos * H + i_h) * V
     U += (bos * H + i_h) * V
@@ -199,17 +209,27 @@ def _intra_fwd_kernel(
                  mask=m_r[:, None])
         tl.debug_barrier()
 
-    # 3. WY factors Y = A E_bar and U = A Z.
+    # 3. WY factors Y = A E_bar and U = A Z, and the state pass's operands Q_gamma, K_tail and
+    #    gamma_C, written in the dtype its dots use (so it loads no fp32 G tile).
+    last = tl.minimum(T, t0 + BT) - 1
     b_A = tl.load(A + r_t[:, None] * (H * BT) + o_j[None, :], mask=m_t[:, None], other=0.)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
         p_t = r_t[:, None] * (H * K) + o_k[None, :]
         b_G = tl.load(g_cum + p_t, mask=m_tk, other=0.)
         b_k = tl.load(k + p_t, mask=m_tk, other=0.).to(tl.float32)
         b_b = tl.load(b + p_t, mask=m_tk, other=0.).to(tl.float32)
-        b_Y = tl.dot(b_A, b_b * b_k * tl.exp(b_G))
+        b_q = tl.load(q + p_t, mask=m_tk, other=0.).to(tl.float32)
+        b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+        b_gam = tl.exp(b_G)
+        b_Y = tl.dot(b_A, b_b * b_k * b_gam)
         tl.store(Y + p_t, b_Y.to(Y.dtype.element_ty), mask=m_tk)
+        tl.store(Qg + p_t, (b_q * b_gam * scale).to(Qg.dtype.element_ty), mask=m_tk)
+        b_Kt = tl.where(m_tk, b_k * tl.exp(b_Gl[None, :] - b_G), 0.)
+        tl.store(Kt + p_t, b_Kt.to(Kt.dtype.element_ty), mask=m_tk)
+        tl.store(gC + (i_ch * H + i_h) * K + o_k, tl.exp(b_Gl), mask=m_k)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < V)[None, :]
@@ -235,8 +255,8 @@ def intra_fwd(
     cu_seqlens: torch.Tensor | None,
     chunk_indices: torch.Tensor | None,
     config: "KernelConfig",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the intra-chunk forward. Returns ``(g_cum, A, A_qk, Y, U)`` (see module docstring)."""
+) -> tuple[torch.Tensor, ...]:
+    """Launch the intra-chunk forward. Returns ``(g_cum, A, A_qk, Y, U, Qg, Kt, gC)``."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     BT = config["BT"]
@@ -245,10 +265,14 @@ def intra_fwd(
     A_qk = torch.empty_like(A)
     Y = torch.empty(B, T, H, K, dtype=k.dtype, device=k.device)
     U = torch.empty(B, T, H, V, dtype=k.dtype, device=k.device)
+    Qg = torch.empty_like(Y)
+    Kt = torch.empty_like(Y)
     num_chunks = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
+    total_chunks = num_chunks * B if cu_seqlens is None else num_chunks
+    gC = torch.empty(total_chunks, H, K, dtype=torch.float32, device=k.device)
     _intra_fwd_kernel[intra_fwd_grid(num_chunks, B, H)](
         q=q, k=k, v=v, g=g, b=b, w=w,
-        g_cum=g_cum, A=A, A_qk=A_qk, Y=Y, U=U,
+        g_cum=g_cum, A=A, A_qk=A_qk, Y=Y, U=U, Qg=Qg, Kt=Kt, gC=gC,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
         scale=scale, T=T,
         H=H, K=K, V=V,
@@ -257,4 +281,4 @@ def intra_fwd(
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
     )
-    return g_cum, A, A_qk, Y, U
+    return g_cum, A, A_qk, Y, U, Qg, Kt, gC

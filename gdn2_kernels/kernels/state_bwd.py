@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 
 @triton.jit
 def _state_bwd_kernel(
-    q,
-    k,
-    g_cum,
+    Qg,
+    Kt,
+    gC,
     Y,
     U,
     A_qk,
@@ -45,7 +45,6 @@ def _state_bwd_kernel(
     dh0,
     cu_seqlens,
     chunk_offsets,
-    scale,
     T,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -69,9 +68,8 @@ def _state_bwd_kernel(
         c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
     NT = tl.cdiv(T, BT)
 
-    q += (bos * H + i_h) * K
-    k += (bos * H + i_h) * K
-    g_cum += (bos * H + i_h) * K
+    Qg += (bos * H + i_h) * K
+    Kt += (bos * H + i_h) * K
     Y += (bos * H + i_h) * K
     U += (bos * H + i_h) * V
     do += (bos * H + i_h) * V
@@ -106,23 +104,18 @@ def _state_bwd_kernel(
         p_tv = r_t[:, None] * (H * V) + o_v[None, :]
         b_Y = tl.load(Y + p_tk, mask=m_tk, other=0.)
         b_U = tl.load(U + p_tv, mask=m_tv, other=0.).to(tl.float32)
-        b_G = tl.load(g_cum + p_tk, mask=m_tk, other=0.)
-        b_q = tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32)
-        b_k = tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32)
+        b_Kt = tl.load(Kt + p_tk, mask=m_tk, other=0.)
+        b_Qg = tl.load(Qg + p_tk, mask=m_tk, other=0.)
         b_do = tl.load(do + p_tv, mask=m_tv, other=0.)
         b_A = tl.load(A_qk + r_t[:, None] * (H * BT) + o_i[None, :], mask=m_t[:, None], other=0.)
-        last = tl.minimum(T, i_t * BT + BT) - 1
-        b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+        b_gC = tl.load(gC + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.)
 
         dt = b_Y.dtype
         b_R = b_U - tl.dot(b_Y, b_S.to(dt))                                          # [BT, BV]
         tl.store(R + p_tv, b_R.to(R.dtype.element_ty), mask=m_tv)
-        b_Kt = tl.where(m_tk, b_k * tl.exp(b_Gl[None, :] - b_G), 0.).to(dt)          # [BT, KP]
-        b_dSd = b_dS.to(dt)
-        b_dR = tl.dot(tl.trans(b_A).to(dt), b_do.to(dt)) + tl.dot(b_Kt, b_dSd)
+        b_dR = tl.dot(tl.trans(b_A).to(dt), b_do.to(dt)) + tl.dot(b_Kt, b_dS.to(dt))
         tl.store(dR + p_tv, b_dR.to(dR.dtype.element_ty), mask=m_tv)
-        b_Qg = (b_q * tl.exp(b_G) * scale).to(dt)
-        b_dS = (b_dS * tl.exp(b_Gl)[:, None] + tl.dot(tl.trans(b_Qg), b_do.to(dt))
+        b_dS = (b_dS * b_gC[:, None] + tl.dot(tl.trans(b_Qg), b_do.to(dt))
                 - tl.dot(tl.trans(b_Y), b_dR.to(dt)))
 
     if STORE_DH0:
@@ -134,23 +127,22 @@ def state_bwd_grid(N: int, H: int, V: int, BV: int) -> tuple[int, int]:
 
 
 def state_bwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    g_cum: torch.Tensor,
+    Qg: torch.Tensor,
+    Kt: torch.Tensor,
+    gC: torch.Tensor,
     Y: torch.Tensor,
     U: torch.Tensor,
     A_qk: torch.Tensor,
     h: torch.Tensor,
     do: torch.Tensor,
     dht: torch.Tensor | None,
-    scale: float,
     store_dh0: bool,
     cu_seqlens: torch.Tensor | None,
     chunk_offsets: torch.Tensor | None,
     config: "KernelConfig",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the reverse state pass. Returns ``(R, dR, dh, dh0 or None)``."""
-    B, T, H, K = k.shape
+    B, T, H, K = Y.shape
     V = U.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     BV = config["BV"]
@@ -159,10 +151,10 @@ def state_bwd(
     dh = torch.empty_like(h)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=do.device) if store_dh0 else None
     _state_bwd_kernel[state_bwd_grid(N, H, V, BV)](
-        q=q, k=k, g_cum=g_cum, Y=Y, U=U, A_qk=A_qk, h=h, do=do, dht=dht,
+        Qg=Qg, Kt=Kt, gC=gC, Y=Y, U=U, A_qk=A_qk, h=h, do=do, dht=dht,
         R=R, dR=dR, dh=dh, dh0=dh0,
         cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets,
-        scale=scale, T=T,
+        T=T,
         H=H, K=K, V=V,
         BT=config["BT"], BV=BV, KP=max(16, triton.next_power_of_2(K)),
         USE_DHT=dht is not None,

@@ -3,8 +3,11 @@
 For each chunk, in order, with S the state entering it (fp32, on chip):
 
     R   = U - Y S                                    (per-row residuals)
-    O   = Q_gamma S + A_qk R,  Q_gamma = scale * exp(G) (.) q       -> o   [B, T, H, V]
-    S  <- Diag(exp(G_C)) S + K_tail^T R,  K_tail = exp(G_C - G) (.) k
+    O   = Q_gamma S + A_qk R                                       -> o   [B, T, H, V]
+    S  <- Diag(gamma_C) S + K_tail^T R
+
+Q_gamma, K_tail (in the dtype of the dots) and gamma_C come from the intra-chunk forward, so a
+serial step loads no fp32 decay tile and computes no exponentials.
 
 and finally ``ht = S`` ``[N, H, K, V]`` fp32. With ``STORE_H`` the state entering every chunk is
 also written to ``h`` ``[NT_total, H, K, V]`` (the backward reads it); ``STORE_O=False`` skips the
@@ -30,9 +33,9 @@ if TYPE_CHECKING:
 
 @triton.jit
 def _state_fwd_kernel(
-    q,
-    k,
-    g_cum,
+    Qg,
+    Kt,
+    gC,
     Y,
     U,
     A_qk,
@@ -42,7 +45,6 @@ def _state_fwd_kernel(
     h,
     cu_seqlens,
     chunk_offsets,
-    scale,
     T,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -68,9 +70,8 @@ def _state_fwd_kernel(
         c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
     NT = tl.cdiv(T, BT)
 
-    q += (bos * H + i_h) * K
-    k += (bos * H + i_h) * K
-    g_cum += (bos * H + i_h) * K
+    Qg += (bos * H + i_h) * K
+    Kt += (bos * H + i_h) * K
     Y += (bos * H + i_h) * K
     U += (bos * H + i_h) * V
     if STORE_O:
@@ -101,23 +102,20 @@ def _state_fwd_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         b_Y = tl.load(Y + p_tk, mask=m_tk, other=0.)                              # [BT, KP]
         b_U = tl.load(U + p_tv, mask=m_tv, other=0.).to(tl.float32)               # [BT, BV]
-        b_G = tl.load(g_cum + p_tk, mask=m_tk, other=0.)
-        b_q = tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32)
-        b_k = tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32)
-        b_A = tl.load(A_qk + r_t[:, None] * (H * BT) + o_i[None, :], mask=m_t[:, None], other=0.)
-        last = tl.minimum(T, i_t * BT + BT) - 1
-        b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+        b_Kt = tl.load(Kt + p_tk, mask=m_tk, other=0.)
+        b_gC = tl.load(gC + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.)
 
-        b_Sd = b_S.to(b_Y.dtype)
+        dt = b_Y.dtype
+        b_Sd = b_S.to(dt)
         b_R = b_U - tl.dot(b_Y, b_Sd)                                              # [BT, BV]
-        b_Rd = b_R.to(b_Y.dtype)
+        b_Rd = b_R.to(dt)
         if STORE_O:
-            b_Qg = (b_q * tl.exp(b_G) * scale).to(b_Y.dtype)
-            b_O = tl.dot(b_Qg, b_Sd) + tl.dot(b_A.to(b_Y.dtype), b_Rd)
+            b_Qg = tl.load(Qg + p_tk, mask=m_tk, other=0.)
+            b_A = tl.load(A_qk + r_t[:, None] * (H * BT) + o_i[None, :], mask=m_t[:, None],
+                          other=0.)
+            b_O = tl.dot(b_Qg, b_Sd) + tl.dot(b_A.to(dt), b_Rd)
             tl.store(o + p_tv, b_O.to(o.dtype.element_ty), mask=m_tv)
-
-        b_Kt = tl.where(m_tk, b_k * tl.exp(b_Gl[None, :] - b_G), 0.).to(b_Y.dtype)  # [BT, KP]
-        b_S = b_S * tl.exp(b_Gl)[:, None] + tl.dot(tl.trans(b_Kt), b_Rd)
+        b_S = b_S * b_gC[:, None] + tl.dot(tl.trans(b_Kt), b_Rd)
 
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + p_S, b_S, mask=m_S)
@@ -128,13 +126,12 @@ def state_fwd_grid(N: int, H: int, V: int, BV: int) -> tuple[int, int]:
 
 
 def state_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    g_cum: torch.Tensor,
+    Qg: torch.Tensor,
+    Kt: torch.Tensor,
+    gC: torch.Tensor,
     Y: torch.Tensor,
     U: torch.Tensor,
     A_qk: torch.Tensor,
-    scale: float,
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     store_h: bool,
@@ -148,18 +145,19 @@ def state_fwd(
 
     ``store_o=False`` (with ``store_h``) is the backward's recomputation of the chunk states.
     """
-    B, T, H, K = k.shape
+    B, T, H, K = Y.shape
     V = U.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     BV = config["BV"]
-    o = torch.empty(B, T, H, V, dtype=q.dtype, device=q.device) if store_o else None
-    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    h = torch.empty(num_chunks, H, K, V, dtype=q.dtype, device=q.device) if store_h else None
+    dev = Y.device
+    o = torch.empty(B, T, H, V, dtype=Y.dtype, device=dev) if store_o else None
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
+    h = torch.empty(num_chunks, H, K, V, dtype=Y.dtype, device=dev) if store_h else None
     _state_fwd_kernel[state_fwd_grid(N, H, V, BV)](
-        q=q, k=k, g_cum=g_cum, Y=Y, U=U, A_qk=A_qk, h0=initial_state,
+        Qg=Qg, Kt=Kt, gC=gC, Y=Y, U=U, A_qk=A_qk, h0=initial_state,
         o=o, ht=ht, h=h,
         cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets,
-        scale=scale, T=T,
+        T=T,
         H=H, K=K, V=V,
         BT=config["BT"], BV=BV, KP=max(16, triton.next_power_of_2(K)),
         USE_H0=initial_state is not None,

@@ -72,12 +72,17 @@ def run_stage(case: IntraCase):
                                         "BV": case.BV, "SOLVE_PRECISION": case.precision})
     scale = case.K ** -0.5
     idx = _varlen.chunk_indices(x.cu_seqlens, case.BT) if x.cu_seqlens is not None else None
-    g_cum, A, A_qk, Y, U = intra_fwd(x.q, x.k, x.v, x.g, x.b, x.w, scale, x.cu_seqlens, idx, cfg)
+    g_cum, A, A_qk, Y, U, Qg, Kt, gC = intra_fwd(x.q, x.k, x.v, x.g, x.b, x.w, scale,
+                                                 x.cu_seqlens, idx, cfg)
     x64 = x.to(torch.float64)
     ref = chunk_stages_fwd(x64.q, x64.k, x64.v, x64.g, x64.b, x64.w, scale=scale,
                            chunk_size=case.BT, cu_seqlens=x64.cu_seqlens)
-    outs = {"g_cum": g_cum, "A": A, "A_qk": A_qk, "Y": Y, "U": U}
-    refs = {"g_cum": ref.g_cum, "A": ref.A, "A_qk": ref.A_qk, "Y": ref.Y, "U": ref.U}
+    outs = {"g_cum": g_cum, "A": A, "A_qk": A_qk, "Y": Y, "U": U, "Qg": Qg, "Kt": Kt, "gC": gC}
+    refs = {"g_cum": ref.g_cum, "A": ref.A, "A_qk": ref.A_qk, "Y": ref.Y, "U": ref.U,
+            "Qg": ref.Qg, "Kt": ref.Kt,
+            # exp(G_C) under strong decay is far below fp32's range (~1e-260): compare with the
+            # reference as fp32 can hold it (both 0 there) instead of against unrepresentable values.
+            "gC": ref.gC.float().double()}
     return outs, refs
 
 
@@ -85,7 +90,9 @@ def run_stage(case: IntraCase):
 def test_intra_fwd_matches_stage_reference(case: IntraCase):
     outs, refs = run_stage(case)
     assert outs["A"].dtype == torch.float32 and outs["g_cum"].dtype == torch.float32
-    assert outs["Y"].dtype == case.dtype and outs["U"].dtype == case.dtype
+    for name in ("Y", "U", "Qg", "Kt"):
+        assert outs[name].dtype == case.dtype, name
+    assert outs["gC"].dtype == torch.float32
     for name, out in outs.items():
         assert out.shape == refs[name].shape, name
     bad = [e for e in compare(outs, refs, dtype_name(case.dtype)) if not e.ok]

@@ -69,14 +69,13 @@ def test_state_fwd_matches_stage_reference(case: StateCase):
     x64 = x.to(torch.float64)
     ref = chunk_stages_fwd(x64.q, x64.k, x64.v, x64.g, x64.b, x64.w, scale=scale,
                            initial_state=x64.h0, chunk_size=case.BT, cu_seqlens=x64.cu_seqlens)
-    # Stage inputs in the layouts and dtypes intra_fwd writes (fp32 g_cum and A_qk; Y, U in k's).
-    g_cum, A_qk = ref.g_cum.float(), ref.A_qk.float()
-    Y, U = ref.Y.to(case.dtype), ref.U.to(case.dtype)
+    # Stage inputs in the layouts and dtypes intra_fwd writes (fp32 A_qk, gC; the rest in k's).
+    A_qk, gC = ref.A_qk.float(), ref.gC.float()
+    Y, U, Qg, Kt = (t.to(case.dtype) for t in (ref.Y, ref.U, ref.Qg, ref.Kt))
     offs = _varlen.chunk_offsets(x.cu_seqlens, case.BT) if cu else None
     nc = _varlen.num_chunks(case.T, case.B, x.cu_seqlens, case.BT)
     cfg = get_spec("state_fwd").config({"BT": case.BT, "BV": case.BV})
-    o, ht, h = state_fwd(x.q, x.k, g_cum, Y, U, A_qk, scale, x.h0, True, True, x.cu_seqlens,
-                         offs, nc, cfg)
+    o, ht, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, x.h0, True, True, x.cu_seqlens, offs, nc, cfg)
     assert o.dtype == case.dtype and ht.dtype == torch.float32 and h.dtype == case.dtype
     assert o.shape == ref.o.shape and ht.shape == ref.final.shape and h.shape == ref.h.shape
     errs = compare({"o": o, "ht": ht}, {"o": ref.o, "ht": ref.final}, dtype_name(case.dtype))
@@ -90,8 +89,8 @@ def test_state_fwd_optional_outputs_are_none():
     x = make_inputs(1, 20, 1, 16, 16)
     ref = chunk_stages_fwd(x.q, x.k, x.v, x.g, x.b, x.w, chunk_size=16)
     cfg = get_spec("state_fwd").config({"BT": 16, "BV": 16})
-    o, ht, h = state_fwd(x.q, x.k, ref.g_cum, ref.Y, ref.U, ref.A_qk, 16 ** -0.5, None, False,
-                         False, None, None, 2, cfg)
+    o, ht, h = state_fwd(ref.Qg, ref.Kt, ref.gC, ref.Y, ref.U, ref.A_qk, None, False, False,
+                         None, None, 2, cfg)
     assert ht is None and h is None
     assert torch.isfinite(o).all()
 
