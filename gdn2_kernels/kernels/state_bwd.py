@@ -12,8 +12,8 @@ states h of the forward) and dS' of every chunk -> dh ``[NT_total, H, K, V]``. A
 chunk, dS is the gradient of the initial state -> dh0 ``[N, H, K, V]`` fp32.
 
 Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's state gradient and
-walks that sequence's chunks from last to first. K is held whole (padded to ``KP``). Transposed
-products use loaded operands only (never a transposed mma accumulator: see the sm90 rule in
+walks that sequence's chunks from last to first. K is held whole (padded to ``KP``). Operands of
+transposed products are loaded transposed, never formed with tl.trans (see the sm90 note in
 configs.py).
 """
 from __future__ import annotations
@@ -102,21 +102,28 @@ def _state_bwd_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         p_tk = r_t[:, None] * (H * K) + o_k[None, :]
         p_tv = r_t[:, None] * (H * V) + o_v[None, :]
-        b_Y = tl.load(Y + p_tk, mask=m_tk, other=0.)
-        b_U = tl.load(U + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        # Operands of the transposed products are loaded transposed (pointer order swapped):
+        # tl.trans of these loaded tiles faulted on sm90 with Triton 3.6 (out-of-range shared
+        # address in compute-sanitizer); see the sm90 note in configs.py.
+        p_tkT = r_t[None, :] * (H * K) + o_k[:, None]
+        m_tkT = m_k[:, None] & m_t[None, :]
+        b_Y = tl.load(Y + p_tk, mask=m_tk, other=0.)                                  # [BT, KP]
+        b_YT = tl.load(Y + p_tkT, mask=m_tkT, other=0.)                               # [KP, BT]
+        b_QgT = tl.load(Qg + p_tkT, mask=m_tkT, other=0.)
         b_Kt = tl.load(Kt + p_tk, mask=m_tk, other=0.)
-        b_Qg = tl.load(Qg + p_tk, mask=m_tk, other=0.)
+        b_U = tl.load(U + p_tv, mask=m_tv, other=0.).to(tl.float32)
         b_do = tl.load(do + p_tv, mask=m_tv, other=0.)
-        b_A = tl.load(A_qk + r_t[:, None] * (H * BT) + o_i[None, :], mask=m_t[:, None], other=0.)
+        b_AT = tl.load(A_qk + r_t[None, :] * (H * BT) + o_i[:, None], mask=m_t[None, :],
+                       other=0.)                                                     # A_qk^T
         b_gC = tl.load(gC + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.)
 
         dt = b_Y.dtype
         b_R = b_U - tl.dot(b_Y, b_S.to(dt))                                          # [BT, BV]
         tl.store(R + p_tv, b_R.to(R.dtype.element_ty), mask=m_tv)
-        b_dR = tl.dot(tl.trans(b_A).to(dt), b_do.to(dt)) + tl.dot(b_Kt, b_dS.to(dt))
+        b_dR = tl.dot(b_AT.to(dt), b_do.to(dt)) + tl.dot(b_Kt, b_dS.to(dt))
         tl.store(dR + p_tv, b_dR.to(dR.dtype.element_ty), mask=m_tv)
-        b_dS = (b_dS * b_gC[:, None] + tl.dot(tl.trans(b_Qg), b_do.to(dt))
-                - tl.dot(tl.trans(b_Y), b_dR.to(dt)))
+        b_dS = (b_dS * b_gC[:, None] + tl.dot(b_QgT, b_do.to(dt))
+                - tl.dot(b_YT, b_dR.to(dt)))
 
     if STORE_DH0:
         tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * K * V + p_S, b_dS, mask=m_S)
