@@ -46,7 +46,7 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from gdn2_kernels import _device, _env, dispatch
 from gdn2_kernels.configs import KernelConfig, ProblemKey, _version_tuple, get_spec
@@ -73,6 +73,14 @@ class CacheEntry:
     median_ms: float | None = None
     iqr_ms: float | None = None
     verified: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Set on entries kept by ``gdn2 cache import --force`` (or tuned under another Triton /
+    # gdn2_kernels minor): where they were tuned and why they are unverified here. Lookups rank
+    # such entries below verified ones (see pipeline_for); written only when set.
+    hint: dict[str, Any] | None = None
+
+    @property
+    def is_hint(self) -> bool:
+        return self.hint is not None
 
     def problem_key(self) -> ProblemKey:
         return ProblemKey.from_dict(self.key)
@@ -81,9 +89,12 @@ class CacheEntry:
         return get_spec(self.kernel).config(self.config)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kernel": self.kernel, "key": dict(self.key), "config": dict(self.config),
-                "median_ms": self.median_ms, "iqr_ms": self.iqr_ms,
-                "verified": {k: dict(v) for k, v in self.verified.items()}}
+        out = {"kernel": self.kernel, "key": dict(self.key), "config": dict(self.config),
+               "median_ms": self.median_ms, "iqr_ms": self.iqr_ms,
+               "verified": {k: dict(v) for k, v in self.verified.items()}}
+        if self.hint is not None:
+            out["hint"] = dict(self.hint)
+        return out
 
 
 @dataclass
@@ -191,6 +202,9 @@ def _parse_entry(raw: Any, where: str) -> CacheEntry:
     verified = raw.get("verified") or {}
     if not isinstance(verified, Mapping) or not all(isinstance(v, Mapping) for v in verified.values()):
         raise CacheError(f"{where}: verified must map tensor names to error objects")
+    hint = raw.get("hint")
+    if hint is not None and not isinstance(hint, Mapping):
+        raise CacheError(f"{where}: hint must be an object or absent")
     return CacheEntry(
         kernel=spec.name,
         key={"K": int(key["K"]), "V": int(key["V"]), "dtype": str(key["dtype"])},
@@ -198,6 +212,7 @@ def _parse_entry(raw: Any, where: str) -> CacheEntry:
         median_ms=_finite_or_none(raw.get("median_ms"), f"{where}.median_ms"),
         iqr_ms=_finite_or_none(raw.get("iqr_ms"), f"{where}.iqr_ms"),
         verified={str(t): {str(m): float(x) for m, x in errs.items()} for t, errs in verified.items()},
+        hint=dict(hint) if hint is not None else None,
     )
 
 
@@ -305,12 +320,17 @@ def _key_distance(a: ProblemKey, b: ProblemKey) -> float:
 
 def pipeline_for(cache: CacheFile, key: ProblemKey, arch: str, triton_version: str,
                  source: str) -> dispatch.PipelineConfig | None:
-    """The pipeline for ``key`` from ``cache``: the exact key, else the nearest usable one."""
+    """The pipeline for ``key`` from ``cache``: the exact key, else the nearest usable one.
+
+    Keys whose entries are unverified hints (``CacheEntry.hint``) come after every verified key,
+    and using one is reported once: ``gdn2 verify`` checks them on this GPU.
+    """
     groups: dict[ProblemKey, list[CacheEntry]] = {}
     for e in cache.entries:
         groups.setdefault(e.problem_key(), []).append(e)
+    hinted = {k for k, es in groups.items() if any(e.is_hint for e in es)}
     candidates = sorted((k for k in groups if k.dtype == key.dtype),
-                        key=lambda k: (_key_distance(k, key), k.K, k.V))
+                        key=lambda k: (k in hinted, _key_distance(k, key), k.K, k.V))
     for k in candidates:
         partial = {e.kernel: e.kernel_config() for e in groups[k]}
         refusals = [r for r in (get_spec(n).check(c, key, arch, triton_version)
@@ -321,6 +341,10 @@ def pipeline_for(cache: CacheFile, key: ProblemKey, arch: str, triton_version: s
                                               f"{arch}: {refusals[0].reason}")
             continue
         label = source if k == key else f"{source} (nearest key {k.as_dict()})"
+        if k in hinted:
+            label += " (unverified hint)"
+            _report(cache.path or source, f"using unverified imported configs for {k.as_dict()}; "
+                                          "run `gdn2 verify` to check them on this GPU")
         return dispatch.complete_pipeline(partial, label)
     return None
 
@@ -444,8 +468,13 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 
 
 def write_entries(path: str | os.PathLike, entries: Sequence[CacheEntry], gpu: Mapping[str, Any],
-                  software: Mapping[str, Any] | None = None) -> CacheFile:
+                  software: Mapping[str, Any] | None = None,
+                  merge: Callable[[list[CacheEntry], list[CacheEntry]], list[CacheEntry]] | None = None,
+                  ) -> CacheFile:
     """Merge ``entries`` into the file at ``path`` (their keys replace the file's) atomically.
+
+    ``merge(old, new)``, when given, is called under the lock with the usable file's entries and
+    ``entries`` and returns the entries to write instead (``gdn2 cache import --merge``).
 
     An existing file that is corrupt or belongs to another GPU or software is never merged: it is
     renamed to ``<path>.rejected-<time>`` with a warning, and a fresh file is written.
@@ -468,10 +497,14 @@ def write_entries(path: str | os.PathLike, entries: Sequence[CacheEntry], gpu: M
                 msg = f"gdn2_kernels: not merging into {path} ({reason}); moved it to {aside}"
                 log.warning(msg)
                 warnings.warn(msg, stacklevel=2)
-            else:
+            elif merge is None:
                 replaced = {e.problem_key() for e in new_file.entries}
                 kept = [e for e in old.entries if e.problem_key() not in replaced]
-        new_file.entries = kept + new_file.entries
+            else:
+                kept = old.entries
+        new_file.entries = (kept + new_file.entries if merge is None
+                            else parse({**new_file.as_dict(), "entries": [
+                                e.as_dict() for e in merge(kept, new_file.entries)]}, path).entries)
         atomic_write_json(path, new_file.as_dict())
     _loaded.pop(path, None)
     dispatch.clear_cache()

@@ -388,6 +388,46 @@ def tune(
         raise typer.Exit(1)
 
 
+# ------------------------------------------------------------------------------------------------
+# export, cache import (library: tuner/export.py)
+# ------------------------------------------------------------------------------------------------
+
+def _render_export(report) -> None:
+    table = Table(title=f"{report.format} export of {report.source} ({report.gpu}) to {report.out}")
+    for col in ("kernel", "key", "status", "file", "detail"):
+        table.add_column(col)
+    for it in report.items:
+        mark = "[green]written[/green]" if it.status == "written" else "[yellow]skipped[/yellow]"
+        table.add_row(it.kernel, it.key, mark, it.target or "-", it.reason)
+    console.print(table)
+    for note in report.notes:
+        console.print(note)
+    console.print(f"{len(report.files)} file(s) written" if report.files
+                  else "[red]nothing written[/red] (no verified entries to export)")
+
+
+@app.command()
+def export(
+    fmt: str = typer.Option(..., "--format", "-f", help="portable, fla or vllm"),
+    out: str = typer.Option(..., "--out", "-o", help="output folder"),
+    source: str = typer.Option(None, "--from", help="cache-schema file (default: this GPU's "
+                                                      "cache, else its shipped profile)"),
+    heads: list[int] = typer.Option(None, "--heads", help="fla: head counts H for exact autotune "
+                                                          "keys (repeat) [16]"),
+    tokens: int = typer.Option(None, "--tokens", help="vllm: token bucket of these configs "
+                                                      "[B*T of the tune problem]"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Write this GPU's verified configs for other software (FLA, vLLM-style) or machines."""
+    from tuner.export import export as run_export
+
+    with _library_errors():
+        report = run_export(fmt, out, source, tuple(heads or ()) or None, tokens)
+    print_json(report) if as_json else _render_export(report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 cache_app = typer.Typer(no_args_is_help=True, help="The user cache of tuned configs.")
 app.add_typer(cache_app, name="cache")
 
@@ -453,6 +493,33 @@ def cache_clear(
         print_json({"removed": removed})
         return
     console.print("\n".join(f"removed {p}" for p in removed) or "nothing to remove")
+
+
+@cache_app.command("import")
+def cache_import(
+    file: str = typer.Argument(..., help="a portable export (gdn2 export --format portable)"),
+    merge: bool = typer.Option(False, "--merge", help="per key keep the better pipeline (verified, "
+                                                      "then lower median) instead of replacing"),
+    force: bool = typer.Option(False, "--force", help="keep entries from another GPU model, Triton "
+                                                      "major or newer schema as unverified hints"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Import tuned configs into this GPU's user cache; then run `gdn2 verify`."""
+    from tuner.export import import_file
+
+    with _library_errors():
+        report = import_file(file, merge=merge, force=force)
+    if as_json:
+        print_json(report)
+        return
+    table = Table(title=f"import of {report.source} ({report.source_gpu}) into {report.target}")
+    for col in ("key", "kernels", "status", "why"):
+        table.add_column(col)
+    for it in report.items:
+        color = {"imported": "green", "hint": "yellow"}.get(it.status, "dim")
+        table.add_row(it.key, ", ".join(it.kernels), f"[{color}]{it.status}[/{color}]", it.reason)
+    console.print(table)
+    console.print(f"next: {report.next_step}")
 
 
 @cache_app.command("path")
