@@ -344,9 +344,10 @@ L2NORM_FWD = register(KernelSpec(
 SM90_NO_ACC_TRANSPOSE = (
     "No kernel transposes an mma accumulator: Triton 3.4 to 3.7.0 miscompile that pattern on sm90 "
     "(issue 3). Transposed products are formed from loaded operands instead, so no config needs "
-    "pruning for it. In state_bwd even tl.trans of loaded bf16 tiles that also feed a second dot "
-    "faulted on sm90 with Triton 3.6 (compute-sanitizer: out-of-range shared address, 2026-11-26), "
-    "so its transposed operands are loaded through transposed pointers instead."
+    "pruning for it. A state_bwd variant that loaded Q_gamma/K_tail (instead of forming them from "
+    "q, k, g_cum) faulted on sm90 with Triton 3.6 (compute-sanitizer: out-of-range shared or local "
+    "address in the dS update, 255 registers with spills; 2026-11-26), so state_bwd keeps forming "
+    "them on chip; state_fwd reads them."
 )
 
 STATE_BWD = register(KernelSpec(

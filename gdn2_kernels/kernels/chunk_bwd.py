@@ -66,8 +66,8 @@ def chunk_gdn2_bwd(
         _, _, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, False, True, cu_seqlens,
                             chunk_offsets, _varlen.num_chunks(T, B, cu_seqlens, BT),
                             configs["state_fwd"], store_o=False)
-    R, dR, dh, dh0 = state_bwd(Qg, Kt, gC, Y, U, A_qk, h, do, dht, need_dh0, cu_seqlens,
-                               chunk_offsets, configs["state_bwd"])
+    R, dR, dh, dh0 = state_bwd(q, k, g_cum, Y, U, A_qk, h, do, dht, scale, need_dh0,
+                               cu_seqlens, chunk_offsets, configs["state_bwd"])
     dq, dk, dv, dg, db, dw = intra_bwd(q, k, v, b, w, g_cum, A, h, dh, do, R, dR, scale,
                                        cu_seqlens, chunk_indices, chunk_offsets,
                                        configs["intra_bwd"])

@@ -12,8 +12,8 @@ states h of the forward) and dS' of every chunk -> dh ``[NT_total, H, K, V]``. A
 chunk, dS is the gradient of the initial state -> dh0 ``[N, H, K, V]`` fp32.
 
 Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's state gradient and
-walks that sequence's chunks from last to first. K is held whole (padded to ``KP``). Operands of
-transposed products are loaded transposed, never formed with tl.trans (see the sm90 note in
+walks that sequence's chunks from last to first. K is held whole (padded to ``KP``). Transposed
+products use loaded operands only (never a transposed mma accumulator: see the sm90 rule in
 configs.py).
 """
 from __future__ import annotations
@@ -30,9 +30,9 @@ if TYPE_CHECKING:
 
 @triton.jit
 def _state_bwd_kernel(
-    Qg,
-    Kt,
-    gC,
+    q,
+    k,
+    g_cum,
     Y,
     U,
     A_qk,
@@ -45,6 +45,7 @@ def _state_bwd_kernel(
     dh0,
     cu_seqlens,
     chunk_offsets,
+    scale,
     T,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -68,8 +69,9 @@ def _state_bwd_kernel(
         c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
     NT = tl.cdiv(T, BT)
 
-    Qg += (bos * H + i_h) * K
-    Kt += (bos * H + i_h) * K
+    q += (bos * H + i_h) * K
+    k += (bos * H + i_h) * K
+    g_cum += (bos * H + i_h) * K
     Y += (bos * H + i_h) * K
     U += (bos * H + i_h) * V
     do += (bos * H + i_h) * V
@@ -102,28 +104,26 @@ def _state_bwd_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         p_tk = r_t[:, None] * (H * K) + o_k[None, :]
         p_tv = r_t[:, None] * (H * V) + o_v[None, :]
-        # Operands of the transposed products are loaded transposed (pointer order swapped):
-        # tl.trans of these loaded tiles faulted on sm90 with Triton 3.6 (out-of-range shared
-        # address in compute-sanitizer); see the sm90 note in configs.py.
-        p_tkT = r_t[None, :] * (H * K) + o_k[:, None]
-        m_tkT = m_k[:, None] & m_t[None, :]
-        b_Y = tl.load(Y + p_tk, mask=m_tk, other=0.)                                  # [BT, KP]
-        b_YT = tl.load(Y + p_tkT, mask=m_tkT, other=0.)                               # [KP, BT]
-        b_QgT = tl.load(Qg + p_tkT, mask=m_tkT, other=0.)
-        b_Kt = tl.load(Kt + p_tk, mask=m_tk, other=0.)
+        b_Y = tl.load(Y + p_tk, mask=m_tk, other=0.)
         b_U = tl.load(U + p_tv, mask=m_tv, other=0.).to(tl.float32)
+        b_G = tl.load(g_cum + p_tk, mask=m_tk, other=0.)
+        b_q = tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32)
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32)
         b_do = tl.load(do + p_tv, mask=m_tv, other=0.)
-        b_AT = tl.load(A_qk + r_t[None, :] * (H * BT) + o_i[:, None], mask=m_t[None, :],
-                       other=0.)                                                     # A_qk^T
-        b_gC = tl.load(gC + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.)
+        b_A = tl.load(A_qk + r_t[:, None] * (H * BT) + o_i[None, :], mask=m_t[:, None], other=0.)
+        last = tl.minimum(T, i_t * BT + BT) - 1
+        b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
 
         dt = b_Y.dtype
         b_R = b_U - tl.dot(b_Y, b_S.to(dt))                                          # [BT, BV]
         tl.store(R + p_tv, b_R.to(R.dtype.element_ty), mask=m_tv)
-        b_dR = tl.dot(b_AT.to(dt), b_do.to(dt)) + tl.dot(b_Kt, b_dS.to(dt))
+        b_Kt = tl.where(m_tk, b_k * tl.exp(b_Gl[None, :] - b_G), 0.).to(dt)          # [BT, KP]
+        b_dSd = b_dS.to(dt)
+        b_dR = tl.dot(tl.trans(b_A).to(dt), b_do.to(dt)) + tl.dot(b_Kt, b_dSd)
         tl.store(dR + p_tv, b_dR.to(dR.dtype.element_ty), mask=m_tv)
-        b_dS = (b_dS * b_gC[:, None] + tl.dot(b_QgT, b_do.to(dt))
-                - tl.dot(b_YT, b_dR.to(dt)))
+        b_Qg = (b_q * tl.exp(b_G) * scale).to(dt)
+        b_dS = (b_dS * tl.exp(b_Gl)[:, None] + tl.dot(tl.trans(b_Qg), b_do.to(dt))
+                - tl.dot(tl.trans(b_Y), b_dR.to(dt)))
 
     if STORE_DH0:
         tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * K * V + p_S, b_dS, mask=m_S)
@@ -134,22 +134,23 @@ def state_bwd_grid(N: int, H: int, V: int, BV: int) -> tuple[int, int]:
 
 
 def state_bwd(
-    Qg: torch.Tensor,
-    Kt: torch.Tensor,
-    gC: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    g_cum: torch.Tensor,
     Y: torch.Tensor,
     U: torch.Tensor,
     A_qk: torch.Tensor,
     h: torch.Tensor,
     do: torch.Tensor,
     dht: torch.Tensor | None,
+    scale: float,
     store_dh0: bool,
     cu_seqlens: torch.Tensor | None,
     chunk_offsets: torch.Tensor | None,
     config: "KernelConfig",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launch the reverse state pass. Returns ``(R, dR, dh, dh0 or None)``."""
-    B, T, H, K = Y.shape
+    B, T, H, K = k.shape
     V = U.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     BV = config["BV"]
@@ -158,10 +159,10 @@ def state_bwd(
     dh = torch.empty_like(h)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=do.device) if store_dh0 else None
     _state_bwd_kernel[state_bwd_grid(N, H, V, BV)](
-        Qg=Qg, Kt=Kt, gC=gC, Y=Y, U=U, A_qk=A_qk, h=h, do=do, dht=dht,
+        q=q, k=k, g_cum=g_cum, Y=Y, U=U, A_qk=A_qk, h=h, do=do, dht=dht,
         R=R, dR=dR, dh=dh, dh0=dh0,
         cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets,
-        T=T,
+        scale=scale, T=T,
         H=H, K=K, V=V,
         BT=config["BT"], BV=BV, KP=max(16, triton.next_power_of_2(K)),
         USE_DHT=dht is not None,
