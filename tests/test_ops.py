@@ -16,7 +16,7 @@ import torch
 from gdn2_kernels import _device, chunk_gdn2, dispatch
 from gdn2_kernels._testing import GDN2Inputs, compare, dtype_name, make_inputs
 from gdn2_kernels.configs import CHUNK_SIZES, MAX_HEAD_DIM
-from gdn2_kernels.reference import naive_recurrent_gdn2, naive_recurrent_kda
+from gdn2_kernels.reference import naive_recurrent_gdn, naive_recurrent_gdn2, naive_recurrent_kda
 
 
 @dataclass(frozen=True)
@@ -283,3 +283,209 @@ def test_validate_values_false_skips_the_gate_scan():
     args = _args(g=torch.full((B_, T_, H_, K_), 0.01), initial_state=None)
     o, _ = chunk_gdn2(**args, validate_values=False)
     assert o.shape == (B_, T_, H_, V_)
+
+
+# ================================================================================================
+# Gradients: every input's gradient against autograd through the float64 token recurrence
+# ================================================================================================
+#
+# The gradient matrix reuses OpCase (and case_inputs); a GradCase adds what only the backward
+# sees: the upstream gradient of the final state, disable_recompute, and the sub-chunk size BC of
+# the intra stages. Each run draws fresh inputs, a random dO and (when the final state is
+# returned) a random dL/d(final state); every gradient is compared by name with TOLERANCES.
+
+GRAD_NAMES = {"q": "dq", "k": "dk", "v": "dv", "g": "dg", "b": "db", "w": "dw", "h0": "dh0"}
+
+# intra_bwd's exact column loop overflows on masked rows (see tests/kernels/test_intra_bwd.py):
+# strong decay where a sequence ends inside a BC sub-block gives NaN in dk and dg. Not strict:
+# whether a channel's decay reaches -88 nats inside the block depends on the random draw.
+MASKED_OVERFLOW = pytest.mark.xfail(
+    reason="intra_bwd masked-row exp overflow (strong decay, sequence ends inside a BC block): "
+           "NaN dk/dg; see tests/kernels/test_intra_bwd.py", raises=AssertionError, strict=False)
+
+
+@dataclass(frozen=True)
+class GradCase(OpCase):
+    """An OpCase plus the backward's knobs."""
+
+    dht: bool = True                # return the final state and give it an upstream gradient
+    recompute: bool = True          # False: disable_recompute=True (forward keeps chunk states)
+    bc: int | None = None           # BC of intra_fwd / intra_bwd; None keeps the spec default
+
+    def label(self) -> str:
+        s = super().label() + ("-dht" if self.dht else "")
+        s += "" if self.recompute else "-keep_h"
+        return s + (f"-BC{self.bc}" if self.bc else "")
+
+
+GRAD_CASES: list[GradCase] = [
+    # every chunk size; T not a multiple of it; K != V; K, V not powers of two
+    GradCase(2, 100, 2, 32, 48, chunk=64, h0=True),
+    GradCase(1, 130, 1, 40, 24, chunk=16, recompute=False),
+    GradCase(1, 130, 2, 40, 32, chunk=128, decay="weak", b_max=2.0, h0=True, bc=32),
+    GradCase(1, 33, 1, 20, 12, chunk=16, b_max=2.0, dht=False),
+    # strong decay (g down to -20: the exact diagonal-block paths); sequences end on a BC boundary
+    GradCase(1, 64, 1, 48, 32, chunk=32, decay="strong", h0=True),
+    GradCase(1, 97, 1, 48, 40, chunk=64, decay="strong", cu_seqlens=(0, 1, 1, 65, 97), bc=32,
+             recompute=False),
+    # shorter than one chunk; a single token; a custom scale
+    GradCase(1, 9, 1, 16, 24, chunk=64, h0=True),
+    GradCase(1, 1, 2, 32, 32, chunk=16, h0=True),
+    GradCase(1, 64, 1, 32, 32, chunk=16, h0=True, scale=0.5, recompute=False),
+    # varlen: a sequence shorter than a chunk, an empty one, initial states per sequence
+    GradCase(1, 120, 2, 32, 32, chunk=32, h0=True, cu_seqlens=(0, 10, 75, 120), bc=32,
+             recompute=False),
+    GradCase(1, 90, 2, 32, 48, chunk=16, b_max=2.0, h0=True, cu_seqlens=(0, 45, 50, 90)),
+    # q/k L2 norm inside the op
+    GradCase(2, 60, 2, 32, 48, chunk=64, h0=True, l2norm=True),
+    GradCase(1, 96, 1, 48, 32, chunk=32, decay="strong", l2norm=True, cu_seqlens=(0, 32, 96),
+             recompute=False),
+    # float16 inputs (g and h0 stay float32)
+    GradCase(2, 50, 1, 40, 24, chunk=32, dtype=torch.float16, b_max=2.0, h0=True),
+    GradCase(1, 64, 2, 32, 48, chunk=16, dtype=torch.float16, decay="strong", l2norm=True),
+]
+
+# Strong decay with a sequence ending inside a BC sub-block: the known intra_bwd bug above.
+GRAD_CASES_MASKED_OVERFLOW: list[GradCase] = [
+    GradCase(1, 70, 1, 48, 32, chunk=32, decay="strong", h0=True),
+    GradCase(1, 100, 1, 48, 40, chunk=64, decay="strong", cu_seqlens=(0, 1, 1, 66, 100)),
+]
+
+
+def grad_pipeline(case: GradCase) -> contextlib.AbstractContextManager:
+    """The case's chunk size with every default, and its BC in both intra stages."""
+    pipe = dispatch.default_pipeline(case.chunk).as_dict()
+    if case.bc is not None:
+        for name in ("intra_fwd", "intra_bwd"):
+            pipe[name] = pipe[name].replace(BC=case.bc)
+    return dispatch.override(pipe)
+
+
+def _upstream(case: GradCase, o: torch.Tensor, ht: torch.Tensor | None):
+    do = torch.randn(o.shape).to(o.dtype)
+    dht = torch.randn(ht.shape) if ht is not None else None
+    return do, dht
+
+
+def _grads(x: GDN2Inputs) -> dict[str, torch.Tensor]:
+    return {GRAD_NAMES[n]: t.grad for n, t in x.tensors().items()}
+
+
+def run_grad_case(case: GradCase) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(chunk_gdn2's gradients, the float64 recurrence's) for one fresh draw of ``case``."""
+    x = case_inputs(case)
+    leaves = x.to(case.dtype, requires_grad=True)
+    ref_leaves = x.to(torch.float64, requires_grad=True)
+    kw = dict(scale=case.scale, output_final_state=case.dht,
+              use_qk_l2norm_in_kernel=case.l2norm, cu_seqlens=x.cu_seqlens)
+    with grad_pipeline(case):
+        o, ht = chunk_gdn2(leaves.q, leaves.k, leaves.v, leaves.g, leaves.b, leaves.w,
+                           initial_state=leaves.h0, disable_recompute=not case.recompute, **kw)
+        do, dht = _upstream(case, o, ht)
+        torch.autograd.backward([t for t in (o, ht) if t is not None],
+                                [t for t in (do, dht) if t is not None])
+    ro, rht = naive_recurrent_gdn2(ref_leaves.q, ref_leaves.k, ref_leaves.v, ref_leaves.g,
+                                   ref_leaves.b, ref_leaves.w, initial_state=ref_leaves.h0, **kw)
+    torch.autograd.backward([t for t in (ro, rht) if t is not None],
+                            [t.double() for t in (do, dht) if t is not None])
+    got, want = _grads(leaves), _grads(ref_leaves)
+    for name, t in got.items():
+        assert t is not None and t.shape == want[name].shape, name
+        assert t.dtype == (torch.float32 if name in ("dg", "dh0") else case.dtype), name
+    return got, want
+
+
+@pytest.mark.parametrize("case", GRAD_CASES + [pytest.param(c, marks=MASKED_OVERFLOW)
+                                               for c in GRAD_CASES_MASKED_OVERFLOW])
+def test_gradients_match_recurrence(case: GradCase):
+    got, want = run_grad_case(case)
+    bad = [e for e in compare(got, want, dtype_name(case.dtype)) if not e.ok]
+    assert not bad, bad
+
+
+def test_gradient_matrix_covers_the_backward_knobs():
+    cases = GRAD_CASES
+    assert {c.chunk for c in cases} == set(CHUNK_SIZES)
+    assert {c.bc for c in cases} >= {None, 32}
+    assert {c.recompute for c in cases} == {True, False}
+    assert {c.decay for c in cases} == {"normal", "weak", "strong"}
+    assert any(c.cu_seqlens and c.h0 for c in cases) and any(c.l2norm for c in cases)
+    assert any(c.T % c.chunk for c in cases) and any(not c.dht for c in cases)
+    assert any(c.b_max == 2.0 for c in cases) and any(c.dtype == torch.float16 for c in cases)
+
+
+def test_disable_recompute_gives_identical_gradients():
+    """Keeping the chunk states or recomputing them runs the same state kernel: same bits."""
+    x = make_inputs(1, 40, 1, 24, 16, with_h0=True)
+    do = torch.randn(1, 40, 1, 16)
+    dht = torch.randn(1, 1, 24, 16)
+    grads = []
+    for keep in (False, True):
+        leaves = x.to(torch.float32, requires_grad=True)
+        with dispatch.override(dispatch.default_pipeline(16)):
+            o, ht = chunk_gdn2(leaves.q, leaves.k, leaves.v, leaves.g, leaves.b, leaves.w,
+                               initial_state=leaves.h0, output_final_state=True,
+                               disable_recompute=keep)
+            torch.autograd.backward((o, ht), (do, dht))
+        grads.append(_grads(leaves))
+    for name in GRAD_NAMES.values():
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_gradients_tied_gates_match_kda():
+    """b = w = beta * 1 (shared through expand): d(beta) sums both gates' gradients, as in KDA."""
+    x = make_inputs(1, 50, 2, 24, 32, with_h0=True)
+    beta = torch.rand(1, 50, 2)
+    leaves = x.to(torch.float32, requires_grad=True)
+    ref = x.to(torch.float64, requires_grad=True)
+    beta_k, beta_r = beta.clone().requires_grad_(), beta.double().requires_grad_()
+    with dispatch.override(dispatch.default_pipeline(32)):
+        o, ht = chunk_gdn2(leaves.q, leaves.k, leaves.v, leaves.g,
+                           beta_k[..., None].expand_as(x.k), beta_k[..., None].expand_as(x.v),
+                           initial_state=leaves.h0, output_final_state=True)
+    do, dht = torch.randn(o.shape), torch.randn(ht.shape)
+    torch.autograd.backward((o, ht), (do, dht))
+    ro, rht = naive_recurrent_kda(ref.q, ref.k, ref.v, ref.g, beta_r, initial_state=ref.h0,
+                                  output_final_state=True)
+    torch.autograd.backward((ro, rht), (do.double(), dht.double()))
+    names = {"dq": "q", "dk": "k", "dv": "v", "dg": "g", "dh0": "h0"}
+    got = {d: getattr(leaves, n).grad for d, n in names.items()} | {"db": beta_k.grad}
+    want = {d: getattr(ref, n).grad for d, n in names.items()} | {"db": beta_r.grad}
+    bad = [e for e in compare(got, want, "float32") if not e.ok]
+    assert not bad, bad
+
+
+def test_gradients_tied_gates_and_scalar_decay_match_gated_deltanet():
+    """Also g = alpha_log * 1 per head: d(alpha_log) sums dg over the key channels."""
+    x = make_inputs(2, 40, 1, 16, 24, with_h0=True)
+    beta, alpha_log = torch.rand(2, 40, 1), -torch.rand(2, 40, 1)
+    leaves = x.to(torch.float32, requires_grad=True)
+    ref = x.to(torch.float64, requires_grad=True)
+    ins = [t.clone().requires_grad_() for t in (beta, alpha_log)]
+    ins_r = [t.double().requires_grad_() for t in (beta, alpha_log)]
+    with dispatch.override(dispatch.default_pipeline(16)):
+        o, ht = chunk_gdn2(leaves.q, leaves.k, leaves.v, ins[1][..., None].expand_as(x.k),
+                           ins[0][..., None].expand_as(x.k), ins[0][..., None].expand_as(x.v),
+                           initial_state=leaves.h0, output_final_state=True)
+    do, dht = torch.randn(o.shape), torch.randn(ht.shape)
+    torch.autograd.backward((o, ht), (do, dht))
+    ro, rht = naive_recurrent_gdn(ref.q, ref.k, ref.v, ins_r[1], ins_r[0], initial_state=ref.h0,
+                                  output_final_state=True)
+    torch.autograd.backward((ro, rht), (do.double(), dht.double()))
+    names = {"dq": "q", "dk": "k", "dv": "v", "dh0": "h0"}
+    got = {d: getattr(leaves, n).grad for d, n in names.items()}
+    want = {d: getattr(ref, n).grad for d, n in names.items()}
+    got |= {"db": ins[0].grad, "dg": ins[1].grad}
+    want |= {"db": ins_r[0].grad, "dg": ins_r[1].grad}
+    bad = [e for e in compare(got, want, "float32") if not e.ok]
+    assert not bad, bad
+
+
+def test_gradients_only_for_inputs_that_require_them():
+    """Leaves without requires_grad get none; dh0 is skipped when h0 does not need it."""
+    x = make_inputs(1, 20, 1, 16, 16, with_h0=True)
+    v = x.v.clone().requires_grad_()
+    o, _ = chunk_gdn2(x.q, x.k, v, x.g, x.b, x.w, initial_state=x.h0)
+    o.sum().backward()
+    assert v.grad is not None and torch.isfinite(v.grad).all()
+    assert all(t.grad is None for t in (x.q, x.k, x.g, x.b, x.w, x.h0))
