@@ -60,13 +60,16 @@ def _stage_inputs(case: StateBwdCase):
 @pytest.mark.parametrize("case", CASES)
 def test_state_bwd_matches_stage_reference(case: StateBwdCase):
     x, scale, ref, do, dht = _stage_inputs(case)
-    # Storage dtypes of the pipeline: fp32 A_qk and gC; Y, U, Qg, Kt and the states h in q's.
-    A_qk, gC = ref.A_qk.float(), ref.gC.float()
-    Y, U, Qg, Kt, h = (t.to(case.dtype) for t in (ref.Y, ref.U, ref.Qg, ref.Kt, ref.h))
+    # Storage dtypes of the pipeline: fp32 g_cum and A_qk; Y, U and the states h in q's dtype.
+    g_cum, A_qk = ref.g_cum.float(), ref.A_qk.float()
+    Y, U, h = (t.to(case.dtype) for t in (ref.Y, ref.U, ref.h))
     offs = _varlen.chunk_offsets(x.cu_seqlens, case.BT) if case.cu_seqlens else None
     cfg = get_spec("state_bwd").config({"BT": case.BT, "BV": case.BV})
-    R, dR, dh, dh0 = state_bwd(Qg, Kt, gC, Y, U, A_qk, h, do, dht, True, x.cu_seqlens, offs, cfg)
-    want = state_bwd_reference(Qg, Kt, gC, Y, U, A_qk, x.h0, do, dht, case.BT, x.cu_seqlens)
+    R, dR, dh, dh0 = state_bwd(x.q, x.k, g_cum, Y, U, A_qk, h, do, dht, scale, True,
+                               x.cu_seqlens, offs, cfg)
+    # The kernel forms Q_gamma, K_tail and gamma_C on chip; the reference takes them exactly.
+    want = state_bwd_reference(ref.Qg, ref.Kt, ref.gC, Y, U, A_qk, x.h0, do, dht, case.BT,
+                               x.cu_seqlens)
     assert R.dtype == dR.dtype == case.dtype and dh.dtype == h.dtype
     assert dh0.dtype == torch.float32
     assert dh.shape == want.dh.shape and dh0.shape == want.dh0.shape
@@ -84,9 +87,9 @@ def test_state_bwd_without_dh0():
     case = StateBwdCase(1, 40, 1, 16, 16, BT=16, BV=16)
     x, scale, ref, do, dht = _stage_inputs(case)
     cfg = get_spec("state_bwd").config({"BT": 16, "BV": 16})
-    R, dR, dh, dh0 = state_bwd(*(t.float() for t in (ref.Qg, ref.Kt, ref.gC, ref.Y, ref.U,
-                                                     ref.A_qk, ref.h)),
-                               do, dht, False, None, None, cfg)
+    R, dR, dh, dh0 = state_bwd(x.q, x.k, *(t.float() for t in (ref.g_cum, ref.Y, ref.U,
+                                                               ref.A_qk, ref.h)),
+                               do, dht, scale, False, None, None, cfg)
     assert dh0 is None
     assert all(torch.isfinite(t).all() for t in (R, dR, dh))
 
