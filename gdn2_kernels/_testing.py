@@ -20,7 +20,9 @@ _LOW_PRECISION = {
     "g_cum": 1e-5, "A": 5e-3, "A_qk": 5e-3, "Y": 5e-3, "U": 5e-3, "qn": 5e-3,
     "Qg": 5e-3, "Kt": 5e-3, "gC": 1e-5,
 }
-_FP32 = {name: 1e-3 for name in _LOW_PRECISION} | {"g_cum": 1e-6, "gC": 1e-6}
+# gC = exp(G_C): its relative error is the absolute error of the fp32 cumsum G_C, which grows with
+# |G_C| (hundreds of nats under strong decay), so it gets g_cum's absolute-scale allowance, 1e-5.
+_FP32 = {name: 1e-3 for name in _LOW_PRECISION} | {"g_cum": 1e-6, "gC": 1e-5}
 TOLERANCES: dict[str, dict[str, float]] = {
     "bfloat16": _LOW_PRECISION,
     "float16": _LOW_PRECISION,

@@ -296,14 +296,6 @@ def test_validate_values_false_skips_the_gate_scan():
 
 GRAD_NAMES = {"q": "dq", "k": "dk", "v": "dv", "g": "dg", "b": "db", "w": "dw", "h0": "dh0"}
 
-# intra_bwd's exact column loop overflows on masked rows (see tests/kernels/test_intra_bwd.py):
-# strong decay where a sequence ends inside a BC sub-block gives NaN in dk and dg. Not strict:
-# whether a channel's decay reaches -88 nats inside the block depends on the random draw.
-MASKED_OVERFLOW = pytest.mark.xfail(
-    reason="intra_bwd masked-row exp overflow (strong decay, sequence ends inside a BC block): "
-           "NaN dk/dg; see tests/kernels/test_intra_bwd.py", raises=AssertionError, strict=False)
-
-
 @dataclass(frozen=True)
 class GradCase(OpCase):
     """An OpCase plus the backward's knobs."""
@@ -395,8 +387,7 @@ def run_grad_case(case: GradCase) -> tuple[dict[str, torch.Tensor], dict[str, to
     return got, want
 
 
-@pytest.mark.parametrize("case", GRAD_CASES + [pytest.param(c, marks=MASKED_OVERFLOW)
-                                               for c in GRAD_CASES_MASKED_OVERFLOW])
+@pytest.mark.parametrize("case", GRAD_CASES + GRAD_CASES_MASKED_OVERFLOW)
 def test_gradients_match_recurrence(case: GradCase):
     got, want = run_grad_case(case)
     bad = [e for e in compare(got, want, dtype_name(case.dtype)) if not e.ok]

@@ -299,7 +299,8 @@ def _intra_bwd_kernel(
                             + tl.dot(tl.trans(b_W2c), b_X2))
             if b_span > SAFE_SPAN:
                 for i in range(BC):
-                    m_ii = (o_c <= i) & m_sr
+                    # Row i past T (the sequence ends inside the block) has G = 0: keep it out.
+                    m_ii = (o_c <= i) & m_sr & (t0 + c0 + i < T)
                     p_i = (t0 + c0 + i).to(tl.int64) * (H * K) + o_k
                     m_ik = m_k & (o_k * 0 + (t0 + c0 + i) < T)
                     b_Gi = tl.load(g_cum + p_i, mask=m_ik, other=0.)

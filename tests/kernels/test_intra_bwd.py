@@ -37,12 +37,8 @@ CASES = [
     IntraCase(1, 50, 1, 32, 32, BT=32, dtype=torch.float16),
 ]
 
-# Strong decay where a sequence ends inside a BC sub-block: the masked rows past T load G = 0 and
-# exp(G_i - G_s) overflows in the column loop of phase D (b); see the xfail reason.
-MASKED_OVERFLOW_REASON = (
-    "intra_bwd phase D (b) exact column loop: rows i past T load G_i = 0 (other=0.) so "
-    "exp(G_i - G_s) = exp(-G_s) overflows to inf when G_s < -88, and 0 * inf = NaN in dk/dg; "
-    "fix: m_ii = (o_c <= i) & m_sr & (t0 + c0 + i < T)")
+# Strong decay where a sequence ends inside a BC sub-block: the rows past T load G = 0, which
+# must stay out of exp(G_i - G_s) in the exact column loop of phase D (b) (it overflowed once).
 STRONG_PARTIAL_CASES = [
     IntraCase(1, 70, 1, 48, 32, BT=32, BC=16, BK=16, BV=32, decay="strong"),
     IntraCase(1, 100, 1, 32, 32, BT=64, BC=32, decay="strong", cu_seqlens=(0, 1, 66, 100)),
@@ -95,14 +91,11 @@ def test_intra_bwd_matches_stage_reference(case: IntraCase):
     _check(case, *run_stage(case))
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(
-    reason=MASKED_OVERFLOW_REASON, raises=AssertionError, strict=False))
-    for c in STRONG_PARTIAL_CASES])
+@pytest.mark.parametrize("case", STRONG_PARTIAL_CASES)
 def test_intra_bwd_strong_decay_sequence_ends_inside_a_subblock(case: IntraCase):
     _check(case, *run_stage(case))
 
 
-@pytest.mark.xfail(reason=MASKED_OVERFLOW_REASON, raises=AssertionError, strict=True)
 def test_intra_bwd_masked_rows_do_not_overflow():
     """Deterministic: g = -20 everywhere, T = 40 ends 8 rows into the second chunk's BC block.
 
@@ -114,6 +107,11 @@ def test_intra_bwd_masked_rows_do_not_overflow():
     outs, refs = run_stage(case, g=g)
     assert all(torch.isfinite(t).all() for t in outs.values()), \
         {n: int((~torch.isfinite(t)).sum()) for n, t in outs.items()}
+    # With every channel decaying by e^-20 per token the true dg is ~1e-10 (nothing survives a
+    # token), far below the fp32 rounding (~1e-7) of its O(1) terms, so a relative check is
+    # meaningless for dg here: bound it absolutely and check the other tensors relatively.
+    dg_err = (outs.pop("dg").double() - refs.pop("dg")).abs().max().item()
+    assert dg_err < 1e-6, dg_err
     _check(case, outs, refs)
 
 
