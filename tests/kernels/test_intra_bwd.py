@@ -110,9 +110,10 @@ def test_intra_bwd_masked_rows_do_not_overflow():
     # With every channel decaying by e^-20 per token the true dg is ~1e-10 (nothing survives a
     # token), far below the fp32 rounding (~1e-7) of its O(1) terms, so a relative check is
     # meaningless for dg here: bound it absolutely and check the other tensors relatively.
-    dg_err = (outs.pop("dg").double() - refs.pop("dg")).abs().max().item()
+    dg_err = (outs["dg"].double() - refs["dg"]).abs().max().item()
     assert dg_err < 1e-6, dg_err
-    _check(case, outs, refs)
+    bad = [e for e in compare(outs, refs, dtype_name(case.dtype)) if not e.ok and e.name != "dg"]
+    assert not bad, bad
 
 
 def test_intra_bwd_every_spec_chunk_size_is_covered():
