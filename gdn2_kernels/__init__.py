@@ -6,9 +6,9 @@ TRITON_INTERPRET is already set), so the same kernels run on the CPU, slowly, fo
 from gdn2_kernels import _env
 
 if _env.enable_interpreter_without_gpu():
-    from gdn2_kernels._interpreter import patch_bf16_dot
+    from gdn2_kernels import _interpreter
 
-    patch_bf16_dot()
+    _interpreter.apply()
 
 from gdn2_kernels.ops import chunk_gdn2, fused_recurrent_gdn2  # noqa: E402
 from gdn2_kernels.layer import GatedDeltaNet2, GDN2Cache  # noqa: E402

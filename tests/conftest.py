@@ -23,18 +23,6 @@ _SHORT_DTYPES = {
 }
 
 
-# Known bug (reported to the kernel owner): with bfloat16 inputs the forward's relative RMS error
-# against the float64 recurrence is about 1e-2, twice TOLERANCES["bfloat16"]["o"] = 5e-3. The
-# state stage alone shows it (fed exact intermediates): Y and U are stored in bf16 and state_fwd
-# rounds S, R, Q_gamma, A_qk and K_tail to bf16 for its dots, and R = U - Y S cancels. Tests that
-# hit it carry this marker and are expected failures, on CPU and GPU alike; not strict, because the
-# error is within 2x of the tolerance on fresh random inputs. A fix shows up as XPASS in the -ra
-# summary (then drop the marker). The tolerance is not relaxed.
-BF16_MARKER = "bf16_accuracy"
-BF16_REASON = ("bf16 forward error ~1e-2 > TOLERANCES['bfloat16']['o'] = 5e-3 (bf16 Y/U storage "
-               "and bf16 dots in state_fwd); known bug, tolerance not relaxed")
-
-
 def _on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
@@ -43,17 +31,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # Also declared in pyproject.toml; repeated so the marker exists when run from elsewhere.
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped on CPU")
     config.addinivalue_line("markers", "slow: longer interpreter runs")
-    config.addinivalue_line("markers", BF16_MARKER + ": " + BF16_REASON)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device with -m gpu)")
-    xfail = pytest.mark.xfail(reason=BF16_REASON, raises=AssertionError, strict=False)
     for item in items:
         if "gpu" in item.keywords and not _on_gpu():
             item.add_marker(skip)
-        if item.get_closest_marker(BF16_MARKER) is not None:
-            item.add_marker(xfail)
 
 
 def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:

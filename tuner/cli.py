@@ -9,12 +9,16 @@ import contextlib
 import dataclasses
 import json
 import sys
+import warnings
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from gdn2_kernels import _env
+with warnings.catch_warnings():
+    # Importing the package announces the interpreter; the commands say so in their own output.
+    warnings.simplefilter("ignore", UserWarning)
+    from gdn2_kernels import _env
 
 _env.enable_interpreter_without_gpu(warn=False)  # commands say so themselves
 

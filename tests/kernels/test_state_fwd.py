@@ -52,10 +52,9 @@ CASES = [
     StateCase(1, 100, 1, 24, 32, BT=64, BV=32, cu_seqlens=(0, 1, 66, 100), decay="strong",
               h0=False),
 ]
-# Storage-dtype dots: bf16 (see the bf16_accuracy marker in conftest) and fp16.
+# Storage-dtype dots: bf16 and fp16.
 LOW_PRECISION_CASES = [
-    pytest.param(StateCase(2, 40, 1, 32, 48, BT=32, BV=32, dtype=torch.bfloat16),
-                 marks=pytest.mark.bf16_accuracy),
+    StateCase(2, 40, 1, 32, 48, BT=32, BV=32, dtype=torch.bfloat16),
     StateCase(1, 70, 2, 48, 32, BT=64, BV=16, dtype=torch.float16, decay="strong"),
 ]
 

@@ -17,10 +17,15 @@ def test_tiny_tune_verifies_picks_a_pipeline_writes_nothing_and_resumes(tmp_path
                        warmup=0)
     events = []
     first = tune(opts, events.append)
-    assert first.ok and first.chosen_chunk_size == 32
+    # The tuned BT=32 pipeline competes with the spec defaults (BT=64) on interpreter wall-clock
+    # time and the faster one is kept, so either can win here; which one is timing, not logic.
+    assert first.ok and first.chosen_chunk_size in (32, 64)
+    assert first.speedup is None or first.speedup >= 1.0
     assert [s.plan.label() for s in first.searches] == ["state_fwd@BT=32", "l2norm_fwd"]
     assert all(s.best is not None and s.best.ok for s in first.searches)
-    assert {e["kernel"] for e in first.entries} == {"state_fwd", "l2norm_fwd"}
+    # When the defaults win, state_fwd has no entry to write (dispatch falls back to its default).
+    tuned = {"state_fwd", "l2norm_fwd"} if first.chosen_chunk_size == 32 else {"l2norm_fwd"}
+    assert {e["kernel"] for e in first.entries} == tuned
     assert all(e["key"] == {"K": 16, "V": 16, "dtype": "float32"} for e in first.entries)
     assert first.pipelines[0].pipeline["state_fwd"]["BT"] == 32
     assert first.written == [] and "interpreter" in first.note
