@@ -52,6 +52,7 @@ for T, grads in ((16384, False), (4096, True)):
             row.update({f"d{n}": rel_rms(getattr(xi, n).grad, getattr(x64, n).grad) for n in NAMES})
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
+        json.dump(out, open(f"{sys.argv[1]}/accuracy_long.json", "w"), indent=1)
     del x64, ro, rh
     torch.cuda.empty_cache()
 json.dump(out, open(f"{sys.argv[1]}/accuracy_long.json", "w"), indent=1)
