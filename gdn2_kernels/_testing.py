@@ -35,6 +35,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def short_dtype_name(dtype: torch.dtype) -> str:
+    """'fp32', 'bf16', 'fp16', 'fp64': the dtype in readable test ids and labels."""
+    return dtype_name(dtype).replace("float", "fp").replace("bfp", "bf")
+
+
 def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
     """||x - ref|| / ||ref|| in float64; inf when x has a NaN or Inf (unwritten or broken)."""
     x64, r64 = x.detach().double().cpu(), ref.detach().double().cpu()
@@ -182,4 +187,5 @@ __all__ = [
     "make_inputs",
     "max_rel_err",
     "rel_rms",
+    "short_dtype_name",
 ]

@@ -15,14 +15,6 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-_SHORT_DTYPES = {
-    torch.float64: "fp64",
-    torch.float32: "fp32",
-    torch.bfloat16: "bf16",
-    torch.float16: "fp16",
-}
-
-
 def _on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
@@ -43,7 +35,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
     """Ids like ``B2-T100-H2-K32-V48-fp32``: dtypes shortened, cases by their ``label()``."""
     if isinstance(val, torch.dtype):
-        return _SHORT_DTYPES.get(val, str(val).removeprefix("torch."))
+        from gdn2_kernels._testing import short_dtype_name  # after TRITON_INTERPRET is set
+
+        return short_dtype_name(val)
     label = getattr(val, "label", None)
     if callable(label):
         return label()

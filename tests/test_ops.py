@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from gdn2_kernels import _device, chunk_gdn2, dispatch
-from gdn2_kernels._testing import GDN2Inputs, compare, dtype_name, make_inputs
+from gdn2_kernels._testing import (GDN2Inputs, compare, dtype_name, make_inputs,
+                                   short_dtype_name)
 from gdn2_kernels.configs import CHUNK_SIZES, MAX_HEAD_DIM
 from gdn2_kernels.reference import naive_recurrent_gdn, naive_recurrent_gdn2, naive_recurrent_kda
 
@@ -38,7 +39,7 @@ class OpCase:
     scale: float | None = None
 
     def label(self) -> str:
-        dt = dtype_name(self.dtype).replace("float", "fp").replace("bfp", "bf")
+        dt = short_dtype_name(self.dtype)
         s = f"B{self.B}-T{self.T}-H{self.H}-K{self.K}-V{self.V}-{dt}-C{self.chunk}-{self.decay}"
         s += f"-b{self.b_max:g}" if self.b_max != 1.0 else ""
         s += "-h0" if self.h0 else ""

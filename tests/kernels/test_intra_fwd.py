@@ -11,14 +11,11 @@ import pytest
 import torch
 
 from gdn2_kernels import _varlen
-from gdn2_kernels._testing import compare, dtype_name, make_inputs
+from gdn2_kernels._testing import compare, dtype_name, make_inputs, short_dtype_name
 from gdn2_kernels.configs import get_spec
 from gdn2_kernels.kernels.intra_fwd import intra_fwd
 from gdn2_kernels.reference import chunk_stages_fwd
 
-
-def _short(dtype: torch.dtype) -> str:
-    return dtype_name(dtype).replace("float", "fp").replace("bfp", "bf")
 
 
 @dataclass(frozen=True)
@@ -40,7 +37,7 @@ class IntraCase:
 
     def label(self) -> str:
         s = (f"B{self.B}-T{self.T}-H{self.H}-K{self.K}-V{self.V}-BT{self.BT}-BC{self.BC}"
-             f"-BK{self.BK}-BV{self.BV}-{_short(self.dtype)}-{self.decay}-b{self.b_max:g}")
+             f"-BK{self.BK}-BV{self.BV}-{short_dtype_name(self.dtype)}-{self.decay}-b{self.b_max:g}")
         if self.precision != "ieee":
             s += f"-{self.precision}"
         return s + ("-varlen" if self.cu_seqlens else "")

@@ -7,14 +7,11 @@ import pytest
 import torch
 
 from gdn2_kernels import chunk_gdn2, fused_recurrent_gdn2
-from gdn2_kernels._testing import compare, dtype_name, make_inputs
+from gdn2_kernels._testing import compare, dtype_name, make_inputs, short_dtype_name
 from gdn2_kernels.configs import ProblemKey, get_spec
 from gdn2_kernels.kernels.recurrent_fwd import recurrent_fwd
 from gdn2_kernels.reference import naive_recurrent_gdn2
 
-
-def _short(dtype: torch.dtype) -> str:
-    return dtype_name(dtype).replace("float", "fp").replace("bfp", "bf")
 
 
 @dataclass(frozen=True)
@@ -34,7 +31,7 @@ class RecCase:
 
     def label(self) -> str:
         s = (f"B{self.B}-T{self.T}-H{self.H}-K{self.K}-V{self.V}-BV{self.BV}"
-             f"-{_short(self.dtype)}-{self.decay}-b{self.b_max:g}")
+             f"-{short_dtype_name(self.dtype)}-{self.decay}-b{self.b_max:g}")
         return (s + ("-h0" if self.h0 else "") + ("-l2" if self.l2norm else "")
                 + ("-varlen" if self.cu_seqlens else ""))
 

@@ -12,14 +12,11 @@ import pytest
 import torch
 
 from gdn2_kernels import _varlen
-from gdn2_kernels._testing import compare, dtype_name, make_inputs
+from gdn2_kernels._testing import compare, dtype_name, make_inputs, short_dtype_name
 from gdn2_kernels.configs import get_spec
 from gdn2_kernels.kernels.state_fwd import state_fwd
 from gdn2_kernels.reference import chunk_stages_fwd
 
-
-def _short(dtype: torch.dtype) -> str:
-    return dtype_name(dtype).replace("float", "fp").replace("bfp", "bf")
 
 
 @dataclass(frozen=True)
@@ -39,7 +36,7 @@ class StateCase:
 
     def label(self) -> str:
         s = (f"B{self.B}-T{self.T}-H{self.H}-K{self.K}-V{self.V}-BT{self.BT}-BV{self.BV}"
-             f"-{_short(self.dtype)}-{self.decay}-b{self.b_max:g}")
+             f"-{short_dtype_name(self.dtype)}-{self.decay}-b{self.b_max:g}")
         return s + ("-h0" if self.h0 else "") + ("-varlen" if self.cu_seqlens else "")
 
 
