@@ -104,12 +104,19 @@ for B, T in [(8, 2048), (4, 4096), (2, 8192), (1, 16384)]:
         row[f"{name}_fwd_ms"] = do_bench(fwd, warmup=25, rep=100, return_mode="median")
         row[f"{name}_fwdbwd_ms"] = do_bench(fwdbwd, warmup=25, rep=100, return_mode="median",
                                             grad_to_none=list(args))
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fwdbwd()
-        torch.cuda.synchronize()
-        row[f"{name}_fwdbwd_peak_extra_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        modes = [("", {})]
+        if name == "ours":  # issue 3: peak memory with the chunk states recomputed and kept
+            modes.append(("_keep_h", {"disable_recompute": True}))
+        for suffix, kw in modes:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            o, _ = fn(*args, **kw)
+            o.backward(dO)
+            torch.cuda.synchronize()
+            row[f"{name}{suffix}_fwdbwd_peak_extra_MiB"] = (
+                (torch.cuda.max_memory_allocated() - base) / 2**20)
+            del o
         del xi, args
     if "fla_fwdbwd_ms" in row:
         row["speedup_fwd"] = row["fla_fwd_ms"] / row["ours_fwd_ms"]

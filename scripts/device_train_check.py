@@ -59,6 +59,10 @@ result = {"device": torch.cuda.get_device_name(0), "task": f"y_t = x_(t-{LAG}), 
           "steps": STEPS}
 ours = ops.chunk_gdn2
 result["ours"] = train()
+# Saved before FLA runs: FLA autotunes every new shape on its first call, which can outlast a
+# device call's time limit.
+json.dump(result, open(f"{out_dir}/train_check.json", "w"), indent=1)
+print("ours", result["ours"][::10] + result["ours"][-1:], flush=True)
 try:
     from fla.ops.gdn2 import chunk_gdn2 as fla_chunk_gdn2
 

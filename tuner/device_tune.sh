@@ -34,6 +34,17 @@ cold_s=$(( $(date +%s) - start ))
 rm -rf "$cold_cache"
 
 GDN2_CONFIG_FILE="$PROFILE" $PY -m tuner.cli verify --backward --json > "$OUT/verify.json" \
-    || echo "verify reported failures (see verify.json)"
+    || { echo "verify reported failures:"; $PY - "$OUT/verify.json" <<'PYEOF'
+import json, sys
+report = json.load(open(sys.argv[1]))
+for res in report["results"]:
+    label = "-".join(str(res["case"][k]) for k in ("B", "T", "H", "K", "V", "dtype", "decay"))
+    if res.get("error"):
+        print(" ", label, res["error"][:300])
+    for e in res["errors"]:
+        if e["rel_rms"] is None or e["rel_rms"] > e["tolerance"]:
+            print(" ", label, e["name"], e["rel_rms"], ">", e["tolerance"])
+PYEOF
+}
 printf 'tune_s %s\ncold_start_process_s %s\nprofile %s\n' "$tune_s" "$cold_s" "$PROFILE" \
     | tee "$OUT/timing.txt"
