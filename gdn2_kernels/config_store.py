@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from gdn2_kernels import _device, _env, dispatch
-from gdn2_kernels.configs import KernelConfig, ProblemKey, _version_tuple, get_spec
+from gdn2_kernels.configs import KernelConfig, ProblemKey, version_tuple, get_spec
 
 log = logging.getLogger("gdn2_kernels.config_store")
 
@@ -152,7 +152,7 @@ def software_mismatch(recorded: Mapping[str, Any], current: Mapping[str, Any]) -
     """Why configs recorded under ``recorded`` may not be used with ``current``; None if they may."""
     for name in _COMPATIBLE_SOFTWARE:
         a, b = recorded.get(name), current.get(name)
-        if a is None or b is None or _version_tuple(str(a))[:2] != _version_tuple(str(b))[:2]:
+        if a is None or b is None or version_tuple(str(a))[:2] != version_tuple(str(b))[:2]:
             return f"recorded with {name} {a}, running {name} {b} (major.minor must agree)"
     return None
 
@@ -349,9 +349,19 @@ def pipeline_for(cache: CacheFile, key: ProblemKey, arch: str, triton_version: s
     return None
 
 
+# Where shipped profiles live: the repository's ``profiles/`` next to the package (source and
+# editable installs), else the copy a wheel installs under ``<prefix>/share/gdn2-kernels/profiles``
+# (``[tool.setuptools.data-files]`` in pyproject.toml).
+_REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
+_INSTALLED_PROFILES = Path(sys.prefix) / "share" / "gdn2-kernels" / "profiles"
+
+
 def profiles_dir() -> Path:
-    """The repository's ``profiles/`` folder (shipped profiles), next to the package folder."""
-    return Path(__file__).resolve().parent.parent / "profiles"
+    """The folder of shipped profiles (see the two locations above; the repository's first)."""
+    for folder in (_REPO_PROFILES, _INSTALLED_PROFILES):
+        if folder.is_dir():
+            return folder
+    return _REPO_PROFILES
 
 
 def profile_filename(gpu_name: str) -> str:

@@ -83,11 +83,12 @@ class ArchRule:
             return False
         if self.triton is None:
             return True
-        v = _version_tuple(triton_version)
-        return _version_tuple(self.triton[0]) <= v < _version_tuple(self.triton[1])
+        v = version_tuple(triton_version)
+        return version_tuple(self.triton[0]) <= v < version_tuple(self.triton[1])
 
 
-def _version_tuple(v: str) -> tuple[int, ...]:
+def version_tuple(v: str) -> tuple[int, ...]:
+    """'3.6.0+git1' -> (3, 6, 0); missing parts are 0. Used for Triton and package versions."""
     out = []
     for part in v.split("+")[0].split("."):
         digits = "".join(itertools.takewhile(str.isdigit, part))
@@ -164,6 +165,7 @@ class KernelSpec:
     constraints: tuple[Constraint, ...] = ()
     arch_rules: tuple[ArchRule, ...] = ()
     key_fields: tuple[str, ...] = ("K", "V", "dtype")
+    op: str = "chunk"  # the public op that launches it: 'chunk' (chunk_gdn2) or 'recurrent'
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -424,6 +426,7 @@ __all__ = [
     "get_spec",
     "next_pow2",
     "register",
+    "version_tuple",
 ]
 
 
@@ -447,4 +450,5 @@ RECURRENT_FWD = register(KernelSpec(
         _register_budget("recurrent_fwd_registers",
                          lambda c, k: 2 * next_pow2(k.K) * c["BV"]),
     ),
+    op="recurrent",
 ))

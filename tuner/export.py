@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from gdn2_kernels import _device, config_store
 from gdn2_kernels.config_store import CacheEntry, CacheError, CacheFile
-from gdn2_kernels.configs import ProblemKey, _version_tuple
+from gdn2_kernels.configs import ProblemKey, version_tuple
 from gdn2_kernels.exported import vllm_filename
 from tuner.trial import Problem
 
@@ -436,7 +436,7 @@ def _refusals(data: dict[str, Any], cache: CacheFile, gpu_name: str,
     if mismatch:
         out.append(f"{mismatch}; configs are tuned per GPU model")
     theirs, ours = str(cache.software.get("triton")), str(software.get("triton"))
-    if _version_tuple(theirs)[0] != _version_tuple(ours)[0]:
+    if version_tuple(theirs)[0] != version_tuple(ours)[0]:
         out.append(f"tuned with Triton {theirs}, running Triton {ours} (another major version)")
     return out
 

@@ -32,9 +32,6 @@ from tuner.evaluate import EvalSettings, PoolEvaluator, WorkerPool
 from tuner.strategies import get_strategy
 from tuner.trial import FAILED, Budget, Candidate, Problem, Trial, TrialLog, best
 
-# Kernels not run by chunk_gdn2, and the workload that runs them. TODO(issue 5): a KernelSpec
-# field naming its op would replace this table.
-_OP_WORKLOADS = {"recurrent_fwd": "decode"}
 
 CPU_PROBLEM = Problem(B=1, T=64, H=1, K=32, V=32, dtype="float32", decode_batch=2)
 GPU_PROBLEM = Problem()
@@ -222,7 +219,10 @@ def backward_status() -> str | None:
 
 
 def workload_of(spec: KernelSpec) -> str:
-    return _OP_WORKLOADS.get(spec.name, "fwd+bwd" if spec.direction == "bwd" else "fwd")
+    """The workload that times a kernel: decode for the recurrent op, else its direction."""
+    if spec.op == "recurrent":
+        return "decode"
+    return "fwd+bwd" if spec.direction == "bwd" else "fwd"
 
 
 def _has_bt(spec: KernelSpec) -> bool:
