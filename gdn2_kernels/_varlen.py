@@ -18,8 +18,9 @@ def chunk_offsets(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
 
 
-def num_chunks(T: int, B: int, cu_seqlens: torch.Tensor | None, chunk_size: int) -> int:
-    if cu_seqlens is None:
-        return B * (-(-T // chunk_size))
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    return sum(-(-L // chunk_size) for L in lens)
+def num_chunks(T: int, B: int, chunk_indices: torch.Tensor | None, chunk_size: int) -> int:
+    """Chunks over all sequences: the rows of ``chunk_indices`` for a packed batch, else
+    ``B * ceil(T / chunk_size)``. No host sync (``chunk_indices`` already holds the count)."""
+    if chunk_indices is not None:
+        return chunk_indices.shape[0]
+    return B * (-(-T // chunk_size))

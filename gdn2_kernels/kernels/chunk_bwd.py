@@ -64,7 +64,7 @@ def chunk_gdn2_bwd(
     BT = configs["intra_bwd"]["BT"]
     if h is None:
         _, _, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, False, True, cu_seqlens,
-                            chunk_offsets, _varlen.num_chunks(T, B, cu_seqlens, BT),
+                            chunk_offsets, _varlen.num_chunks(T, B, chunk_indices, BT),
                             configs["state_fwd"], store_o=False)
     R, dR, dh, dh0 = state_bwd(q, k, g_cum, Y, U, A_qk, h, do, dht, scale, need_dh0,
                                cu_seqlens, chunk_offsets, configs["state_bwd"])

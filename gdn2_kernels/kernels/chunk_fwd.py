@@ -64,6 +64,6 @@ def chunk_gdn2_fwd(
     g_cum, A, A_qk, Y, U, Qg, Kt, gC = intra_fwd(q, k, v, g, b, w, scale, cu_seqlens, idx,
                                                  configs["intra_fwd"])
     o, ht, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state, store_h,
-                         cu_seqlens, offs, _varlen.num_chunks(T, B, cu_seqlens, BT),
+                         cu_seqlens, offs, _varlen.num_chunks(T, B, idx, BT),
                          configs["state_fwd"])
     return FwdResult(o, ht, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, idx, offs)

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gdn2_kernels import _varlen
+
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
 
@@ -268,8 +270,8 @@ def intra_fwd(
     Qg = torch.empty_like(Y)
     Kt = torch.empty_like(Y)
     num_chunks = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
-    total_chunks = num_chunks * B if cu_seqlens is None else num_chunks
-    gC = torch.empty(total_chunks, H, K, dtype=torch.float32, device=k.device)
+    gC = torch.empty(_varlen.num_chunks(T, B, chunk_indices, BT), H, K, dtype=torch.float32,
+                     device=k.device)
     _intra_fwd_kernel[intra_fwd_grid(num_chunks, B, H)](
         q=q, k=k, v=v, g=g, b=b, w=w,
         g_cum=g_cum, A=A, A_qk=A_qk, Y=Y, U=U, Qg=Qg, Kt=Kt, gC=gC,

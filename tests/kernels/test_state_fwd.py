@@ -69,7 +69,8 @@ def test_state_fwd_matches_stage_reference(case: StateCase):
     A_qk, gC = ref.A_qk.float(), ref.gC.float()
     Y, U, Qg, Kt = (t.to(case.dtype) for t in (ref.Y, ref.U, ref.Qg, ref.Kt))
     offs = _varlen.chunk_offsets(x.cu_seqlens, case.BT) if cu else None
-    nc = _varlen.num_chunks(case.T, case.B, x.cu_seqlens, case.BT)
+    idx = _varlen.chunk_indices(x.cu_seqlens, case.BT) if cu else None
+    nc = _varlen.num_chunks(case.T, case.B, idx, case.BT)
     cfg = get_spec("state_fwd").config({"BT": case.BT, "BV": case.BV})
     o, ht, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, x.h0, True, True, x.cu_seqlens, offs, nc, cfg)
     assert o.dtype == case.dtype and ht.dtype == torch.float32 and h.dtype == case.dtype
