@@ -3,7 +3,12 @@ from the same initialisation and data, with FLA's chunk_gdn2 swapped in.
 
 Task: y_t = x_{t-3} on random tokens (vocab 64), which the model can only solve by carrying
 tokens through the recurrent state. fp32 parameters (AdamW), fp32 activations into the op.
-Usage: python scripts/device_train_check.py OUT_DIR
+Usage: python scripts/device_train_check.py OUT_DIR [--fla-configs=N]
+
+``--fla-configs=N`` keeps only the first N configs of every Triton autotuner before FLA is
+imported: FLA's first fp32 fwd+bwd otherwise compiles and times every config of every kernel,
+which outlasted a 250 s device call. The configs change FLA's speed, not the function it computes;
+the count is recorded in the JSON.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import gdn2_kernels.ops as ops
 from gdn2_kernels.layer import GatedDeltaNet2
 
 out_dir = sys.argv[1]
+FLA_CONFIGS = int(next((a.split("=")[1] for a in sys.argv if a.startswith("--fla-configs=")), 0))
 dev = torch.device("cuda")
 VOCAB, LAG, STEPS = 64, 3, 80
 
@@ -64,6 +70,16 @@ result["ours"] = train()
 json.dump(result, open(f"{out_dir}/train_check.json", "w"), indent=1)
 print("ours", result["ours"][::10] + result["ours"][-1:], flush=True)
 try:
+    if FLA_CONFIGS:
+        from triton.runtime import autotuner
+
+        _init = autotuner.Autotuner.__init__
+
+        def _few_configs(self, fn, arg_names, configs, *a, **kw):
+            _init(self, fn, arg_names, configs[:FLA_CONFIGS], *a, **kw)
+
+        autotuner.Autotuner.__init__ = _few_configs
+        result["fla_autotune_configs_kept"] = FLA_CONFIGS
     from fla.ops.gdn2 import chunk_gdn2 as fla_chunk_gdn2
 
     ops.chunk_gdn2 = lambda *a, validate_values=True, **kw: fla_chunk_gdn2(*a, **kw)
