@@ -1,64 +1,88 @@
-"""Time fwd+bwd with one kernel's config changed at a time; check gradients against the default.
+"""Pipeline variants side by side: end-to-end fwd and fwd+bwd, per-stage times, output drift.
 
-Usage: python scripts/device_variants.py OUT_DIR
+Usage: python scripts/device_variants.py OUT_DIR [--base=resolved|default] [--shapes=8x2048,1x16384]
+                                         [VARIANT ...]
+
+A VARIANT is ``kernel:{"PARAM": value, ...}`` (one kernel's config changed from the base) or
+``pipeline:BT`` (every kernel at its spec default with chunk size BT). Several changes join with
+``+``: ``intra_fwd:{"BC": 16}+intra_bwd:{"BC": 32}``. The base is the resolved pipeline of this
+GPU (the shipped profile) or the spec defaults at chunk 64. For each shape and variant the script
+records fwd and fwd+bwd medians (CUDA events, L2 flushed), the per-stage times of
+``bench.profile.profile``, and the largest relative RMS difference of o and of every gradient from
+the base's (a config must not change results beyond rounding). Writes OUT_DIR/variants.json as it
+goes.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 
 import torch
-from triton.testing import do_bench
+import triton
 
+from bench.model import Shape
+from bench.profile import profile
 from gdn2_kernels import chunk_gdn2, dispatch
 from gdn2_kernels._testing import make_inputs, rel_rms
-from gdn2_kernels.configs import get_spec
+from gdn2_kernels.configs import ProblemKey
 
 out_dir = sys.argv[1]
-VARIANTS = [
-    ("intra_bwd", {"num_warps": 8}), ("intra_bwd", {"BK": 64}), ("intra_bwd", {"BK": 64, "num_warps": 8}),
-    ("intra_bwd", {"BV": 64, "BK": 64, "num_warps": 8}), ("intra_bwd", {"SOLVE_PRECISION": "tf32"}),
-    ("intra_fwd", {"num_warps": 8}), ("intra_fwd", {"BK": 64, "num_warps": 8}),
-    ("intra_fwd", {"SOLVE_PRECISION": "tf32"}), ("intra_fwd", {"BC": 32, "num_warps": 8}),
-    ("state_fwd", {"BV": 64}), ("state_fwd", {"BV": 16}), ("state_fwd", {"num_warps": 8}),
-    ("state_bwd", {"BV": 64}), ("state_bwd", {"BV": 16}), ("state_bwd", {"num_warps": 8}),
-]
-rows = []
-for B, T in [(8, 2048), (1, 16384)]:
-    x = make_inputs(B, T, 16, 128, 128, torch.bfloat16, "cuda")
+opts = dict(a[2:].split("=", 1) for a in sys.argv[2:] if a.startswith("--"))
+specs = [a for a in sys.argv[2:] if not a.startswith("--")]
+shapes = [tuple(int(n) for n in s.split("x")) for s in opts.get("shapes", "8x2048,1x16384").split(",")]
+H, D = 16, 128
+key = ProblemKey(D, D, "bfloat16")
+base = (dispatch.resolve(key) if opts.get("base", "resolved") == "resolved"
+        else dispatch.default_pipeline(64))
+result = {
+    "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    "triton": triton.__version__,
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "base_source": base.source, "base": {k: c.as_dict() for k, c in base.configs}, "rows": [],
+}
+
+
+def pipeline_of(spec: str) -> dispatch.PipelineConfig:
+    if spec == "base":
+        return base
+    parts = base.as_dict()
+    for change in spec.split("+"):
+        kernel, _, body = change.partition(":")
+        if kernel == "pipeline":
+            parts = dispatch.default_pipeline(int(body)).as_dict()
+            continue
+        parts[kernel] = parts[kernel].replace(**json.loads(body))
+    return dispatch.complete_pipeline(parts, spec)
+
+
+def outputs(args, dO):
+    for a in args:
+        a.grad = None
+    o, _ = chunk_gdn2(*args, validate_values=False)
+    o.backward(dO)
+    return [o.detach().float().clone()] + [a.grad.float().clone() for a in args]
+
+
+for B, T in shapes:
+    x = make_inputs(B, T, H, D, D, torch.bfloat16, "cuda", seed=1)
     xi = x.to(torch.bfloat16, "cuda", requires_grad=True)
     args = (xi.q, xi.k, xi.v, xi.g, xi.b, xi.w)
     dO = torch.randn_like(xi.v)
-
-    def run():
-        o, _ = chunk_gdn2(*args, validate_values=False)
-        o.backward(dO)
-
-    def grads():
-        for a in args:
-            a.grad = None
-        run()
-        return [a.grad.float().clone() for a in args]
-
-    base = dispatch.default_pipeline(64)
     with dispatch.override(base):
-        ref = grads()
-        t0 = do_bench(run, warmup=10, rep=60, return_mode="median", grad_to_none=list(args))
-    rows.append({"B": B, "T": T, "variant": "default", "ms": t0})
-    print(json.dumps(rows[-1]), flush=True)
-    for kernel, change in VARIANTS:
-        row = {"B": B, "T": T, "variant": f"{kernel}:{change}"}
+        ref = outputs(args, dO)
+    for spec in ["base"] + specs:
+        row: dict = {"B": B, "T": T, "variant": spec}
         try:
-            cfg = base[kernel].replace(**change)
-            pipe = dispatch.complete_pipeline({**base.as_dict(), kernel: cfg}, "variant")
+            pipe = pipeline_of(spec)
             with dispatch.override(pipe):
-                g = grads()
-                row["max_grad_rel_diff"] = max(rel_rms(a, b) for a, b in zip(g, ref))
-                row["ms"] = do_bench(run, warmup=10, rep=60, return_mode="median",
-                                     grad_to_none=list(args))
-                row["speedup"] = t0 / row["ms"]
+                got = outputs(args, dO)
+                row["max_rel_rms_vs_base"] = max(rel_rms(a, b) for a, b in zip(got, ref))
+                rep = profile(Shape(B, T, H, D, "bfloat16"), reps=10)
+            row.update(fwd_ms=rep.fwd_ms, fwdbwd_ms=rep.fwdbwd_ms,
+                       stages={f"{s.phase}:{s.stage}": round(s.ms, 4) for s in rep.stages})
         except Exception as exc:  # noqa: BLE001
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        rows.append(row)
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+        result["rows"].append(row)
         print(json.dumps(row), flush=True)
-        json.dump(rows, open(f"{out_dir}/variants.json", "w"), indent=1)
+        json.dump(result, open(f"{out_dir}/variants.json", "w"), indent=1)

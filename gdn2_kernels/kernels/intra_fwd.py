@@ -23,10 +23,13 @@ block's first row a (exp(G_r - G_a) and exp(G_a - G_s), both <= 1, so strong dec
 overflows). The diagonal BC x BC block uses the same anchor when the block's decay span
 max_c(G_a - G_last) is at most SAFE_SPAN = 60 (then every factor lies in [e^-60, e^60]: no overflow,
 full fp32 precision); with stronger decay it is formed exactly, one column s at a time, from
-exp(G_r - G_s) on [BC, BK] tiles. The check is per block at run time; both paths are tested. The diagonal block of A is inverted by forward substitution in fp32 registers,
-and row block i of A is then ``-A_ii (T_i,<i A_<i,:)``, reading the finished rows of A back from
+exp(G_r - G_s) on [BC, BK] tiles. The check is per block at run time; both paths are tested.
+The diagonal block of A is inverted in fp32 registers (``DIAG_INVERSE``): by forward
+substitution (BC - 1 dependent row steps, each a reduction over the block) or by doubling (blocks
+of 2, 4, ..., BC rows merged as X - X L X: log2(BC) levels of two BC x BC dots). Row block i of A
+is then ``-A_ii (T_i,<i A_<i,:)``, reading the finished rows of A back from
 this program's own output (a barrier orders the two). ``SOLVE_PRECISION`` sets the dot precision
-of the T product and of those merges (ieee, tf32x3 = split precision, or tf32). Y and U are dots of
+of the T product, of the doubling inverse and of those merges (ieee, tf32x3 = split precision, or tf32). Y and U are dots of
 the finished A with key tiles of ``BK`` and value tiles of ``BV``.
 
 The backward recomputes nothing from this kernel's registers: it reads A, A_qk and g_cum.
@@ -76,9 +79,12 @@ def _intra_fwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     SOLVE_PRECISION: tl.constexpr,
+    DIAG_INVERSE: tl.constexpr,
+    LOG2_BC: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     tl.static_assert(BT % BC == 0, "BC must divide BT")
+    tl.static_assert((1 << LOG2_BC) == BC, "BC must be a power of two")
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     if IS_VARLEN:
@@ -185,20 +191,38 @@ def _intra_fwd_kernel(
                     b_Qd += tl.where((o_c == j)[None, :], tl.sum(b_qr * b_kdec, 1)[:, None], 0.)
         b_Td = tl.where(o_c[:, None] > o_c[None, :], b_Td, 0.)
 
-        # Inverse of the unit lower-triangular diagonal block by forward substitution.
-        b_Ai = -tl.where(o_c[:, None] > o_c[None, :], b_Td, 0.)
-        for i in range(1, BC):
-            m_i = o_c == i
-            b_a = tl.sum(tl.where(m_i[:, None], b_Ai, 0.), 0)
-            b_a = b_a + tl.sum(b_a[:, None] * b_Ai, 0)
-            b_Ai = tl.where(m_i[:, None], b_a[None, :], b_Ai)
-        b_Ai += (o_c[:, None] == o_c[None, :]).to(tl.float32)
+        # Inverse of the unit lower-triangular diagonal block.
+        if DIAG_INVERSE == "doubling":
+            # Blocks of 2, 4, ..., BC rows: with X the inverse of the diagonal blocks of size s
+            # and L the part of T joining two s-blocks inside one 2s-block,
+            # [[P, 0], [C, D]]^-1 = X - X L X. log2(BC) levels of two BC x BC dots each.
+            m_low = o_c[:, None] > o_c[None, :]
+            b_Ai = (o_c[:, None] == o_c[None, :]).to(tl.float32) - tl.where(
+                m_low & ((o_c[:, None] >> 1) == (o_c[None, :] >> 1)), b_Td, 0.)
+            for lvl in tl.static_range(1, LOG2_BC):
+                m_join = (m_low & ((o_c[:, None] >> (lvl + 1)) == (o_c[None, :] >> (lvl + 1)))
+                          & ((o_c[:, None] >> lvl) != (o_c[None, :] >> lvl)))
+                b_L = tl.where(m_join, b_Td, 0.)
+                b_XL = tl.dot(b_Ai, b_L, input_precision=SOLVE_PRECISION)
+                b_Ai -= tl.dot(b_XL, b_Ai, input_precision=SOLVE_PRECISION)
+        else:
+            # Forward substitution, one row at a time.
+            b_Ai = -tl.where(o_c[:, None] > o_c[None, :], b_Td, 0.)
+            for i in range(1, BC):
+                m_i = o_c == i
+                b_a = tl.sum(tl.where(m_i[:, None], b_Ai, 0.), 0)
+                b_a = b_a + tl.sum(b_a[:, None] * b_Ai, 0)
+                b_Ai = tl.where(m_i[:, None], b_a[None, :], b_Ai)
+            b_Ai += (o_c[:, None] == o_c[None, :]).to(tl.float32)
 
-        # Row block i of A: -A_ii T_i,<i A_<i,:  (rows of A left of c0 are final).
-        p_Ap = r_t[:, None] * (H * BT) + o_j[None, :]
-        b_Ap = tl.load(A + p_Ap, mask=(m_left & m_t)[:, None], other=0.)            # [BT, BT]
-        b_acc = tl.dot(b_Toff, b_Ap, input_precision=SOLVE_PRECISION)
-        b_Arow = -tl.dot(b_Ai, b_acc, input_precision=SOLVE_PRECISION)              # [BC, BT]
+        # Row block i of A: -A_ii T_i,<i A_<i,:  (rows of A left of c0 are final; the first
+        # block has none).
+        b_Arow = tl.zeros([BC, BT], dtype=tl.float32)
+        if i_c > 0:
+            p_Ap = r_t[:, None] * (H * BT) + o_j[None, :]
+            b_Ap = tl.load(A + p_Ap, mask=(m_left & m_t)[:, None], other=0.)        # [BT, BT]
+            b_acc = tl.dot(b_Toff, b_Ap, input_precision=SOLVE_PRECISION)
+            b_Arow = -tl.dot(b_Ai, b_acc, input_precision=SOLVE_PRECISION)          # [BC, BT]
 
         m_diag = (o_j >= c0) & (o_j < c0 + BC)
         p_row = r_r[:, None] * (H * BT) + o_j[None, :]
@@ -280,6 +304,7 @@ def intra_fwd(
         H=H, K=K, V=V,
         BT=BT, BC=config["BC"], BK=config["BK"], BV=config["BV"],
         SOLVE_PRECISION=config["SOLVE_PRECISION"],
+        DIAG_INVERSE=config["DIAG_INVERSE"], LOG2_BC=config["BC"].bit_length() - 1,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
     )

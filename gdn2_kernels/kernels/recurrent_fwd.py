@@ -16,7 +16,8 @@ Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's s
 whole sequence, so nothing crosses programs. ``K`` is held whole, padded to a power of two
 (``KP``): the erase read-out ``r_t`` and the L2 norms reduce over K inside the program. The only
 tile is ``BV``: small tiles give more programs (batch 1 decode has only N * H of them per tile),
-large ones fewer loads of the K-vectors per byte of state. A decode step (T = 1) is bound by the
+large ones fewer loads of the K-vectors per byte of state; the launcher narrows the tuned
+``BV`` when N * H programs would cover less than half the SMs (``_parallel.value_tile``). A decode step (T = 1) is bound by the
 state traffic, ``2 * N * H * K * V * 4`` bytes; everything else is a few KB.
 
 This kernel has no backward: training and prefill use ``chunk_gdn2``.
@@ -29,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gdn2_kernels import _parallel
 from gdn2_kernels.kernels.l2norm import L2NORM_EPS
 
 if TYPE_CHECKING:
@@ -140,7 +142,7 @@ def recurrent_fwd(
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    BV = config["BV"]
+    BV = _parallel.value_tile(config["BV"], N * H, V, v.device)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
     ht = (torch.empty(N, H, K, V, dtype=torch.float32, device=v.device) if output_final_state
           else None)

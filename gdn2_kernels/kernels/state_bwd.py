@@ -14,7 +14,8 @@ chunk, dS is the gradient of the initial state -> dh0 ``[N, H, K, V]`` fp32.
 Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's state gradient and
 walks that sequence's chunks from last to first. K is held whole (padded to ``KP``). Transposed
 products use loaded operands only (never a transposed mma accumulator: see the sm90 rule in
-configs.py).
+configs.py). With few sequences x heads the launcher narrows ``BV`` so the programs cover half
+the SMs (``_parallel.value_tile``; same results, more parallelism).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
+
+from gdn2_kernels import _parallel
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -153,7 +156,7 @@ def state_bwd(
     B, T, H, K = k.shape
     V = U.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    BV = config["BV"]
+    BV = _parallel.value_tile(config["BV"], N * H, V, do.device)
     R = torch.empty(B, T, H, V, dtype=do.dtype, device=do.device)
     dR = torch.empty_like(R)
     dh = torch.empty_like(h)

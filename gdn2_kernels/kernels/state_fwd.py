@@ -16,7 +16,8 @@ output (the backward's recomputation of h).
 Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's state and walks
 that sequence's chunks serially. ``K`` is held whole (padded to a power of two, ``KP``); the
 value axis is split into ``BV`` tiles, which is the knob that trades per-program work for
-parallelism when N * H is small. Dots run on the storage dtype of Y (bf16 tensor cores for bf16
+parallelism when N * H is small (the launcher narrows it further when the programs would
+cover less than half the SMs: ``_parallel.value_tile``). Dots run on the storage dtype of Y (bf16 tensor cores for bf16
 inputs) with fp32 accumulation; the state itself stays fp32.
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 import triton
 import triton.language as tl
+
+from gdn2_kernels import _parallel
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -148,7 +151,7 @@ def state_fwd(
     B, T, H, K = Y.shape
     V = U.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    BV = config["BV"]
+    BV = _parallel.value_tile(config["BV"], N * H, V, Y.device)
     dev = Y.device
     o = torch.empty(B, T, H, V, dtype=Y.dtype, device=dev) if store_o else None
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None

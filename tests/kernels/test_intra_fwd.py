@@ -34,12 +34,15 @@ class IntraCase:
     b_max: float = 1.0
     cu_seqlens: tuple[int, ...] | None = None
     precision: str = "ieee"
+    inverse: str = "substitution"
 
     def label(self) -> str:
         s = (f"B{self.B}-T{self.T}-H{self.H}-K{self.K}-V{self.V}-BT{self.BT}-BC{self.BC}"
              f"-BK{self.BK}-BV{self.BV}-{short_dtype_name(self.dtype)}-{self.decay}-b{self.b_max:g}")
         if self.precision != "ieee":
             s += f"-{self.precision}"
+        if self.inverse != "substitution":
+            s += f"-{self.inverse}"
         return s + ("-varlen" if self.cu_seqlens else "")
 
 
@@ -59,6 +62,15 @@ CASES = [
     IntraCase(2, 40, 1, 32, 48, BT=32, dtype=torch.bfloat16),
     IntraCase(1, 50, 1, 32, 32, BT=16, dtype=torch.float16, decay="strong"),
     IntraCase(1, 70, 1, 32, 32, BT=64, precision="tf32x3"),
+    # the doubling inverse of the diagonal blocks, on the same range of cases
+    IntraCase(2, 50, 2, 48, 40, BT=16, BK=16, BV=16, inverse="doubling"),
+    IntraCase(1, 70, 1, 40, 24, BT=32, BC=32, BK=16, BV=32, decay="strong", b_max=2.0,
+              inverse="doubling"),
+    IntraCase(1, 150, 1, 24, 40, BT=128, BC=32, BK=16, BV=32, inverse="doubling"),
+    IntraCase(1, 100, 1, 48, 32, BT=64, BC=32, BK=16, cu_seqlens=(0, 1, 66, 100), decay="strong",
+              inverse="doubling"),
+    IntraCase(2, 40, 1, 32, 48, BT=32, BC=32, dtype=torch.bfloat16, precision="tf32x3",
+              inverse="doubling"),
 ]
 
 
@@ -66,7 +78,8 @@ def run_stage(case: IntraCase):
     x = make_inputs(case.B, case.T, case.H, case.K, case.V, case.dtype, decay=case.decay,
                     b_max=case.b_max, cu_seqlens=list(case.cu_seqlens) if case.cu_seqlens else None)
     cfg = get_spec("intra_fwd").config({"BT": case.BT, "BC": case.BC, "BK": case.BK,
-                                        "BV": case.BV, "SOLVE_PRECISION": case.precision})
+                                        "BV": case.BV, "SOLVE_PRECISION": case.precision,
+                                        "DIAG_INVERSE": case.inverse})
     scale = case.K ** -0.5
     idx = _varlen.chunk_indices(x.cu_seqlens, case.BT) if x.cu_seqlens is not None else None
     g_cum, A, A_qk, Y, U, Qg, Kt, gC = intra_fwd(x.q, x.k, x.v, x.g, x.b, x.w, scale,
@@ -99,3 +112,4 @@ def test_intra_fwd_matches_stage_reference(case: IntraCase):
 def test_intra_fwd_every_spec_chunk_size_is_covered():
     assert {c.BT for c in CASES} == set(get_spec("intra_fwd").param("BT").values)
     assert {c.BC for c in CASES} == set(get_spec("intra_fwd").param("BC").values)
+    assert {c.inverse for c in CASES} == set(get_spec("intra_fwd").param("DIAG_INVERSE").values)

@@ -1,0 +1,46 @@
+"""Launch-time parallelism of the serial passes: the value tile of the state kernels.
+
+``state_fwd``, ``state_bwd`` and ``recurrent_fwd`` run one program per (sequence, head, value
+tile) and walk the sequence serially, so with few sequences x heads (one 16K-token sequence,
+batch-1 decoding) the tuned ``BV`` can leave most SMs idle while each program walks a long chain.
+The launcher then halves ``BV`` (never below ``MIN_BV``) until the programs cover at least half
+of the SMs. Value tiles are independent (each column of the state is its own recurrence over the
+key axis), so the results are bitwise the same; only the schedule changes.
+
+Measured on an H200 (``bench/results/2026-11-26_NVIDIA_H200_variants.json``): at 1 x 16384,
+H = 16, BV 64 -> 16 took state_bwd from 2.56 to 1.97 ms and state_fwd from 0.86 to 0.65 ms; at
+8 x 2048 (256 programs at BV = 64) BV = 16 was 2.7x slower, which the rule leaves alone.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+MIN_BV = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device; None for the CPU (interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def narrowed_value_tile(BV: int, rows: int, V: int, sms: int) -> int:
+    """Halve ``BV`` while ``rows * cdiv(V, BV)`` programs cover fewer than ``sms / 2`` SMs."""
+    while BV > MIN_BV and rows * triton.cdiv(V, BV) * 2 < sms:
+        BV //= 2
+    return BV
+
+
+def value_tile(BV: int, rows: int, V: int, device: torch.device) -> int:
+    """The ``BV`` to launch with: the tuned one, narrowed when ``rows`` (N * H) is small."""
+    sms = sm_count(device)
+    return BV if sms is None else narrowed_value_tile(BV, rows, V, sms)
