@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gdn2_kernels import _precision
+
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
 
@@ -366,5 +368,6 @@ def intra_bwd(
         SOLVE_PRECISION=config["SOLVE_PRECISION"],
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
+        **_precision.launch_options(k.dtype),
     )
     return dq, dk, dv, dg, db, dw

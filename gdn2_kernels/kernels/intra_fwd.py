@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2_kernels import _varlen
+from gdn2_kernels import _precision, _varlen
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -307,5 +307,6 @@ def intra_fwd(
         DIAG_INVERSE=config["DIAG_INVERSE"], LOG2_BC=config["BC"].bit_length() - 1,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
+        **_precision.launch_options(k.dtype),
     )
     return g_cum, A, A_qk, Y, U, Qg, Kt, gC

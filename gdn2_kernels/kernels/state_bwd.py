@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2_kernels import _parallel
+from gdn2_kernels import _parallel, _precision
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -172,5 +172,6 @@ def state_bwd(
         STORE_DH0=store_dh0,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
+        **_precision.launch_options(do.dtype),
     )
     return R, dR, dh, dh0

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2_kernels import _parallel
+from gdn2_kernels import _parallel, _precision
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -169,5 +169,6 @@ def state_fwd(
         STORE_O=store_o,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
+        **_precision.launch_options(Y.dtype),
     )
     return o, ht, h
