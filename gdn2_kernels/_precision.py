@@ -1,22 +1,23 @@
-"""Default dot precision of the chunk kernels for fp32 inputs.
+"""Precision of the chunk kernels' dots that have no tuned precision (``DOT_PRECISION``).
 
-Triton runs an fp32 ``tl.dot`` on TF32 tensor cores unless told otherwise (a 10-bit mantissa).
-With fp32 inputs that left ``chunk_gdn2`` about 1.8e-3 relative RMS from the fp64 reference at
-T = 1000 on an H200 (``gdn2 verify --backward``, 2026-11-26), above the fp32 tolerance of 1e-3.
-For fp32 storage the launchers therefore compile the kernels with ``tf32x3`` (split precision,
-fp32-level accuracy) as the default dot precision; dots that name a precision
-(``SOLVE_PRECISION``) keep theirs, and bf16 / fp16 operands are not affected. The interpreter
-computes fp32 dots exactly and ignores the option.
+Triton runs an fp32 ``tl.dot`` on TF32 tensor cores unless the call names another precision (a
+10-bit mantissa). With fp32 inputs that left ``chunk_gdn2`` 1.8e-3 relative RMS from the fp64
+reference at B=2, T=1000, H=4, K=64, V=96 on an H200, above the fp32 tolerance of 1e-3; with
+every dot at IEEE precision it was 2.5e-7 (``scripts/device_fp32_check.py``, 2026-11-26; a
+compile option ``default_dot_input_precision`` had no effect: ``tl.dot`` resolves its default
+before the backend sees it). So each such dot names ``DOT_PRECISION`` explicitly: ``tf32x3``
+(split precision, fp32-level accuracy) for fp32 storage, and for bf16 / fp16 storage ``tf32``,
+which is what those kernels compiled with before (their fp32-operand dots were tuned and
+verified that way). Dots with a tuned precision (``SOLVE_PRECISION``) keep it.
 """
 from __future__ import annotations
 
 import torch
 
 FP32_DOT_PRECISION = "tf32x3"
+DEFAULT_DOT_PRECISION = "tf32"
 
 
-def launch_options(dtype: torch.dtype) -> dict[str, str]:
-    """Extra compile options for a launch whose inputs are stored in ``dtype``."""
-    if dtype == torch.float32:
-        return {"default_dot_input_precision": FP32_DOT_PRECISION}
-    return {}
+def dot_precision(dtype: torch.dtype) -> str:
+    """``DOT_PRECISION`` for a launch whose inputs are stored in ``dtype``."""
+    return FP32_DOT_PRECISION if dtype == torch.float32 else DEFAULT_DOT_PRECISION

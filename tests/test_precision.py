@@ -1,4 +1,4 @@
-"""fp32 inputs compile the chunk kernels with split-precision dots (``gdn2_kernels._precision``)."""
+"""fp32 inputs run the chunk kernels' dots at split precision (``gdn2_kernels._precision``)."""
 from __future__ import annotations
 
 import torch
@@ -9,9 +9,10 @@ from gdn2_kernels.reference import naive_recurrent_gdn2
 
 
 def test_fp32_launches_ask_for_split_precision_dots():
-    assert _precision.launch_options(torch.float32) == {"default_dot_input_precision": "tf32x3"}
-    assert _precision.launch_options(torch.bfloat16) == {}
-    assert _precision.launch_options(torch.float16) == {}
+    assert _precision.dot_precision(torch.float32) == "tf32x3"
+    # 16-bit storage keeps the precision its kernels were tuned and verified with.
+    assert _precision.dot_precision(torch.bfloat16) == "tf32"
+    assert _precision.dot_precision(torch.float16) == "tf32"
 
 
 def test_fp32_forward_and_backward_run_with_the_option():

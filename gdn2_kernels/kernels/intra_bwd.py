@@ -80,6 +80,7 @@ def _intra_bwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     SOLVE_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     tl.static_assert(BT % BC == 0, "BC must divide BT")
@@ -144,9 +145,9 @@ def _intra_bwd_kernel(
         b_dR = tl.load(dR + p_v, mask=m_tv, other=0.).to(tl.float32)
         b_v = tl.load(v + p_v, mask=m_tv, other=0.).to(tl.float32)
         b_w = tl.load(w + p_v, mask=m_tv, other=0.).to(tl.float32)
-        b_dAqk += tl.dot(b_do, tl.trans(b_R.to(b_do.dtype)))
-        b_dA += tl.dot(b_dR, tl.trans(b_w * b_v))
-        b_dZ = tl.dot(tl.trans(b_A), b_dR)
+        b_dAqk += tl.dot(b_do, tl.trans(b_R.to(b_do.dtype)), input_precision=DOT_PRECISION)
+        b_dA += tl.dot(b_dR, tl.trans(b_w * b_v), input_precision=DOT_PRECISION)
+        b_dZ = tl.dot(tl.trans(b_A), b_dR, input_precision=DOT_PRECISION)
         tl.store(dv + p_v, (b_dZ * b_w).to(dv.dtype.element_ty), mask=m_tv)
         tl.store(dw + p_v, (b_dZ * b_v).to(dw.dtype.element_ty), mask=m_tv)
     b_dAqk = tl.where(o_j[:, None] >= o_j[None, :], b_dAqk, 0.) * scale
@@ -175,9 +176,9 @@ def _intra_bwd_kernel(
             b_R = tl.load(R + p_v, mask=m_tv, other=0.)
             b_dR = tl.load(dR + p_v, mask=m_tv, other=0.)
             dt = b_do.dtype
-            b_dQg += tl.dot(b_do, tl.trans(b_S.to(dt)))
-            b_dY -= tl.dot(b_dR.to(dt), tl.trans(b_S.to(dt)))
-            b_dKt += tl.dot(b_R.to(dt), tl.trans(b_dS.to(dt)))
+            b_dQg += tl.dot(b_do, tl.trans(b_S.to(dt)), input_precision=DOT_PRECISION)
+            b_dY -= tl.dot(b_dR.to(dt), tl.trans(b_S.to(dt)), input_precision=DOT_PRECISION)
+            b_dKt += tl.dot(b_R.to(dt), tl.trans(b_dS.to(dt)), input_precision=DOT_PRECISION)
             b_dD += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), 1)
         b_G = tl.load(g_cum + p_k, mask=m_tk, other=0.)
         b_k = tl.load(k + p_k, mask=m_tk, other=0.).to(tl.float32)
@@ -186,9 +187,9 @@ def _intra_bwd_kernel(
         b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
         b_gam = tl.exp(b_G)
         b_Eb = b_b * b_k * b_gam                                                    # E_bar
-        b_dA += tl.dot(b_dY, tl.trans(b_Eb))
+        b_dA += tl.dot(b_dY, tl.trans(b_Eb), input_precision=DOT_PRECISION)
         b_At = tl.load(A + p_A, mask=m_t[:, None], other=0.)
-        b_dEb = tl.dot(tl.trans(b_At), b_dY)
+        b_dEb = tl.dot(tl.trans(b_At), b_dY, input_precision=DOT_PRECISION)
         b_tail = tl.where(m_tk, tl.exp(b_Gl[None, :] - b_G), 0.)
         b_Kt = b_k * b_tail
         b_dG = b_q * b_gam * scale * b_dQg + b_Eb * b_dEb - b_Kt * b_dKt
@@ -244,13 +245,13 @@ def _intra_bwd_kernel(
                 b_ka = tl.where(m_s[:, None], b_ks * tl.exp(tl.where(m_s[:, None],
                                                                       b_Ga[None, :] - b_Gs, 0.)), 0.)
                 b_dEp = b_dr * tl.dot(b_W1, b_ka, input_precision=SOLVE_PRECISION)
-                b_dqp = b_dr * tl.dot(b_W2, b_ka)
+                b_dqp = b_dr * tl.dot(b_W2, b_ka, input_precision=DOT_PRECISION)
             else:
                 m_s = (o_j < c0) & m_t
                 b_ka = tl.where(m_s[:, None], b_ks * tl.exp(tl.where(m_s[:, None],
                                                                       b_Ga[None, :] - b_Gs, 0.)), 0.)
                 b_dEp = b_dr * tl.dot(b_W1, b_ka, input_precision=SOLVE_PRECISION)
-                b_dqp = b_dr * tl.dot(b_W2, b_ka)
+                b_dqp = b_dr * tl.dot(b_W2, b_ka, input_precision=DOT_PRECISION)
                 for j in range(BC):
                     m_jj = (o_c >= j) & m_r
                     p_j = (t0 + c0 + j).to(tl.int64) * (H * K) + o_k
@@ -298,7 +299,7 @@ def _intra_bwd_kernel(
             b_X1 = tl.where(m_rr[:, None], b_Es * b_xa, 0.)
             b_X2 = tl.where(m_rr[:, None], b_qs * b_xa, 0.)
             b_dkp = b_dc * (tl.dot(tl.trans(b_W1c), b_X1, input_precision=SOLVE_PRECISION)
-                            + tl.dot(tl.trans(b_W2c), b_X2))
+                            + tl.dot(tl.trans(b_W2c), b_X2, input_precision=DOT_PRECISION))
             if b_span > SAFE_SPAN:
                 for i in range(BC):
                     # Row i past T (the sequence ends inside the block) has G = 0: keep it out.
@@ -368,6 +369,6 @@ def intra_bwd(
         SOLVE_PRECISION=config["SOLVE_PRECISION"],
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
-        **_precision.launch_options(k.dtype),
+        DOT_PRECISION=_precision.dot_precision(k.dtype),
     )
     return dq, dk, dv, dg, db, dw

@@ -29,8 +29,9 @@ substitution (BC - 1 dependent row steps, each a reduction over the block) or by
 of 2, 4, ..., BC rows merged as X - X L X: log2(BC) levels of two BC x BC dots). Row block i of A
 is then ``-A_ii (T_i,<i A_<i,:)``, reading the finished rows of A back from
 this program's own output (a barrier orders the two). ``SOLVE_PRECISION`` sets the dot precision
-of the T product, of the doubling inverse and of those merges (ieee, tf32x3 = split precision, or tf32). Y and U are dots of
-the finished A with key tiles of ``BK`` and value tiles of ``BV``.
+of the T product, of the doubling inverse and of those merges (ieee, tf32x3 = split precision,
+or tf32); every other dot uses ``DOT_PRECISION`` (``_precision``: tf32x3 for fp32 inputs). Y and
+U are dots of the finished A with key tiles of ``BK`` and value tiles of ``BV``.
 
 The backward recomputes nothing from this kernel's registers: it reads A, A_qk and g_cum.
 """
@@ -81,6 +82,7 @@ def _intra_fwd_kernel(
     SOLVE_PRECISION: tl.constexpr,
     DIAG_INVERSE: tl.constexpr,
     LOG2_BC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     tl.static_assert(BT % BC == 0, "BC must divide BT")
@@ -172,12 +174,12 @@ def _intra_fwd_kernel(
             b_ds = tl.exp(tl.where(m_left[:, None], b_Ga[None, :] - b_Gs, 0.))      # <= 1 if left
             b_ks_a = tl.where(m_left[:, None], b_ks * b_ds, 0.)                     # [BT, BK]
             b_Toff += tl.dot(b_er * b_dr, tl.trans(b_ks_a), input_precision=SOLVE_PRECISION)
-            b_Qoff += tl.dot(b_qr * b_dr, tl.trans(b_ks_a))
+            b_Qoff += tl.dot(b_qr * b_dr, tl.trans(b_ks_a), input_precision=DOT_PRECISION)
 
             if b_span <= SAFE_SPAN:
                 b_kr_a = b_kr * tl.exp(tl.where(m_r[:, None], b_Ga[None, :] - b_Gr, 0.))
                 b_Td += tl.dot(b_er * b_dr, tl.trans(b_kr_a), input_precision=SOLVE_PRECISION)
-                b_Qd += tl.dot(b_qr * b_dr, tl.trans(b_kr_a))
+                b_Qd += tl.dot(b_qr * b_dr, tl.trans(b_kr_a), input_precision=DOT_PRECISION)
             else:
                 # Diagonal block, one column s at a time: exp(G_r - G_s), r >= s (2-D tiles).
                 for j in range(BC):
@@ -250,7 +252,7 @@ def _intra_fwd_kernel(
         b_q = tl.load(q + p_t, mask=m_tk, other=0.).to(tl.float32)
         b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
         b_gam = tl.exp(b_G)
-        b_Y = tl.dot(b_A, b_b * b_k * b_gam)
+        b_Y = tl.dot(b_A, b_b * b_k * b_gam, input_precision=DOT_PRECISION)
         tl.store(Y + p_t, b_Y.to(Y.dtype.element_ty), mask=m_tk)
         tl.store(Qg + p_t, (b_q * b_gam * scale).to(Qg.dtype.element_ty), mask=m_tk)
         b_Kt = tl.where(m_tk, b_k * tl.exp(b_Gl[None, :] - b_G), 0.)
@@ -262,7 +264,7 @@ def _intra_fwd_kernel(
         p_v = r_t[:, None] * (H * V) + o_v[None, :]
         b_v = tl.load(v + p_v, mask=m_tv, other=0.).to(tl.float32)
         b_w = tl.load(w + p_v, mask=m_tv, other=0.).to(tl.float32)
-        b_U = tl.dot(b_A, b_w * b_v)
+        b_U = tl.dot(b_A, b_w * b_v, input_precision=DOT_PRECISION)
         tl.store(U + p_v, b_U.to(U.dtype.element_ty), mask=m_tv)
 
 
@@ -307,6 +309,6 @@ def intra_fwd(
         DIAG_INVERSE=config["DIAG_INVERSE"], LOG2_BC=config["BC"].bit_length() - 1,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
-        **_precision.launch_options(k.dtype),
+        DOT_PRECISION=_precision.dot_precision(k.dtype),
     )
     return g_cum, A, A_qk, Y, U, Qg, Kt, gC

@@ -17,8 +17,9 @@ whole sequence, so nothing crosses programs. ``K`` is held whole, padded to a po
 (``KP``): the erase read-out ``r_t`` and the L2 norms reduce over K inside the program. The only
 tile is ``BV``: small tiles give more programs (batch 1 decode has only N * H of them per tile),
 large ones fewer loads of the K-vectors per byte of state; the launcher narrows the tuned
-``BV`` when N * H programs would cover less than half the SMs (``_parallel.value_tile``). A decode step (T = 1) is bound by the
-state traffic, ``2 * N * H * K * V * 4`` bytes; everything else is a few KB.
+``BV`` when N * H programs would cover less than half the SMs (``_parallel.value_tile``).
+A decode step (T = 1) is bound by the state traffic, ``2 * N * H * K * V * 4`` bytes;
+everything else is a few KB.
 
 This kernel has no backward: training and prefill use ``chunk_gdn2``.
 """

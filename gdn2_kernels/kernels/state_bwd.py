@@ -58,6 +58,7 @@ def _state_bwd_kernel(
     KP: tl.constexpr,
     USE_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -118,15 +119,17 @@ def _state_bwd_kernel(
         b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
 
         dt = b_Y.dtype
-        b_R = b_U - tl.dot(b_Y, b_S.to(dt))                                          # [BT, BV]
+        b_R = b_U - tl.dot(b_Y, b_S.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
         tl.store(R + p_tv, b_R.to(R.dtype.element_ty), mask=m_tv)
         b_Kt = tl.where(m_tk, b_k * tl.exp(b_Gl[None, :] - b_G), 0.).to(dt)          # [BT, KP]
         b_dSd = b_dS.to(dt)
-        b_dR = tl.dot(tl.trans(b_A).to(dt), b_do.to(dt)) + tl.dot(b_Kt, b_dSd)
+        b_dR = (tl.dot(tl.trans(b_A).to(dt), b_do.to(dt), input_precision=DOT_PRECISION)
+                + tl.dot(b_Kt, b_dSd, input_precision=DOT_PRECISION))
         tl.store(dR + p_tv, b_dR.to(dR.dtype.element_ty), mask=m_tv)
         b_Qg = (b_q * tl.exp(b_G) * scale).to(dt)
-        b_dS = (b_dS * tl.exp(b_Gl)[:, None] + tl.dot(tl.trans(b_Qg), b_do.to(dt))
-                - tl.dot(tl.trans(b_Y), b_dR.to(dt)))
+        b_dS = (b_dS * tl.exp(b_Gl)[:, None]
+                + tl.dot(tl.trans(b_Qg), b_do.to(dt), input_precision=DOT_PRECISION)
+                - tl.dot(tl.trans(b_Y), b_dR.to(dt), input_precision=DOT_PRECISION))
 
     if STORE_DH0:
         tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * K * V + p_S, b_dS, mask=m_S)
@@ -172,6 +175,6 @@ def state_bwd(
         STORE_DH0=store_dh0,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
-        **_precision.launch_options(do.dtype),
+        DOT_PRECISION=_precision.dot_precision(do.dtype),
     )
     return R, dR, dh, dh0

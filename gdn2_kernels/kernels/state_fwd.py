@@ -17,8 +17,9 @@ Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's s
 that sequence's chunks serially. ``K`` is held whole (padded to a power of two, ``KP``); the
 value axis is split into ``BV`` tiles, which is the knob that trades per-program work for
 parallelism when N * H is small (the launcher narrows it further when the programs would
-cover less than half the SMs: ``_parallel.value_tile``). Dots run on the storage dtype of Y (bf16 tensor cores for bf16
-inputs) with fp32 accumulation; the state itself stays fp32.
+cover less than half the SMs: ``_parallel.value_tile``). Dots run on the storage dtype of Y
+(bf16 tensor cores for bf16 inputs; ``DOT_PRECISION`` for fp32, see ``_precision``) with fp32
+accumulation; the state itself stays fp32.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def _state_fwd_kernel(
     STORE_HT: tl.constexpr,
     STORE_H: tl.constexpr,
     STORE_O: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -110,15 +112,16 @@ def _state_fwd_kernel(
 
         dt = b_Y.dtype
         b_Sd = b_S.to(dt)
-        b_R = b_U - tl.dot(b_Y, b_Sd)                                              # [BT, BV]
+        b_R = b_U - tl.dot(b_Y, b_Sd, input_precision=DOT_PRECISION)  # [BT, BV]
         b_Rd = b_R.to(dt)
         if STORE_O:
             b_Qg = tl.load(Qg + p_tk, mask=m_tk, other=0.)
             b_A = tl.load(A_qk + r_t[:, None] * (H * BT) + o_i[None, :], mask=m_t[:, None],
                           other=0.)
-            b_O = tl.dot(b_Qg, b_Sd) + tl.dot(b_A.to(dt), b_Rd)
+            b_O = (tl.dot(b_Qg, b_Sd, input_precision=DOT_PRECISION)
+                   + tl.dot(b_A.to(dt), b_Rd, input_precision=DOT_PRECISION))
             tl.store(o + p_tv, b_O.to(o.dtype.element_ty), mask=m_tv)
-        b_S = b_S * b_gC[:, None] + tl.dot(tl.trans(b_Kt), b_Rd)
+        b_S = b_S * b_gC[:, None] + tl.dot(tl.trans(b_Kt), b_Rd, input_precision=DOT_PRECISION)
 
     if STORE_HT:
         tl.store(ht + (i_n * H + i_h).to(tl.int64) * K * V + p_S, b_S, mask=m_S)
@@ -169,6 +172,6 @@ def state_fwd(
         STORE_O=store_o,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
-        **_precision.launch_options(Y.dtype),
+        DOT_PRECISION=_precision.dot_precision(Y.dtype),
     )
     return o, ht, h
