@@ -48,6 +48,7 @@ class Candidate:
     chunk_size: int
     workload: str  # 'fwd', 'fwd+bwd' (chunk_gdn2) or 'decode' (fused_recurrent_gdn2)
     stage: str = "kernel"  # 'kernel' (one kernel varied), 'pipeline' (final per-BT), 'default'
+    pinned: bool = False  # always in a sampled rung (the spec default, the configs in use now)
 
     def label(self) -> str:
         return self.config.label()

@@ -296,11 +296,17 @@ def _candidates(kp: KernelPlan, key: ProblemKey, arch: str, triton_version: str)
     if default in valid:  # the default first: random and halving samples always include it
         valid.remove(default)
         valid.insert(0, default)
+    # The config this GPU resolves to now (user cache or shipped profile), when it has this chunk
+    # size, is pinned too: a sampled tune never loses to the configs it would replace.
+    in_use = dispatch.resolve(key)
+    current = (in_use[kp.kernel] if in_use.source != "default"
+               and (kp.chunk_size is None or in_use.chunk_size == bt) else None)
     out = []
     for cfg in valid:
         pipe = dict(base)
         pipe[kp.kernel] = cfg
-        out.append(Candidate(kp.kernel, cfg, tuple(pipe.items()), bt, kp.workload))
+        out.append(Candidate(kp.kernel, cfg, tuple(pipe.items()), bt, kp.workload,
+                             pinned=cfg == default or cfg == current))
     return out
 
 

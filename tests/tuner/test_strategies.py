@@ -31,6 +31,35 @@ def test_random_is_seeded_and_keeps_the_default_first():
     assert a == b and len(a) == 4 and a[0] == CANDS[0].label()
 
 
+def test_samples_always_keep_pinned_candidates():
+    """The configs in use now (pinned) are in every sampled rung, whatever the seed."""
+    import dataclasses
+
+    from tuner.strategies.random import sample
+
+    cands = list(CANDS)
+    cands[9] = dataclasses.replace(cands[9], pinned=True)
+    for seed in range(5):
+        got = sample(cands, 4, seed)
+        assert len(got) == 4 and got[0] == cands[0] and cands[9] in got
+
+
+def test_tune_pins_the_config_this_gpu_resolves_to():
+    from gdn2_kernels import dispatch
+    from gdn2_kernels.configs import ProblemKey
+    from tuner.tune import _candidates
+
+    key = ProblemKey(64, 64, "float32")  # every BV of the spec fits, so the default is valid
+    plan = next(kp for kp in make_plan(TuneOptions(kernels=["state_fwd"], chunk_sizes=[32]))
+                .searches if kp.kernel == "state_fwd")
+    in_use = dispatch.default_pipeline(32).as_dict()
+    in_use["state_fwd"] = in_use["state_fwd"].replace(BV=16, num_warps=2, num_stages=1)
+    with dispatch.override(in_use):
+        cands = _candidates(plan, key, "cpu", "3.6.0")
+    pinned = [c.config for c in cands if c.pinned]
+    assert in_use["state_fwd"] in pinned and cands[0].pinned and len(pinned) == 2
+
+
 def test_halving_finds_the_fastest_and_never_advances_failures():
     fast, broken = CANDS[7].label(), CANDS[3].label()
     medians = {fast: 0.5, broken: None, CANDS[5].label(): 0.9}

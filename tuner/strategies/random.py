@@ -14,12 +14,15 @@ OPTIONS: tuple[StrategyOption, ...] = (
 
 
 def sample(space: Sequence[Candidate], n: int, seed: int) -> list[Candidate]:
-    """``n`` candidates of ``space`` (all if it is smaller), the spec default always first."""
+    """``n`` candidates of ``space`` (all if it is smaller): the spec default (first) and every
+    pinned candidate always, then a seeded draw of the rest."""
     space = list(space)
     if n >= len(space):
         return space
+    keep = [c for i, c in enumerate(space) if i == 0 or c.pinned]
+    rest = [c for i, c in enumerate(space) if i != 0 and not c.pinned]
     rng = _random.Random(seed)
-    return [space[0]] + rng.sample(space[1:], max(0, n - 1))
+    return keep + rng.sample(rest, max(0, min(len(rest), n - len(keep))))
 
 
 def random(space: Sequence[Candidate], evaluator: Evaluator, budget: Budget, n: int = 16,
