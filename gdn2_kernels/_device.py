@@ -37,6 +37,18 @@ def arch(index: int = 0) -> str:
     return "cpu"
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of the CUDA device ``device``; None for the CPU (interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def sanitize_gpu_name(name: str) -> str:
     """File-system and vLLM friendly form: 'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3'."""
     return "".join(c if c.isalnum() or c in "-." else "_" for c in name.strip())

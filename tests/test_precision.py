@@ -15,9 +15,9 @@ def test_fp32_launches_ask_for_split_precision_dots():
     assert _precision.dot_precision(torch.float16) == "tf32"
 
 
-def test_fp32_forward_and_backward_run_with_the_option():
-    """The option reaches every chunk launcher (the interpreter accepts it) and fp32 stays exact."""
-    x = make_inputs(1, 40, 2, 32, 32, torch.float32, with_h0=True, seed=5)
+def test_fp32_forward_and_backward_run_with_dot_precision():
+    """DOT_PRECISION reaches every chunk launcher (the interpreter accepts it); fp32 stays exact."""
+    x = make_inputs(1, 40, 2, 32, 32, torch.float32, with_h0=True)
     xi = x.to(torch.float32, requires_grad=True)
     o, ht = chunk_gdn2(xi.q, xi.k, xi.v, xi.g, xi.b, xi.w, initial_state=xi.h0,
                        output_final_state=True)
