@@ -376,6 +376,27 @@ def shipped_profile_path(gpu_name: str) -> Path:
     return profiles_dir() / profile_filename(gpu_name)
 
 
+def shipped_configs(kernel: str, key: ProblemKey) -> list[KernelConfig]:
+    """The configs every shipped profile (any GPU) holds for ``kernel`` at exactly ``key``.
+
+    The tuner seeds its samples with them: a config that won on a sibling GPU is a strong
+    candidate here, and it is still verified and timed on this GPU before it can win. Unreadable
+    profiles are skipped (``gdn2 info`` reports them).
+    """
+    out: list[KernelConfig] = []
+    for path in sorted(profiles_dir().glob("*.json")):
+        try:
+            cache = read(path)
+        except CacheError:
+            continue
+        for e in cache.entries:
+            if e.kernel == kernel and e.problem_key() == key:
+                cfg = e.kernel_config()
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
 @dataclass(frozen=True)
 class SourceInfo:
     """One place configs may come from, in precedence order, and its state on this machine."""

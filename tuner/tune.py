@@ -298,15 +298,18 @@ def _candidates(kp: KernelPlan, key: ProblemKey, arch: str, triton_version: str)
         valid.insert(0, default)
     # The config this GPU resolves to now (user cache or shipped profile), when it has this chunk
     # size, is pinned too: a sampled tune never loses to the configs it would replace.
+    # So are the configs the shipped profiles of every GPU hold for this key (winners on a sibling
+    # GPU are strong seeds); all of them are verified and timed here like any other candidate.
     in_use = dispatch.resolve(key)
-    current = (in_use[kp.kernel] if in_use.source != "default"
-               and (kp.chunk_size is None or in_use.chunk_size == bt) else None)
+    pins = [default] + config_store.shipped_configs(kp.kernel, key)
+    if in_use.source != "default" and (kp.chunk_size is None or in_use.chunk_size == bt):
+        pins.append(in_use[kp.kernel])
     out = []
     for cfg in valid:
         pipe = dict(base)
         pipe[kp.kernel] = cfg
         out.append(Candidate(kp.kernel, cfg, tuple(pipe.items()), bt, kp.workload,
-                             pinned=cfg == default or cfg == current))
+                             pinned=cfg in pins))
     return out
 
 
