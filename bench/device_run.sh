@@ -9,6 +9,10 @@
 #   <date>_<GPU>_decode.json / .png   gdn2 bench, decode batch sweep
 #   <date>_<GPU>_profile.json         gdn2 profile (2x8192), plus bench.log / profile.log
 # Copy the JSON/PNG files to bench/results/ and run `python bench/render_results.py`.
+# The JSON reports are rewritten after every row and resumed (`--resume`): a run cut off by a time
+# limit keeps its rows, and running the same command again on the same machine measures only the
+# missing ones. TRITON_CACHE_AUTOTUNING=1 keeps FLA's autotune choices in the Triton cache, so the
+# second run does not autotune again.
 set -uo pipefail
 OUT=${1:?usage: bench/device_run.sh OUT_DIR [all|bench|decode|profile] [gdn2 bench options]}
 PART=${2:-all}
@@ -24,6 +28,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
+export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
 GDN2="python3 -m tuner.cli"
 
 GPU=$(python3 -c "import torch; from gdn2_kernels._device import sanitize_gpu_name; \
@@ -34,11 +39,11 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,p
 
 rc=0
 if [[ $PART == all || $PART == bench ]]; then
-  $GDN2 bench -m fwd -m fwdbwd --save "$OUT/$STEM.json" --plot "$OUT/$STEM.png" "$@" \
+  $GDN2 bench -m fwd -m fwdbwd --save "$OUT/$STEM.json" --resume --plot "$OUT/$STEM.png" "$@" \
     2>&1 | tee -a "$OUT/bench.log" || rc=1
 fi
 if [[ $PART == all || $PART == decode ]]; then
-  $GDN2 bench -m decode --save "$OUT/${STEM}_decode.json" --plot "$OUT/${STEM}_decode.png" "$@" \
+  $GDN2 bench -m decode --save "$OUT/${STEM}_decode.json" --resume --plot "$OUT/${STEM}_decode.png" "$@" \
     2>&1 | tee -a "$OUT/bench.log" || rc=1
 fi
 if [[ $PART == all || $PART == profile ]]; then

@@ -148,7 +148,9 @@ def _load_ours_decode():
     fn = getattr(ops, "fused_recurrent_gdn2", None)
     if fn is None:
         raise Unavailable("gdn2_kernels has no fused_recurrent_gdn2 yet (decode kernel)")
-    return fn
+    # As for chunk_gdn2: no per-call g check (a device sync), which no baseline pays; the layer's
+    # decode path skips it too.
+    return functools.partial(fn, validate_values=False)
 
 
 def _fla(module: str, name: str) -> Callable[[], Any]:
@@ -290,11 +292,16 @@ def _mamba_step(op, inp: ProblemInputs, mode: str) -> Step:
         return _step(mode, lambda t: op.chunk_scan(t["x"], t["dt"], t["A"], t["B"], t["C"],
                                                    chunk), x)
     m_heads, p, n = x["state"].shape[1:]
+    # Per-head dt, A and dt_bias broadcast over the head dim with stride 0, as Mamba-2's own decode
+    # step passes them: selective_state_update then takes its tied-head-dim path, which reads
+    # dt_bias's strides (so dt_bias must be given; zeros leave dt unchanged).
+    dt_bias = torch.zeros(m_heads, device=x["dt"].device, dtype=torch.float32)[:, None].expand(-1, p)
 
     def fwd(t):
         dt = t["dt"][:, 0, :, None].expand(-1, -1, p)
         A = t["A"][:, None, None].expand(-1, p, n)
-        return op.state_update(t["state"], t["x"][:, 0], dt, A, t["B"][:, 0], t["C"][:, 0])
+        return op.state_update(t["state"], t["x"][:, 0], dt, A, t["B"][:, 0], t["C"][:, 0],
+                               dt_bias=dt_bias)
     return _step(mode, fwd, x)
 
 

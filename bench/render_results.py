@@ -48,6 +48,9 @@ def render_bench(d: dict, png: str | None) -> list[str]:
     if c:
         lines.append(f"Ceilings measured in the same run: bf16 matmul {c['matmul_tflops']:.0f} "
                      f"TFLOP/s, device copy {c['copy_gbps']:.0f} GB/s (read + write).")
+    for note in (d.get("note"), (d.get("merged_from") or {}).get("note")):
+        if note:
+            lines.append(f"Note: {note}")
     o = d["options"]
     lines += [f"H = {o['H']}, D = {o['D']}, {o['dtype']}; median of `triton.testing.do_bench` "
               f"runs with the L2 flushed, warm-up and autotuning excluded.", ""]

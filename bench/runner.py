@@ -8,9 +8,12 @@ goes on.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
+import os
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -149,8 +152,16 @@ def _mb(n: int | None) -> float | None:
 
 def run_bench(options: BenchOptions = BenchOptions(), measurer: Measurer | None = None,
               registry: Registry | None = None, provenance: dict | None = None,
-              progress: Callable[[str], None] | None = None) -> BenchReport:
-    """Benchmark every selected provider; unavailable ones are rows with the reason."""
+              progress: Callable[[str], None] | None = None,
+              checkpoint: Callable[[BenchReport], None] | None = None,
+              resume: Sequence[BenchRow] = ()) -> BenchReport:
+    """Benchmark every selected provider; unavailable ones are rows with the reason.
+
+    ``checkpoint``, when given, receives the report of the rows finished so far after each row
+    (``gdn2 bench --save`` writes it, so an interrupted run keeps what it measured). Rows in
+    ``resume`` (an earlier report's, same H/D/dtype) are kept instead of re-measured; their
+    derived metrics are recomputed against this run's ceilings.
+    """
     from bench.provenance import collect
 
     for mode in options.modes:
@@ -170,16 +181,28 @@ def run_bench(options: BenchOptions = BenchOptions(), measurer: Measurer | None 
     say = progress or (lambda _msg: None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
+    prov = provenance if provenance is not None else collect()
+
+    def _report(finished: list[BenchRow]) -> BenchReport:
+        fill_speedups(finished, {p.name for p in providers if p.baseline})
+        created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        return BenchReport(SCHEMA_VERSION, created, options, prov, ceilings, statuses,
+                           list(finished))
+
+    done = {(r.provider, r.key): r for r in resume}
     rows: list[BenchRow] = []
-    for mode in options.modes:
-        for shape in options.shapes_for(mode):
+    for mode in dict.fromkeys(options.modes):
+        for shape in dict.fromkeys(options.shapes_for(mode)):
             inputs = ProblemInputs(shape, device, options.seed)
             for p in providers:
                 if mode not in p.modes:
                     continue
                 row = BenchRow(p.name, mode, shape.B, shape.T, shape.context, SKIPPED)
                 op, reason = ops[p.name]
-                if op is None:
+                if (p.name, row.key) in done:
+                    row = dataclasses.replace(done[(p.name, row.key)], speedup={})
+                    say(f"{mode} {shape.label()} {p.name}: kept from the resumed report")
+                elif op is None:
                     row.status, row.reason = UNAVAILABLE, reason
                 else:
                     say(f"{mode} {shape.label()} {p.name}")
@@ -187,11 +210,10 @@ def run_bench(options: BenchOptions = BenchOptions(), measurer: Measurer | None 
                 if row.status == OK:
                     fill_metrics(row, p.family, shape, ceilings)
                 rows.append(row)
+                if checkpoint is not None:
+                    checkpoint(_report(rows))
             del inputs
-    fill_speedups(rows, {p.name for p in providers if p.baseline})
-    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    prov = provenance if provenance is not None else collect()
-    return BenchReport(SCHEMA_VERSION, created, options, prov, ceilings, statuses, rows)
+    return _report(rows)
 
 
 def report_dict(report: BenchReport) -> dict:
@@ -199,6 +221,19 @@ def report_dict(report: BenchReport) -> dict:
     d = asdict(report)
     d["rows"] = [{**asdict(r), "label": f"{r.B}x{r.T}"} for r in report.rows]
     return d
+
+
+def rows_from_json(path: str | os.PathLike, options: BenchOptions) -> list[BenchRow]:
+    """The rows of a saved report (``--save``), to resume; its problem must match ``options``."""
+    with open(path) as f:
+        data = json.load(f)
+    saved = data.get("options", {})
+    for name in ("H", "D", "dtype", "seed", "decode_context"):
+        if name in saved and saved[name] != getattr(options, name):
+            raise ValueError(f"cannot resume {path}: it was run with {name}={saved[name]!r}, "
+                             f"this run has {name}={getattr(options, name)!r}")
+    names = {f.name for f in dataclasses.fields(BenchRow)}
+    return [BenchRow(**{k: v for k, v in r.items() if k in names}) for r in data.get("rows", [])]
 
 
 def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import warnings
 
@@ -124,19 +125,31 @@ def bench(
                                        help="only these providers (repeat); default all"),
     rep_ms: int = typer.Option(200, help="timing budget per row (ms) for do_bench"),
     mamba_src: str = typer.Option(None, help="folder holding mamba_ssm/ (Triton SSD sources)"),
-    save: str = typer.Option(None, help="also write the JSON report to this file"),
+    save: str = typer.Option(None, help="also write the JSON report to this file (rewritten "
+                                        "after every row, so an interrupted run keeps its rows)"),
+    resume: bool = typer.Option(False, help="keep the rows already in the --save file and "
+                                            "measure only the missing ones"),
     plot: str = typer.Option(None, help="write tokens/s plots to this PNG (needs matplotlib)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Time chunk_gdn2 against FLA, SDPA (flash, cuDNN) and Mamba-2 on the same inputs."""
     from bench import report as render
-    from bench.runner import BenchOptions, parse_ints, parse_shapes, run_bench
+    from bench.runner import BenchOptions, parse_ints, parse_shapes, rows_from_json, run_bench
 
     opts = BenchOptions(modes=tuple(mode), shapes=parse_shapes(shapes), H=heads, D=dim,
                         dtype=dtype, decode_batches=parse_ints(decode_batches, "--decode-batches"),
-                        decode_context=decode_context, providers=tuple(provider) or None,
+                        decode_context=decode_context, providers=tuple(provider or ()) or None,
                         rep_ms=rep_ms, mamba_src=mamba_src)
-    report = run_bench(opts, progress=lambda msg: err_console.print(f"[dim]{msg}[/dim]"))
+    kept = []
+    if resume:
+        if not save:
+            raise typer.BadParameter("--resume needs --save FILE (the report to continue)")
+        if os.path.exists(save):
+            kept = rows_from_json(save, opts)
+            err_console.print(f"resuming {save}: {len(kept)} rows kept")
+    report = run_bench(opts, progress=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
+                       checkpoint=(lambda part: render.save_json(part, save)) if save else None,
+                       resume=kept)
     if save:
         render.save_json(report, save)
     if plot:

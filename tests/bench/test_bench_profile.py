@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -58,3 +59,21 @@ def test_cli_bench_json_lists_unavailable_providers(monkeypatch):
     assert set(st) == {"fla-gdn2", "mamba2"}
     if not st["fla-gdn2"]["available"]:
         assert st["fla-gdn2"]["reason"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="every provider is unavailable only on CPU")
+def test_cli_bench_without_provider_option_runs_every_provider_and_resumes(monkeypatch, tmp_path):
+    """No -p means the whole registry; --save is resumable and --resume needs --save."""
+    from tuner.cli import app
+
+    monkeypatch.setattr("bench.provenance.collect", lambda: {"gpu": {"name": None}})
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["bench", "--shapes", "1x64", "-m", "fwd", "--save", str(out)])
+    assert res.exit_code == 0, res.output
+    names = {r["provider"] for r in json.loads(out.read_text())["rows"]}
+    assert {"gdn2", "fla-gdn2", "sdpa-flash", "mamba2"} <= names
+    res = CliRunner().invoke(app, ["bench", "--shapes", "1x64", "-m", "fwd", "--save", str(out),
+                                   "--resume"])
+    assert res.exit_code == 0 and "rows kept" in res.output, res.output
+    res = CliRunner().invoke(app, ["bench", "--resume"])
+    assert res.exit_code != 0 and "--save" in res.output

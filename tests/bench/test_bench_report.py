@@ -97,3 +97,44 @@ def test_bad_mode_and_parsers(fake_measurer, fake_registry):
     assert parse_ints("1,8,32", "b") == (1, 8, 32)
     with pytest.raises(ValueError, match="positive"):
         parse_ints("0,1", "b")
+
+
+def test_checkpoint_gets_every_finished_row(fake_measurer, fake_registry, fake_provenance,
+                                            tmp_path):
+    """An interrupted bench keeps its rows: --save is rewritten after each one."""
+    seen = []
+    path = tmp_path / "partial.json"
+
+    def checkpoint(part):
+        seen.append(len(part.rows))
+        render.save_json(part, path)
+
+    rep = run_bench(OPTS, measurer=fake_measurer, registry=fake_registry,
+                    provenance=fake_provenance, checkpoint=checkpoint)
+    assert seen == list(range(1, len(rep.rows) + 1))
+    assert json.loads(path.read_text())["rows"] == json.loads(render.to_json(rep))["rows"]
+
+
+def test_resume_keeps_saved_rows_and_measures_the_rest(fake_measurer, fake_registry,
+                                                       fake_provenance, tmp_path):
+    from bench.runner import rows_from_json
+
+    first = run_bench(BenchOptions(modes=("fwd",), shapes=((4, 1024),)), measurer=fake_measurer,
+                      registry=fake_registry, provenance=fake_provenance)
+    path = render.save_json(first, tmp_path / "r.json")
+    kept = rows_from_json(path, OPTS)
+    for r in kept:  # mark the saved rows so reuse is visible
+        if r.ms is not None:
+            r.ms *= 10
+    rep = run_bench(BenchOptions(modes=("fwd", "fwd"), shapes=((4, 1024), (1, 8192))),
+                    measurer=fake_measurer, registry=fake_registry,
+                    provenance=fake_provenance, resume=kept)
+    keys = [(r.provider, r.mode, r.B, r.T) for r in rep.rows]
+    assert len(keys) == len(set(keys))  # a repeated mode is measured once
+    for r in rep.rows:
+        old = next((k for k in kept if (k.provider, k.key) == (r.provider, r.key)), None)
+        if old is not None and old.ms is not None:
+            assert r.ms == old.ms and r.tokens_per_s is not None
+    assert {r.T for r in rep.rows} == {1024, 8192}
+    with pytest.raises(ValueError, match="H=16"):
+        rows_from_json(path, BenchOptions(H=8))
