@@ -10,6 +10,7 @@ import warnings
 CACHE_DIR_VAR = "GDN2_CACHE_DIR"
 CONFIG_FILE_VAR = "GDN2_CONFIG_FILE"
 INTERPRET_VAR = "TRITON_INTERPRET"
+COMPILE_AHEAD_VAR = "GDN2_COMPILE_AHEAD"
 
 
 def interpreter_requested() -> bool:
@@ -45,3 +46,9 @@ def config_file() -> str | None:
 
 def cache_dir() -> str:
     return os.environ.get(CACHE_DIR_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "gdn2")
+
+
+def compile_ahead_enabled() -> bool:
+    """Whether a first call compiles all its kernels ahead in parallel (``GDN2_COMPILE_AHEAD``,
+    default on; ``0`` compiles each kernel at its first launch, one after another)."""
+    return os.environ.get(COMPILE_AHEAD_VAR, "1").lower() not in ("0", "false", "no", "off")

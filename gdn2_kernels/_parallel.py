@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from gdn2_kernels import _device
+from gdn2_kernels import _device, _launch
 
 MIN_BV = 16
 
@@ -30,5 +30,5 @@ def narrowed_value_tile(BV: int, rows: int, V: int, sms: int) -> int:
 
 def value_tile(BV: int, rows: int, V: int, device: torch.device) -> int:
     """The ``BV`` to launch with: the tuned one, narrowed when ``rows`` (N * H) is small."""
-    sms = _device.sm_count(device)
+    sms = _device.sm_count(_launch.walk_device(device))
     return BV if sms is None else narrowed_value_tile(BV, rows, V, sms)

@@ -5,11 +5,12 @@ The API follows FLA's ``fla.ops.gdn2.chunk_gdn2`` so it can be swapped in: tenso
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from gdn2_kernels import _device, dispatch
+from gdn2_kernels import _device, _env, _launch, dispatch
 from gdn2_kernels._testing import dtype_name
 from gdn2_kernels.configs import MAX_HEAD_DIM, ProblemKey
 from gdn2_kernels.kernels.chunk_fwd import chunk_gdn2_fwd
@@ -133,12 +134,67 @@ def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_v
 # Autograd
 # ------------------------------------------------------------------------------------------------
 
+# Launch signatures already compiled ahead in this process (bounded: after that many distinct
+# shapes, new ones compile lazily as usual).
+_compiled_ahead: set[tuple] = set()
+_MAX_COMPILE_AHEAD = 64
+
+
+def _compile_ahead_walk(q, k, v, g, b, w, initial_state, opts: GDN2Options,
+                        pipe: dispatch.PipelineConfig, with_backward: bool, need_dh0: bool):
+    """The forward (and backward) launcher calls of this problem on meta tensors, for
+    ``_launch.compile_ahead``: the same shapes, dtypes, configs and flags as the real call."""
+    def walk() -> None:
+        m = _launch.meta_like
+        qm, km, vm, gm, bm, wm, h0m = (m(x) for x in (q, k, v, g, b, w, initial_state))
+        q_rstd = k_rstd = None
+        if opts.use_qk_l2norm_in_kernel:
+            qm, q_rstd = l2norm_fwd(qm, pipe["l2norm_fwd"])
+            km, k_rstd = l2norm_fwd(km, pipe["l2norm_fwd"])
+        res = chunk_gdn2_fwd(qm, km, vm, gm.float(), bm, wm, opts.scale, h0m,
+                             opts.output_final_state, None, pipe.as_dict(),
+                             store_h=opts.disable_recompute)
+        if not with_backward:
+            return
+        grads = chunk_gdn2_bwd(qm, km, vm, bm, wm, res.g_cum, res.A, res.A_qk, res.Y, res.U,
+                               res.Qg, res.Kt, res.gC, res.h, opts.scale, h0m, m(res.o), m(res.ht),
+                               None, None, None, pipe.as_dict(), need_dh0=need_dh0)
+        if opts.use_qk_l2norm_in_kernel:
+            l2norm_bwd(qm, q_rstd, grads.dq, pipe["l2norm_bwd"])
+            l2norm_bwd(km, k_rstd, grads.dk, pipe["l2norm_bwd"])
+    return walk
+
+
+def _compile_ahead(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts: GDN2Options,
+                   pipe: dispatch.PipelineConfig):
+    """``_launch.compile_ahead`` on the first call of a launch signature on a GPU, else a no-op."""
+    if (not q.is_cuda or cu_seqlens is not None or not _env.compile_ahead_enabled()
+            or torch.compiler.is_compiling() or len(_compiled_ahead) >= _MAX_COMPILE_AHEAD):
+        return contextlib.nullcontext(False)
+    with_backward = any(ctx.needs_input_grad[:7])
+    need_dh0 = initial_state is not None and ctx.needs_input_grad[6]
+    key = (tuple(q.shape), tuple(v.shape), q.dtype, g.dtype, opts, with_backward, need_dh0,
+           q.device, tuple((name, cfg.label()) for name, cfg in pipe.configs))
+    if key in _compiled_ahead:
+        return contextlib.nullcontext(False)
+    _compiled_ahead.add(key)
+    return _launch.compile_ahead(q.device, _compile_ahead_walk(
+        q, k, v, g, b, w, initial_state, opts, pipe, with_backward, need_dh0))
+
+
 class _ChunkGDN2Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts: GDN2Options):
         key = ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype))
         pipe = dispatch.resolve(key)
+        with _compile_ahead(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts, pipe):
+            return _ChunkGDN2Function._forward(ctx, q, k, v, g, b, w, initial_state, cu_seqlens,
+                                               opts, pipe)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts: GDN2Options,
+                 pipe: dispatch.PipelineConfig):
         q_rstd = k_rstd = None
         if opts.use_qk_l2norm_in_kernel:
             q, q_rstd = l2norm_fwd(q, pipe["l2norm_fwd"])

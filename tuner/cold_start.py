@@ -27,6 +27,7 @@ class ColdStart:
     second_call_s: float
     total_s: float
     note: str
+    compile_ahead: bool = True  # GDN2_COMPILE_AHEAD (kernels compiled in parallel on the first call)
 
 
 def run(B: int = 4, T: int = 4096, H: int = 16, D: int = 128, dtype: str = "bfloat16") -> ColdStart:
@@ -61,8 +62,11 @@ def run(B: int = 4, T: int = 4096, H: int = 16, D: int = 128, dtype: str = "bflo
     call()
     second = time.perf_counter() - t
     source = dispatch.resolve(ProblemKey(D, D, dtype)).source
+    from gdn2_kernels import _env
+
     return ColdStart(_device.gpu_name(), source, workload, f"B{B}-T{T}-H{H}-D{D}-{dtype}",
-                     t_import, first, second, time.perf_counter() - _T0, note)
+                     t_import, first, second, time.perf_counter() - _T0, note,
+                     _env.compile_ahead_enabled())
 
 
 def main() -> None:

@@ -9,6 +9,7 @@
 #   <GPU>.json                 the profile (cache schema) -> commit it as profiles/<GPU>.json
 #   tune.json                  `gdn2 tune --json` (searches, per-BT pipelines, speed-up, counts)
 #   cold_start.json            fresh process, empty Triton cache, first fwd+bwd with the profile
+#   cold_start_serial.json     the same with GDN2_COMPILE_AHEAD=0 (kernels compiled one by one)
 #   verify.json                `gdn2 verify --backward --json` with the profile
 #   timing.txt                 wall-clock seconds of the tune and the cold start
 # The user cache goes to $OUT/cache so the machine's ~/.cache/gdn2 is not touched.
@@ -31,6 +32,11 @@ start=$(date +%s)
 TRITON_CACHE_DIR="$cold_cache" GDN2_CONFIG_FILE="$PROFILE" $PY -m tuner.cold_start --json \
     > "$OUT/cold_start.json"
 cold_s=$(( $(date +%s) - start ))
+rm -rf "$cold_cache"
+# The same with every kernel compiled at its first launch, one after another (for comparison).
+cold_cache="$(mktemp -d)"
+TRITON_CACHE_DIR="$cold_cache" GDN2_CONFIG_FILE="$PROFILE" GDN2_COMPILE_AHEAD=0 \
+    $PY -m tuner.cold_start --json > "$OUT/cold_start_serial.json"
 rm -rf "$cold_cache"
 
 GDN2_CONFIG_FILE="$PROFILE" $PY -m tuner.cli verify --backward --json > "$OUT/verify.json" \

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2_kernels import _precision
+from gdn2_kernels import _launch, _precision
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -359,7 +359,7 @@ def intra_bwd(
     dv = torch.empty_like(v)
     dw = torch.empty_like(w)
     num_chunks = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
-    _intra_bwd_kernel[intra_bwd_grid(num_chunks, B, H)](
+    _launch.launch(_intra_bwd_kernel, intra_bwd_grid(num_chunks, B, H),
         q=q, k=k, v=v, b=b, w=w, g_cum=g_cum, A=A, h=h, dh=dh, do=do, R=R, dR=dR,
         dT_buf=dT_buf, dAqk_buf=dAqk_buf, dq=dq, dk=dk, db=db, dg=dg, dv=dv, dw=dw,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_offsets=chunk_offsets,

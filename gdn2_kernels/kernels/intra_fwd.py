@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2_kernels import _precision, _varlen
+from gdn2_kernels import _launch, _precision, _varlen
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -298,7 +298,7 @@ def intra_fwd(
     num_chunks = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
     gC = torch.empty(_varlen.num_chunks(T, B, chunk_indices, BT), H, K, dtype=torch.float32,
                      device=k.device)
-    _intra_fwd_kernel[intra_fwd_grid(num_chunks, B, H)](
+    _launch.launch(_intra_fwd_kernel, intra_fwd_grid(num_chunks, B, H),
         q=q, k=k, v=v, g=g, b=b, w=w,
         g_cum=g_cum, A=A, A_qk=A_qk, Y=Y, U=U, Qg=Qg, Kt=Kt, gC=gC,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,

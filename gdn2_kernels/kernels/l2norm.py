@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gdn2_kernels import _launch
+
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
 
@@ -59,7 +61,7 @@ def l2norm_fwd(x: torch.Tensor, config: "KernelConfig") -> tuple[torch.Tensor, t
     n_rows = x.numel() // D
     y = torch.empty_like(x)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    _l2norm_fwd_kernel[l2norm_grid(n_rows, config["BR"])](
+    _launch.launch(_l2norm_fwd_kernel, l2norm_grid(n_rows, config["BR"]),
         x=x, y=y, rstd=rstd, n_rows=n_rows, eps=L2NORM_EPS,
         D=D, DP=triton.next_power_of_2(D), BR=config["BR"], **config.launch_options())
     return y, rstd
@@ -71,7 +73,7 @@ def l2norm_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor,
     D = y.shape[-1]
     n_rows = y.numel() // D
     dx = torch.empty_like(dy)
-    _l2norm_bwd_kernel[l2norm_grid(n_rows, config["BR"])](
+    _launch.launch(_l2norm_bwd_kernel, l2norm_grid(n_rows, config["BR"]),
         y=y, rstd=rstd, dy=dy, dx=dx, n_rows=n_rows,
         D=D, DP=triton.next_power_of_2(D), BR=config["BR"], **config.launch_options())
     return dx

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2_kernels import _parallel
+from gdn2_kernels import _launch, _parallel
 from gdn2_kernels.kernels.l2norm import L2NORM_EPS
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def recurrent_fwd(
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
     ht = (torch.empty(N, H, K, V, dtype=torch.float32, device=v.device) if output_final_state
           else None)
-    _recurrent_fwd_kernel[recurrent_fwd_grid(N, H, V, BV)](
+    _launch.launch(_recurrent_fwd_kernel, recurrent_fwd_grid(N, H, V, BV),
         q=q, k=k, v=v, g=g, b=b, w=w, h0=initial_state,
         o=o, ht=ht,
         cu_seqlens=cu_seqlens,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2_kernels import _parallel, _precision
+from gdn2_kernels import _launch, _parallel, _precision
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -164,7 +164,7 @@ def state_bwd(
     dR = torch.empty_like(R)
     dh = torch.empty_like(h)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=do.device) if store_dh0 else None
-    _state_bwd_kernel[state_bwd_grid(N, H, V, BV)](
+    _launch.launch(_state_bwd_kernel, state_bwd_grid(N, H, V, BV),
         q=q, k=k, g_cum=g_cum, Y=Y, U=U, A_qk=A_qk, h=h, do=do, dht=dht,
         R=R, dR=dR, dh=dh, dh0=dh0,
         cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets,

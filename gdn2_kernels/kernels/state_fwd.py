@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2_kernels import _parallel, _precision
+from gdn2_kernels import _launch, _parallel, _precision
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -159,7 +159,7 @@ def state_fwd(
     o = torch.empty(B, T, H, V, dtype=Y.dtype, device=dev) if store_o else None
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
     h = torch.empty(num_chunks, H, K, V, dtype=Y.dtype, device=dev) if store_h else None
-    _state_fwd_kernel[state_fwd_grid(N, H, V, BV)](
+    _launch.launch(_state_fwd_kernel, state_fwd_grid(N, H, V, BV),
         Qg=Qg, Kt=Kt, gC=gC, Y=Y, U=U, A_qk=A_qk, h0=initial_state,
         o=o, ht=ht, h=h,
         cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets,
