@@ -13,8 +13,8 @@ import torch
 from gdn2_kernels import _device, _env, _launch, dispatch
 from gdn2_kernels._testing import dtype_name
 from gdn2_kernels.configs import MAX_HEAD_DIM, ProblemKey
-from gdn2_kernels.kernels.chunk_fwd import chunk_gdn2_fwd
-from gdn2_kernels.kernels.chunk_bwd import chunk_gdn2_bwd
+from gdn2_kernels.kernels.chunk_fwd import FwdResult, chunk_gdn2_fwd
+from gdn2_kernels.kernels.chunk_bwd import BwdResult, chunk_gdn2_bwd
 from gdn2_kernels.kernels.l2norm import l2norm_bwd, l2norm_fwd
 from gdn2_kernels.kernels.recurrent_fwd import recurrent_fwd
 
@@ -134,6 +134,49 @@ def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_v
 # Autograd
 # ------------------------------------------------------------------------------------------------
 
+@dataclass
+class _Saved:
+    """What the forward keeps for the backward (saved through ``ctx.save_for_backward``)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    b: torch.Tensor
+    w: torch.Tensor
+    fwd: FwdResult
+    initial_state: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None
+    q_rstd: torch.Tensor | None
+    k_rstd: torch.Tensor | None
+
+
+def _run_forward(q, k, v, g, b, w, initial_state, cu_seqlens, opts: GDN2Options,
+                 pipe: dispatch.PipelineConfig) -> _Saved:
+    """Every forward launch of one call (the autograd forward and the compile-ahead walk)."""
+    q_rstd = k_rstd = None
+    if opts.use_qk_l2norm_in_kernel:
+        q, q_rstd = l2norm_fwd(q, pipe["l2norm_fwd"])
+        k, k_rstd = l2norm_fwd(k, pipe["l2norm_fwd"])
+    res = chunk_gdn2_fwd(q, k, v, g.float(), b, w, opts.scale, initial_state,
+                         opts.output_final_state, cu_seqlens, pipe.as_dict(),
+                         store_h=opts.disable_recompute)
+    return _Saved(q, k, v, b, w, res, initial_state, cu_seqlens, q_rstd, k_rstd)
+
+
+def _run_backward(s: _Saved, do, dht, opts: GDN2Options, pipe: dispatch.PipelineConfig,
+                  need_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, BwdResult]:
+    """Every backward launch of one call: ``(dq, dk, the other gradients)``, dq/dk fp32."""
+    f = s.fwd
+    grads = chunk_gdn2_bwd(s.q, s.k, s.v, s.b, s.w, f.g_cum, f.A, f.A_qk, f.Y, f.U, f.Qg, f.Kt,
+                           f.gC, f.h, opts.scale, s.initial_state, do, dht, s.cu_seqlens,
+                           f.chunk_indices, f.chunk_offsets, pipe.as_dict(), need_dh0=need_dh0)
+    dq, dk = grads.dq, grads.dk
+    if opts.use_qk_l2norm_in_kernel:
+        dq = l2norm_bwd(s.q, s.q_rstd, dq, pipe["l2norm_bwd"])
+        dk = l2norm_bwd(s.k, s.k_rstd, dk, pipe["l2norm_bwd"])
+    return dq, dk, grads
+
+
 # Launch signatures already compiled ahead in this process (bounded: after that many distinct
 # shapes, new ones compile lazily as usual).
 _compiled_ahead: set[tuple] = set()
@@ -142,26 +185,13 @@ _MAX_COMPILE_AHEAD = 64
 
 def _compile_ahead_walk(q, k, v, g, b, w, initial_state, opts: GDN2Options,
                         pipe: dispatch.PipelineConfig, with_backward: bool, need_dh0: bool):
-    """The forward (and backward) launcher calls of this problem on meta tensors, for
-    ``_launch.compile_ahead``: the same shapes, dtypes, configs and flags as the real call."""
+    """The call's launches on meta tensors (same shapes, dtypes, configs and flags), for
+    ``_launch.compile_ahead``."""
     def walk() -> None:
         m = _launch.meta_like
-        qm, km, vm, gm, bm, wm, h0m = (m(x) for x in (q, k, v, g, b, w, initial_state))
-        q_rstd = k_rstd = None
-        if opts.use_qk_l2norm_in_kernel:
-            qm, q_rstd = l2norm_fwd(qm, pipe["l2norm_fwd"])
-            km, k_rstd = l2norm_fwd(km, pipe["l2norm_fwd"])
-        res = chunk_gdn2_fwd(qm, km, vm, gm.float(), bm, wm, opts.scale, h0m,
-                             opts.output_final_state, None, pipe.as_dict(),
-                             store_h=opts.disable_recompute)
-        if not with_backward:
-            return
-        grads = chunk_gdn2_bwd(qm, km, vm, bm, wm, res.g_cum, res.A, res.A_qk, res.Y, res.U,
-                               res.Qg, res.Kt, res.gC, res.h, opts.scale, h0m, m(res.o), m(res.ht),
-                               None, None, None, pipe.as_dict(), need_dh0=need_dh0)
-        if opts.use_qk_l2norm_in_kernel:
-            l2norm_bwd(qm, q_rstd, grads.dq, pipe["l2norm_bwd"])
-            l2norm_bwd(km, k_rstd, grads.dk, pipe["l2norm_bwd"])
+        saved = _run_forward(*(m(x) for x in (q, k, v, g, b, w, initial_state)), None, opts, pipe)
+        if with_backward:
+            _run_backward(saved, m(saved.fwd.o), m(saved.fwd.ht), opts, pipe, need_dh0)
     return walk
 
 
@@ -189,40 +219,26 @@ class _ChunkGDN2Function(torch.autograd.Function):
         key = ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype))
         pipe = dispatch.resolve(key)
         with _compile_ahead(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts, pipe):
-            return _ChunkGDN2Function._forward(ctx, q, k, v, g, b, w, initial_state, cu_seqlens,
-                                               opts, pipe)
-
-    @staticmethod
-    def _forward(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts: GDN2Options,
-                 pipe: dispatch.PipelineConfig):
-        q_rstd = k_rstd = None
-        if opts.use_qk_l2norm_in_kernel:
-            q, q_rstd = l2norm_fwd(q, pipe["l2norm_fwd"])
-            k, k_rstd = l2norm_fwd(k, pipe["l2norm_fwd"])
-        res = chunk_gdn2_fwd(q, k, v, g.float(), b, w, opts.scale, initial_state,
-                             opts.output_final_state, cu_seqlens, pipe.as_dict(),
-                             store_h=opts.disable_recompute)
-        ctx.save_for_backward(q, k, v, b, w, res.g_cum, res.A, res.A_qk, res.Y, res.U, res.Qg,
-                              res.Kt, res.gC, res.h, initial_state, cu_seqlens, res.chunk_indices,
-                              res.chunk_offsets, q_rstd, k_rstd)
+            s = _run_forward(q, k, v, g, b, w, initial_state, cu_seqlens, opts, pipe)
+        f = s.fwd
+        ctx.save_for_backward(s.q, s.k, s.v, s.b, s.w, f.g_cum, f.A, f.A_qk, f.Y, f.U, f.Qg, f.Kt,
+                              f.gC, f.h, s.initial_state, s.cu_seqlens, f.chunk_indices,
+                              f.chunk_offsets, s.q_rstd, s.k_rstd)
         ctx.opts = opts
         ctx.pipe = pipe
         ctx.g_dtype = g.dtype
-        return res.o, res.ht
+        return f.o, f.ht
 
     @staticmethod
     def backward(ctx, do, dht):
         (q, k, v, b, w, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, h0, cu_seqlens, idx, offs,
          q_rstd, k_rstd) = ctx.saved_tensors
         opts, pipe = ctx.opts, ctx.pipe
-        grads = chunk_gdn2_bwd(q, k, v, b, w, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, opts.scale, h0,
-                               do.contiguous(), dht.contiguous() if dht is not None else None,
-                               cu_seqlens, idx, offs, pipe.as_dict(),
-                               need_dh0=h0 is not None and ctx.needs_input_grad[6])
-        dq, dk = grads.dq, grads.dk
-        if opts.use_qk_l2norm_in_kernel:
-            dq = l2norm_bwd(q, q_rstd, dq, pipe["l2norm_bwd"])
-            dk = l2norm_bwd(k, k_rstd, dk, pipe["l2norm_bwd"])
+        fwd = FwdResult(None, None, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, idx, offs)
+        saved = _Saved(q, k, v, b, w, fwd, h0, cu_seqlens, q_rstd, k_rstd)
+        dq, dk, grads = _run_backward(saved, do.contiguous(),
+                                      dht.contiguous() if dht is not None else None, opts, pipe,
+                                      need_dh0=h0 is not None and ctx.needs_input_grad[6])
         return (dq.to(q.dtype), dk.to(k.dtype), grads.dv, grads.dg.to(ctx.g_dtype),
                 grads.db.to(b.dtype), grads.dw, grads.dh0, None, None)
 
