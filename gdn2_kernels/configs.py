@@ -51,6 +51,10 @@ class Param:
     doc: str
     launch: bool = False
     pipeline_wide: bool = False
+    # An algorithm choice rather than a size: the tuner also tries every pinned config (default,
+    # configs in use, shipped profiles) with each other value of it, so a sampled tune always
+    # measures the alternative algorithm on tiles known to be good.
+    algorithm: bool = False
 
 
 @dataclass(frozen=True)
@@ -296,7 +300,8 @@ INTRA_FWD = register(KernelSpec(
         Param("SOLVE_PRECISION", ("ieee", "tf32x3", "tf32"), "tf32x3",
               "precision of the dots that invert and merge the (I+T)^-1 blocks"),
         Param("DIAG_INVERSE", ("substitution", "doubling"), "substitution",
-              "diagonal-block inverse: BC-1 row steps, or log2(BC) levels of dots"),
+              "diagonal-block inverse: BC-1 row steps, or log2(BC) levels of dots",
+              algorithm=True),
         _warps(),
         _stages(),
     ),
@@ -391,6 +396,10 @@ INTRA_BWD = register(KernelSpec(
         Param("BV", (16, 32, 64), 32, "value-axis tile"),
         Param("SOLVE_PRECISION", ("ieee", "tf32x3", "tf32"), "tf32x3",
               "precision of dT = -A^T dA A^T and of the dT products"),
+        Param("PHASE_D", ("fused", "split"), "fused",
+              "pairwise VJPs in the main program (partials through memory) or in a second "
+              "launch, one program per (chunk, head, key tile), register-resident",
+              algorithm=True),
         _warps(),
         _stages(1, (1, 2)),
     ),

@@ -303,23 +303,25 @@ class GradCase(OpCase):
     dht: bool = True                # return the final state and give it an upstream gradient
     recompute: bool = True          # False: disable_recompute=True (forward keeps chunk states)
     bc: int | None = None           # BC of intra_fwd / intra_bwd; None keeps the spec default
+    phase_d: str = "fused"          # intra_bwd's PHASE_D
 
     def label(self) -> str:
         s = super().label() + ("-dht" if self.dht else "")
         s += "" if self.recompute else "-keep_h"
+        s += "" if self.phase_d == "fused" else f"-D{self.phase_d}"
         return s + (f"-BC{self.bc}" if self.bc else "")
 
 
 GRAD_CASES: list[GradCase] = [
     # every chunk size; T not a multiple of it; K != V; K, V not powers of two
-    GradCase(2, 100, 2, 32, 48, chunk=64, h0=True),
+    GradCase(2, 100, 2, 32, 48, chunk=64, h0=True, phase_d="split"),
     GradCase(1, 130, 1, 40, 24, chunk=16, recompute=False),
     GradCase(1, 130, 2, 40, 32, chunk=128, decay="weak", b_max=2.0, h0=True, bc=32),
     GradCase(1, 33, 1, 20, 12, chunk=16, b_max=2.0, dht=False),
     # strong decay (g down to -20: the exact diagonal-block paths); sequences end on a BC boundary
     GradCase(1, 64, 1, 48, 32, chunk=32, decay="strong", h0=True),
     GradCase(1, 97, 1, 48, 40, chunk=64, decay="strong", cu_seqlens=(0, 1, 1, 65, 97), bc=32,
-             recompute=False),
+             recompute=False, phase_d="split"),
     # shorter than one chunk; a single token; a custom scale
     GradCase(1, 9, 1, 16, 24, chunk=64, h0=True),
     GradCase(1, 1, 2, 32, 32, chunk=16, h0=True),
@@ -334,7 +336,8 @@ GRAD_CASES: list[GradCase] = [
              recompute=False),
     # float16 inputs (g and h0 stay float32)
     GradCase(2, 50, 1, 40, 24, chunk=32, dtype=torch.float16, b_max=2.0, h0=True),
-    GradCase(1, 64, 2, 32, 48, chunk=16, dtype=torch.float16, decay="strong", l2norm=True),
+    GradCase(1, 64, 2, 32, 48, chunk=16, dtype=torch.float16, decay="strong", l2norm=True,
+             phase_d="split"),
 ]
 
 # Strong decay with a sequence ending inside a BC sub-block: the known intra_bwd bug above.
@@ -350,6 +353,7 @@ def grad_pipeline(case: GradCase) -> contextlib.AbstractContextManager:
     if case.bc is not None:
         for name in ("intra_fwd", "intra_bwd"):
             pipe[name] = pipe[name].replace(BC=case.bc)
+    pipe["intra_bwd"] = pipe["intra_bwd"].replace(PHASE_D=case.phase_d)
     return dispatch.override(pipe)
 
 
@@ -399,6 +403,7 @@ def test_gradient_matrix_covers_the_backward_knobs():
     assert {c.chunk for c in cases} == set(CHUNK_SIZES)
     assert {c.bc for c in cases} >= {None, 32}
     assert {c.recompute for c in cases} == {True, False}
+    assert {c.phase_d for c in cases} == {"fused", "split"}
     assert {c.decay for c in cases} == {"normal", "weak", "strong"}
     assert any(c.cu_seqlens and c.h0 for c in cases) and any(c.l2norm for c in cases)
     assert any(c.T % c.chunk for c in cases) and any(not c.dht for c in cases)

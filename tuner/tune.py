@@ -304,6 +304,10 @@ def _candidates(kp: KernelPlan, key: ProblemKey, arch: str, triton_version: str)
     pins = [default] + config_store.shipped_configs(kp.kernel, key)
     if in_use.source != "default" and (kp.chunk_size is None or in_use.chunk_size == bt):
         pins.append(in_use[kp.kernel])
+    # ... and each of them with every other value of the algorithm-choice parameters.
+    for p in spec.params:
+        if p.algorithm:
+            pins += [cfg.replace(**{p.name: value}) for cfg in list(pins) for value in p.values]
     out = []
     for cfg in valid:
         pipe = dict(base)

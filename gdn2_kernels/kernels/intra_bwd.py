@@ -26,8 +26,15 @@ diagonal block rides on the same dot when the block's decay span is at most SAFE
 formed exactly one column / row at a time otherwise. dT, dA_qk and the partial gradients pass
 through global memory inside the program (ordered by barriers).
 
+``PHASE_D`` (a tunable) places phase D: ``fused`` runs it in the same program as above;
+``split`` runs it as a second launch, ``_intra_bwd_pairwise_kernel``, one program per (chunk,
+head, key tile) that keeps the whole chunk's [BT, BK] gradients in registers (row and column
+blocks become masked [BT, BT] x [BT, BK] dots) and writes each of dq, dk, db, dg once. The split
+trades a launch and a re-read of dT / dA_qk for twice the programs, no partial-gradient
+round trips and fewer live registers in the main program.
+
 Outputs are fp32 ``[B, T, H, K]`` for dq, dk, db, dg and the input dtype for dv, dw.
-Grid: ``(number of chunks, B * H)``.
+Grid: ``(number of chunks, B * H)``; with ``split``, then ``(number of chunks, B * H, K / BK)``.
 """
 from __future__ import annotations
 
@@ -43,6 +50,23 @@ if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
 
 SAFE_SPAN = tl.constexpr(60.0)
+
+
+@triton.jit
+def _chunk_of_program(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT: tl.constexpr,
+                      IS_VARLEN: tl.constexpr):
+    """(chunk index in its sequence, first token of the sequence, its length, flat chunk index)."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+        i_ch = tl.load(chunk_offsets + i_n).to(tl.int64) + i_t
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_ch = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    return i_t, bos, T, i_ch
 
 
 @triton.jit
@@ -81,21 +105,14 @@ def _intra_bwd_kernel(
     BV: tl.constexpr,
     SOLVE_PRECISION: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FUSED_D: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     tl.static_assert(BT % BC == 0, "BC must divide BT")
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = (eos - bos).to(tl.int32)
-        i_ch = tl.load(chunk_offsets + i_n).to(tl.int64) + i_t
-    else:
-        bos = i_b.to(tl.int64) * T
-        i_ch = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    i_t, bos, T, i_ch = _chunk_of_program(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets,
+                                          BT, IS_VARLEN)
     t0 = i_t * BT
 
     for_k = (bos * H + i_h) * K
@@ -208,7 +225,20 @@ def _intra_bwd_kernel(
     tl.store(dT_buf + p_A, b_dT, mask=m_t[:, None])
     tl.debug_barrier()
 
-    # Phase D: pairwise VJPs, one key tile at a time.
+    # Phase D: pairwise VJPs, one key tile at a time (or in _intra_bwd_pairwise_kernel).
+    if FUSED_D:
+        _phase_d_fused(q, k, b, g_cum, dT_buf, dAqk_buf, dq, dk, db, dg, T, t0, r_t, m_t,
+                       H, K, BT, BC, BK, SOLVE_PRECISION, DOT_PRECISION)
+
+
+@triton.jit
+def _phase_d_fused(q, k, b, g_cum, dT_buf, dAqk_buf, dq, dk, db, dg, T, t0, r_t, m_t,
+                   H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                   BK: tl.constexpr, SOLVE_PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Phase D inside the main program: sub-chunk blocks, partial gradients through memory."""
+    o_t = t0 + tl.arange(0, BT)
+    o_j = tl.arange(0, BT)
+    o_c = tl.arange(0, BC)
     n_c = tl.cdiv(tl.minimum(BT, T - t0), BC)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -325,6 +355,171 @@ def _intra_bwd_kernel(
         tl.store(dg + p_t, b_rev, mask=m_tk)
 
 
+@triton.jit
+def _intra_bwd_pairwise_kernel(
+    q,
+    k,
+    b,
+    g_cum,
+    dT_buf,
+    dAqk_buf,
+    dq,
+    dk,
+    db,
+    dg,
+    cu_seqlens,
+    chunk_indices,
+    chunk_offsets,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    BT: tl.constexpr,
+    BC: tl.constexpr,
+    BK: tl.constexpr,
+    SOLVE_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Phase D in its own launch (``PHASE_D="split"``): one program per (chunk, head, key tile).
+
+    Reads dT and dA_qk from the scratch and the partial dq, dE (in db), dk, dG of phases A-C,
+    adds the pairwise VJPs and writes the final dq, db, dk, dg of its [BT, BK] tile once. Row
+    blocks (dE, dq) and column blocks (dk) accumulate into whole-chunk register tiles: each
+    block's product is a [BT, BT] x [BT, BK] dot whose rows (or columns) outside the block are
+    masked, so there is no read-modify-write through memory and no barrier. Anchors, SAFE_SPAN
+    and the exact diagonal fallback are those of the fused phase D (module docstring).
+    Grid: ``(number of chunks, B * H, cdiv(K, BK))``.
+    """
+    tl.static_assert(BT % BC == 0, "BC must divide BT")
+    i_t, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_t, bos, T, i_ch = _chunk_of_program(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets,
+                                          BT, IS_VARLEN)
+    t0 = i_t * BT
+    for_k = (bos * H + i_h) * K
+    for_a = (bos * H + i_h) * BT
+    q += for_k
+    k += for_k
+    b += for_k
+    g_cum += for_k
+    dq += for_k
+    dk += for_k
+    db += for_k
+    dg += for_k
+    dT_buf += for_a
+    dAqk_buf += for_a
+
+    o_t = t0 + tl.arange(0, BT)
+    m_t = o_t < T
+    r_t = o_t.to(tl.int64)
+    o_j = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_t = r_t[:, None] * (H * K) + o_k[None, :]
+    p_A = r_t[:, None] * (H * BT) + o_j[None, :]
+    b_W1 = tl.load(dT_buf + p_A, mask=m_t[:, None], other=0.)                         # [BT, BT]
+    b_W2 = tl.load(dAqk_buf + p_A, mask=m_t[:, None], other=0.)
+    b_Gs = tl.load(g_cum + p_t, mask=m_tk, other=0.)                                 # [BT, BK]
+    b_ks = tl.load(k + p_t, mask=m_tk, other=0.).to(tl.float32)
+    b_qs = tl.load(q + p_t, mask=m_tk, other=0.).to(tl.float32)
+    n_c = tl.cdiv(tl.minimum(BT, T - t0), BC)
+
+    # (a) row blocks i: dE_r += dT_r. k~_i, dq_r += dA_qk_r. k~_i against the block's first row a.
+    b_dEp = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dqp = tl.zeros([BT, BK], dtype=tl.float32)
+    for i_c in range(n_c):
+        c0 = i_c * BC
+        m_blk = (o_j >= c0) & (o_j < c0 + BC) & m_t                                  # rows r
+        b_Ga = tl.load(g_cum + (t0 + c0).to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+        e_r = tl.minimum(t0 + c0 + BC, T) - 1
+        b_Ge = tl.load(g_cum + e_r.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+        b_span = tl.max(tl.where(m_k, b_Ga - b_Ge, 0.), 0)
+        b_dr = tl.exp(tl.where(m_blk[:, None], b_Gs - b_Ga[None, :], 0.))            # <= 1
+        b_W1r = tl.where(m_blk[:, None], b_W1, 0.)
+        b_W2r = tl.where(m_blk[:, None], b_W2, 0.)
+        if b_span <= SAFE_SPAN:
+            m_s = (o_j < c0 + BC) & m_t
+        else:
+            m_s = (o_j < c0) & m_t
+        b_ka = tl.where(m_s[:, None], b_ks * tl.exp(tl.where(m_s[:, None],
+                                                              b_Ga[None, :] - b_Gs, 0.)), 0.)
+        b_dEp += tl.where(m_blk[:, None],
+                          b_dr * tl.dot(b_W1r, b_ka, input_precision=SOLVE_PRECISION), 0.)
+        b_dqp += tl.where(m_blk[:, None],
+                          b_dr * tl.dot(b_W2r, b_ka, input_precision=DOT_PRECISION), 0.)
+        if b_span > SAFE_SPAN:
+            # The diagonal block exactly, one column j at a time: exp(G_r - G_j) <= 1 for r >= j.
+            for j in range(BC):
+                m_jj = m_blk & (o_j >= c0 + j)
+                p_j = (t0 + c0 + j).to(tl.int64) * (H * K) + o_k
+                m_jk = m_k & (o_k * 0 + (t0 + c0 + j) < T)
+                b_kj = tl.load(k + p_j, mask=m_jk, other=0.).to(tl.float32)
+                b_Gj = tl.load(g_cum + p_j, mask=m_jk, other=0.)
+                b_kdec = tl.where(m_jj[:, None], b_kj[None, :] * tl.exp(
+                    tl.where(m_jj[:, None], b_Gs - b_Gj[None, :], 0.)), 0.)
+                b_w1 = tl.sum(tl.where((o_j == c0 + j)[None, :], b_W1r, 0.), 1)
+                b_w2 = tl.sum(tl.where((o_j == c0 + j)[None, :], b_W2r, 0.), 1)
+                b_dEp += b_w1[:, None] * b_kdec
+                b_dqp += b_w2[:, None] * b_kdec
+
+    # dq is final here; dE finishes db and feeds dk and dG (E = b (.) k).
+    tl.store(dq + p_t, tl.load(dq + p_t, mask=m_tk, other=0.) + b_dqp, mask=m_tk)
+    b_bs = tl.load(b + p_t, mask=m_tk, other=0.).to(tl.float32)
+    b_dE = tl.load(db + p_t, mask=m_tk, other=0.) + b_dEp
+    tl.store(db + p_t, b_dE * b_ks, mask=m_tk)
+    b_Es = b_bs * b_ks
+    b_dk = tl.load(dk + p_t, mask=m_tk, other=0.) + b_dE * b_bs
+    b_dG = tl.load(dg + p_t, mask=m_tk, other=0.) + b_Es * b_dEp + b_qs * b_dqp
+
+    # (b) column blocks j: dk_s += dT^T_s . E~ + dA_qk^T_s . q~ against the block's last row.
+    b_W1t = tl.trans(b_W1)                                                           # [s, r]
+    b_W2t = tl.trans(b_W2)
+    b_dkp = tl.zeros([BT, BK], dtype=tl.float32)
+    for i_c in range(n_c):
+        c0 = i_c * BC
+        m_blk = (o_j >= c0) & (o_j < c0 + BC) & m_t                                  # columns s
+        e_c = tl.minimum(t0 + c0 + BC, T) - 1
+        b_Gb = tl.load(g_cum + e_c.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+        b_Ga = tl.load(g_cum + (t0 + c0).to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+        b_span = tl.max(tl.where(m_k, b_Ga - b_Gb, 0.), 0)
+        b_dc = tl.exp(tl.where(m_blk[:, None], b_Gb[None, :] - b_Gs, 0.))            # <= 1
+        if b_span <= SAFE_SPAN:
+            m_rr = (o_t >= t0 + c0) & m_t
+        else:
+            m_rr = (o_t > e_c) & m_t
+        b_xa = tl.exp(tl.where(m_rr[:, None], b_Gs - b_Gb[None, :], 0.))
+        b_X1 = tl.where(m_rr[:, None], b_Es * b_xa, 0.)
+        b_X2 = tl.where(m_rr[:, None], b_qs * b_xa, 0.)
+        b_W1c = tl.where(m_blk[:, None], b_W1t, 0.)
+        b_W2c = tl.where(m_blk[:, None], b_W2t, 0.)
+        b_dkp += tl.where(m_blk[:, None], b_dc * (
+            tl.dot(b_W1c, b_X1, input_precision=SOLVE_PRECISION)
+            + tl.dot(b_W2c, b_X2, input_precision=DOT_PRECISION)), 0.)
+        if b_span > SAFE_SPAN:
+            # The diagonal block exactly, one row i at a time: exp(G_i - G_s) <= 1 for s <= i.
+            for i in range(BC):
+                # Row i past T (the sequence ends inside the block) has G = 0: keep it out.
+                m_ii = m_blk & (o_j <= c0 + i) & (t0 + c0 + i < T)
+                p_i = (t0 + c0 + i).to(tl.int64) * (H * K) + o_k
+                m_ik = m_k & (o_k * 0 + (t0 + c0 + i) < T)
+                b_Gi = tl.load(g_cum + p_i, mask=m_ik, other=0.)
+                b_Ei = (tl.load(b + p_i, mask=m_ik, other=0.).to(tl.float32)
+                        * tl.load(k + p_i, mask=m_ik, other=0.).to(tl.float32))
+                b_qi = tl.load(q + p_i, mask=m_ik, other=0.).to(tl.float32)
+                b_dec = tl.where(m_ii[:, None], tl.exp(
+                    tl.where(m_ii[:, None], b_Gi[None, :] - b_Gs, 0.)), 0.)
+                b_w1 = tl.sum(tl.where((o_j == c0 + i)[None, :], b_W1c, 0.), 1)        # [s]
+                b_w2 = tl.sum(tl.where((o_j == c0 + i)[None, :], b_W2c, 0.), 1)
+                b_dkp += (b_w1[:, None] * b_Ei[None, :] + b_w2[:, None] * b_qi[None, :]) * b_dec
+    b_dk += b_dkp
+    b_dG -= b_ks * b_dkp
+    tl.store(dk + p_t, b_dk, mask=m_tk)
+    # dg = reverse cumulative sum of dG inside the chunk.
+    b_rev = tl.sum(b_dG, 0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
+    tl.store(dg + p_t, b_rev, mask=m_tk)
+
+
 def intra_bwd_grid(num_chunks: int, B: int, H: int) -> tuple[int, int]:
     return (num_chunks, B * H)
 
@@ -359,6 +554,7 @@ def intra_bwd(
     dv = torch.empty_like(v)
     dw = torch.empty_like(w)
     num_chunks = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
+    fused_d = config["PHASE_D"] == "fused"
     _launch.launch(_intra_bwd_kernel, intra_bwd_grid(num_chunks, B, H),
         q=q, k=k, v=v, b=b, w=w, g_cum=g_cum, A=A, h=h, dh=dh, do=do, R=R, dR=dR,
         dT_buf=dT_buf, dAqk_buf=dAqk_buf, dq=dq, dk=dk, db=db, dg=dg, dv=dv, dw=dw,
@@ -367,8 +563,21 @@ def intra_bwd(
         H=H, K=K, V=V,
         BT=BT, BC=config["BC"], BK=config["BK"], BV=config["BV"],
         SOLVE_PRECISION=config["SOLVE_PRECISION"],
+        DOT_PRECISION=_precision.dot_precision(k.dtype),
+        FUSED_D=fused_d,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
-        DOT_PRECISION=_precision.dot_precision(k.dtype),
     )
+    if not fused_d:
+        _launch.launch(
+            _intra_bwd_pairwise_kernel, (num_chunks, B * H, triton.cdiv(K, config["BK"])),
+            q=q, k=k, b=b, g_cum=g_cum, dT_buf=dT_buf, dAqk_buf=dAqk_buf,
+            dq=dq, dk=dk, db=db, dg=dg,
+            cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_offsets=chunk_offsets,
+            T=T, H=H, K=K, BT=BT, BC=config["BC"], BK=config["BK"],
+            SOLVE_PRECISION=config["SOLVE_PRECISION"],
+            DOT_PRECISION=_precision.dot_precision(k.dtype),
+            IS_VARLEN=cu_seqlens is not None,
+            **config.launch_options(),
+        )
     return dq, dk, dv, dg, db, dw

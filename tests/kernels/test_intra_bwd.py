@@ -45,7 +45,7 @@ STRONG_PARTIAL_CASES = [
 ]
 
 
-def run_stage(case: IntraCase, g: torch.Tensor | None = None):
+def run_stage(case: IntraCase, g: torch.Tensor | None = None, phase_d: str = "fused"):
     """(kernel outputs, reference gradients) for ``case``; ``g`` replaces the random log-decay."""
     cu = list(case.cu_seqlens) if case.cu_seqlens else None
     x = make_inputs(case.B, case.T, case.H, case.K, case.V, case.dtype, decay=case.decay,
@@ -67,7 +67,8 @@ def run_stage(case: IntraCase, g: torch.Tensor | None = None):
     idx = _varlen.chunk_indices(x.cu_seqlens, case.BT) if cu else None
     offs = _varlen.chunk_offsets(x.cu_seqlens, case.BT) if cu else None
     cfg = get_spec("intra_bwd").config({"BT": case.BT, "BC": case.BC, "BK": case.BK,
-                                        "BV": case.BV, "SOLVE_PRECISION": case.precision})
+                                        "BV": case.BV, "SOLVE_PRECISION": case.precision,
+                                        "PHASE_D": phase_d})
     dq, dk, dv, dg, db, dw = intra_bwd(x.q, x.k, x.v, x.b, x.w, g_cum, A, h, dh, do, R, dR,
                                        scale, x.cu_seqlens, idx, offs, cfg)
     outs = {"dq": dq, "dk": dk, "dv": dv, "dg": dg, "db": db, "dw": dw}
@@ -86,17 +87,20 @@ def _check(case: IntraCase, outs: dict, refs: dict) -> None:
     assert not bad, bad
 
 
+@pytest.mark.parametrize("phase_d", ["fused", "split"])
 @pytest.mark.parametrize("case", CASES)
-def test_intra_bwd_matches_stage_reference(case: IntraCase):
-    _check(case, *run_stage(case))
+def test_intra_bwd_matches_stage_reference(case: IntraCase, phase_d: str):
+    _check(case, *run_stage(case, phase_d=phase_d))
 
 
+@pytest.mark.parametrize("phase_d", ["fused", "split"])
 @pytest.mark.parametrize("case", STRONG_PARTIAL_CASES)
-def test_intra_bwd_strong_decay_sequence_ends_inside_a_subblock(case: IntraCase):
-    _check(case, *run_stage(case))
+def test_intra_bwd_strong_decay_sequence_ends_inside_a_subblock(case: IntraCase, phase_d: str):
+    _check(case, *run_stage(case, phase_d=phase_d))
 
 
-def test_intra_bwd_masked_rows_do_not_overflow():
+@pytest.mark.parametrize("phase_d", ["fused", "split"])
+def test_intra_bwd_masked_rows_do_not_overflow(phase_d: str):
     """Deterministic: g = -20 everywhere, T = 40 ends 8 rows into the second chunk's BC block.
 
     The block's decay span is 140 nats (> SAFE_SPAN, the exact path) and G at its last valid row
@@ -104,7 +108,7 @@ def test_intra_bwd_masked_rows_do_not_overflow():
     """
     case = IntraCase(1, 40, 1, 16, 16, BT=32, BC=16, BK=16, BV=16)
     g = torch.full((1, 40, 1, 16), -20.0)
-    outs, refs = run_stage(case, g=g)
+    outs, refs = run_stage(case, g=g, phase_d=phase_d)
     assert all(torch.isfinite(t).all() for t in outs.values()), \
         {n: int((~torch.isfinite(t)).sum()) for n, t in outs.items()}
     # With every channel decaying by e^-20 per token the true dg is ~1e-10 (nothing survives a

@@ -128,3 +128,18 @@ def get_spec_default(name):
     from gdn2_kernels.configs import get_spec
 
     return get_spec(name).default_config(BT=32)
+
+
+def test_tune_pins_the_other_algorithm_of_every_pinned_config():
+    """intra_fwd's DIAG_INVERSE is an algorithm choice: the default's doubling twin is pinned."""
+    from gdn2_kernels.configs import ProblemKey, get_spec
+    from tuner.tune import _candidates
+
+    key = ProblemKey(64, 64, "float32")
+    plan = next(kp for kp in make_plan(TuneOptions(kernels=["intra_fwd"], chunk_sizes=[32]))
+                .searches if kp.kernel == "intra_fwd")
+    cands = _candidates(plan, key, "cpu", "3.6.0")
+    pinned = {c.config for c in cands if c.pinned}
+    default = get_spec("intra_fwd").default_config(BT=32)
+    assert default in pinned and default.replace(DIAG_INVERSE="doubling") in pinned
+    assert get_spec("intra_bwd").param("PHASE_D").algorithm
