@@ -170,6 +170,8 @@ class KernelSpec:
     arch_rules: tuple[ArchRule, ...] = ()
     key_fields: tuple[str, ...] = ("K", "V", "dtype")
     op: str = "chunk"  # the public op that launches it: 'chunk' (chunk_gdn2) or 'recurrent'
+    # Further kernels the same launcher starts under this config, ``_<name>_<part>_kernel``.
+    parts: tuple[str, ...] = ()
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -404,6 +406,7 @@ INTRA_BWD = register(KernelSpec(
         _stages(1, (1, 2)),
     ),
     outputs=("dq", "dk", "db", "dg", "dv", "dw"),
+    parts=("pairwise",),  # phase D when PHASE_D="split"
     constraints=(
         Constraint("BC_divides_BT", "sub-chunks must tile the chunk",
                    lambda c, k: c["BC"] <= c["BT"] and c["BT"] % c["BC"] == 0),

@@ -46,20 +46,34 @@ def kernel_stems() -> dict[str, str]:
     return found
 
 
+def _part_owner() -> dict[str, str]:
+    """``<spec>_<part>`` -> spec name, for the extra kernels a spec declares in ``parts``."""
+    return {f"{s.name}_{part}": s.name for s in all_specs() for part in s.parts}
+
+
 def test_kernels_and_specs_match_one_to_one():
+    """Every kernel is a spec's own (``_<spec>_kernel``) or a declared part of one."""
     stems = kernel_stems()
     specs = {s.name for s in all_specs()}
-    assert not set(stems) - specs, f"kernels without a KernelSpec: {sorted(set(stems) - specs)}"
+    parts = _part_owner()
+    unowned = set(stems) - specs - set(parts)
+    assert not unowned, f"kernels without a KernelSpec: {sorted(unowned)}"
     assert not specs - set(stems), f"KernelSpecs without a kernel: {sorted(specs - set(stems))}"
+    assert set(parts) <= set(stems), f"declared parts without a kernel: {set(parts) - set(stems)}"
+    for part, owner in parts.items():
+        assert stems[part] == stems[owner], f"{part} must live beside {owner} ({stems[owner]})"
 
 
 def test_every_launcher_exists_with_the_kernel_stem():
-    """STYLE 8: the launcher of ``_<stem>_kernel`` is ``<stem>`` in the same module."""
+    """STYLE 8: the launcher of ``_<stem>_kernel`` is ``<stem>`` in the same module (for a part,
+    its spec's launcher)."""
     import importlib
 
+    parts = _part_owner()
     for stem, file in kernel_stems().items():
         module = importlib.import_module(f"gdn2_kernels.kernels.{file.removesuffix('.py')}")
-        assert callable(getattr(module, stem, None)), f"{file} has no launcher {stem}()"
+        launcher = parts.get(stem, stem)
+        assert callable(getattr(module, launcher, None)), f"{file} has no launcher {launcher}()"
 
 
 @pytest.mark.parametrize("spec", all_specs(), ids=lambda s: s.name)
