@@ -32,3 +32,22 @@ def value_tile(BV: int, rows: int, V: int, device: torch.device) -> int:
     """The ``BV`` to launch with: the tuned one, narrowed when ``rows`` (N * H) is small."""
     sms = _device.sm_count(_launch.walk_device(device))
     return BV if sms is None else narrowed_value_tile(BV, rows, V, sms)
+
+
+# The two-level scan (state_fwd SCAN="segmented"): segments of at least this many chunks.
+MIN_SEGMENT = 16
+
+
+def segment_chunks(programs: int, num_chunks: int, device: torch.device) -> int | None:
+    """Chunks per segment for the two-level state scan, or None to keep the serial pass.
+
+    Segments are used when the ``programs`` of the serial pass (N * H * V / BV) cover fewer than
+    half the SMs: the sequence is cut so that segments x programs make about two waves, each
+    segment at least ``MIN_SEGMENT`` chunks and at least two segments per sequence.
+    """
+    sms = _device.sm_count(_launch.walk_device(device))
+    if sms is None or programs * 2 >= sms:
+        return None
+    segments = -(-2 * sms // programs)
+    L = max(MIN_SEGMENT, -(-num_chunks // segments))
+    return L if num_chunks >= 2 * L else None

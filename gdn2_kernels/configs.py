@@ -325,6 +325,10 @@ STATE_FWD = register(KernelSpec(
     params=(
         BT,
         Param("BV", (16, 32, 64), 32, "value-axis tile of the state: programs = N*H*V/BV"),
+        Param("SCAN", ("serial", "segmented"), "serial",
+              "one serial pass over the chunks, or a two-level scan over segments when the "
+              "serial pass would leave half the SMs idle (_parallel.segment_chunks)",
+              algorithm=True),
         _warps(),
         _stages(2, (1, 2, 3, 4)),
     ),

@@ -304,6 +304,7 @@ class GradCase(OpCase):
     recompute: bool = True          # False: disable_recompute=True (forward keeps chunk states)
     bc: int | None = None           # BC of intra_fwd / intra_bwd; None keeps the spec default
     phase_d: str = "fused"          # intra_bwd's PHASE_D
+    scan: str = "serial"            # state_fwd's SCAN
 
     def label(self) -> str:
         s = super().label() + ("-dht" if self.dht else "")
@@ -354,6 +355,7 @@ def grad_pipeline(case: GradCase) -> contextlib.AbstractContextManager:
         for name in ("intra_fwd", "intra_bwd"):
             pipe[name] = pipe[name].replace(BC=case.bc)
     pipe["intra_bwd"] = pipe["intra_bwd"].replace(PHASE_D=case.phase_d)
+    pipe["state_fwd"] = pipe["state_fwd"].replace(SCAN=case.scan)
     return dispatch.override(pipe)
 
 
@@ -485,3 +487,25 @@ def test_gradients_only_for_inputs_that_require_them():
     o.sum().backward()
     assert v.grad is not None and torch.isfinite(v.grad).all()
     assert all(t.grad is None for t in (x.q, x.k, x.g, x.b, x.w, x.h0))
+
+
+def test_gradients_with_the_segmented_state_scan(monkeypatch: pytest.MonkeyPatch):
+    """state_fwd SCAN="segmented" (forced: 2 chunks per segment) in the forward and in the
+    backward's recomputation of h gives the recurrence's output and gradients."""
+    from gdn2_kernels import _parallel
+    from gdn2_kernels.kernels import state_fwd as state_fwd_module
+
+    calls = []
+    real = state_fwd_module.state_fwd_segmented
+
+    def segmented(*args, **kwargs):
+        calls.append(args[-2] if len(args) > 11 else None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_parallel, "segment_chunks", lambda programs, num_chunks, device: 2)
+    monkeypatch.setattr(state_fwd_module, "state_fwd_segmented", segmented)
+    case = GradCase(2, 100, 2, 32, 48, chunk=16, h0=True, decay="strong", scan="segmented")
+    got, want = run_grad_case(case)
+    assert len(calls) == 2  # the forward and the backward's recomputation of h
+    bad = [e for e in compare(got, want, dtype_name(case.dtype)) if not e.ok]
+    assert not bad, bad

@@ -17,12 +17,15 @@ Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's s
 that sequence's chunks serially. ``K`` is held whole (padded to a power of two, ``KP``); the
 value axis is split into ``BV`` tiles, which is the knob that trades per-program work for
 parallelism when N * H is small (the launcher narrows it further when the programs would
-cover less than half the SMs: ``_parallel.value_tile``). Dots run on the storage dtype of Y
+cover less than half the SMs: ``_parallel.value_tile``). With ``SCAN="segmented"`` (a tunable)
+and programs still covering less than half the SMs, the launcher runs a two-level scan over
+segments of the sequence instead (``state_fwd_segmented``). Dots run on the storage dtype of Y
 (bf16 tensor cores for bf16 inputs; ``DOT_PRECISION`` for fp32, see ``_precision``) with fp32
 accumulation; the state itself stays fp32.
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,6 +63,7 @@ def _state_fwd_kernel(
     STORE_HT: tl.constexpr,
     STORE_H: tl.constexpr,
     STORE_O: tl.constexpr,
+    HAS_U: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
@@ -78,7 +82,8 @@ def _state_fwd_kernel(
     Qg += (bos * H + i_h) * K
     Kt += (bos * H + i_h) * K
     Y += (bos * H + i_h) * K
-    U += (bos * H + i_h) * V
+    if HAS_U:
+        U += (bos * H + i_h) * V
     if STORE_O:
         o += (bos * H + i_h) * V
     A_qk += (bos * H + i_h) * BT
@@ -106,13 +111,14 @@ def _state_fwd_kernel(
         p_tv = r_t[:, None] * (H * V) + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_Y = tl.load(Y + p_tk, mask=m_tk, other=0.)                              # [BT, KP]
-        b_U = tl.load(U + p_tv, mask=m_tv, other=0.).to(tl.float32)               # [BT, BV]
         b_Kt = tl.load(Kt + p_tk, mask=m_tk, other=0.)
         b_gC = tl.load(gC + ((c0 + i_t) * H + i_h) * K + o_k, mask=m_k, other=0.)
 
         dt = b_Y.dtype
         b_Sd = b_S.to(dt)
-        b_R = b_U - tl.dot(b_Y, b_Sd, input_precision=DOT_PRECISION)  # [BT, BV]
+        b_R = -tl.dot(b_Y, b_Sd, input_precision=DOT_PRECISION)                     # [BT, BV]
+        if HAS_U:
+            b_R += tl.load(U + p_tv, mask=m_tv, other=0.).to(tl.float32)
         b_Rd = b_R.to(dt)
         if STORE_O:
             b_Qg = tl.load(Qg + p_tk, mask=m_tk, other=0.)
@@ -150,28 +156,113 @@ def state_fwd(
     """Launch the fused state pass and output. Returns ``(o, ht, h)``, each None when not asked.
 
     ``store_o=False`` (with ``store_h``) is the backward's recomputation of the chunk states.
+    With ``SCAN="segmented"`` and too few programs to fill the GPU, the pass runs as a two-level
+    scan (:func:`state_fwd_segmented`).
     """
     B, T, H, K = Y.shape
     V = U.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    BV = _parallel.value_tile(config["BV"], N * H, V, Y.device)
+    if config["SCAN"] == "segmented" and cu_seqlens is None:
+        seg = _parallel.segment_chunks(N * H * triton.cdiv(V, config["BV"]),
+                                       triton.cdiv(T, config["BT"]), Y.device)
+        if seg is not None:
+            return state_fwd_segmented(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state,
+                                       store_h, num_chunks, config, seg, store_o)
     dev = Y.device
     o = torch.empty(B, T, H, V, dtype=Y.dtype, device=dev) if store_o else None
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
     h = torch.empty(num_chunks, H, K, V, dtype=Y.dtype, device=dev) if store_h else None
+    _launch_pass(Qg, Kt, gC, Y, U, A_qk, initial_state, o, ht, h, cu_seqlens, chunk_offsets, T,
+                 N, V, config)
+    return o, ht, h
+
+
+def _launch_pass(Qg, Kt, gC, Y, U, A_qk, h0, o, ht, h, cu_seqlens, chunk_offsets, T: int, N: int,
+                 V: int, config: "KernelConfig") -> None:
+    """One launch of the kernel; ``U=None`` runs the homogeneous recurrence (R = -Y S)."""
+    H, K = Y.shape[2], Y.shape[3]
+    BV = _parallel.value_tile(config["BV"], N * H, V, Y.device)
     _launch.launch(_state_fwd_kernel, state_fwd_grid(N, H, V, BV),
-        Qg=Qg, Kt=Kt, gC=gC, Y=Y, U=U, A_qk=A_qk, h0=initial_state,
+        Qg=Qg, Kt=Kt, gC=gC, Y=Y, U=U, A_qk=A_qk, h0=h0,
         o=o, ht=ht, h=h,
         cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets,
         T=T,
         H=H, K=K, V=V,
         BT=config["BT"], BV=BV, KP=max(16, triton.next_power_of_2(K)),
-        USE_H0=initial_state is not None,
-        STORE_HT=output_final_state,
-        STORE_H=store_h,
-        STORE_O=store_o,
+        USE_H0=h0 is not None,
+        STORE_HT=ht is not None,
+        STORE_H=h is not None,
+        STORE_O=o is not None,
+        HAS_U=U is not None,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
         DOT_PRECISION=_precision.dot_precision(Y.dtype),
     )
-    return o, ht, h
+
+
+@functools.lru_cache(maxsize=64)
+def _segments(B: int, T: int, BT: int, L: int, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token boundaries ``[B*S + 1]`` and first chunks ``[B*S + 1]`` of the segments (L chunks
+    each, the last one shorter) of B sequences of T tokens laid end to end, and S."""
+    NT = -(-T // BT)
+    S = -(-NT // L)
+    bounds = [b * T + min(s * L * BT, T) for b in range(B) for s in range(S)] + [B * T]
+    firsts = [b * NT + s * L for b in range(B) for s in range(S)] + [B * NT]
+    as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    return as_tensor(bounds), as_tensor(firsts), S
+
+
+def state_fwd_segmented(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state: bool,
+                        store_h: bool, num_chunks: int, config: "KernelConfig", L: int,
+                        store_o: bool = True):
+    """The state pass as a two-level scan over segments of ``L`` chunks (same results as
+    :func:`state_fwd` up to rounding; for few sequences x heads, where the serial pass leaves
+    the GPU idle).
+
+    The chunk step is affine in the state, S' = M S + K_tail^T U with M = Diag(gamma_C) -
+    K_tail^T Y, so a segment maps its entering state to ``P S + Q``. Each sequence is cut into
+    segments of L chunks, which the kernel runs as independent (varlen) sequences:
+
+      1. Q: every segment from S = 0 (its end state);  P: every segment from S = I (K x K) with
+         U = 0 (the product of its M's), both in parallel over segments;
+      2. the segments' entering states, S_(s+1) = P_s S_s + Q_s, one batched matmul per segment;
+      3. every segment again from its entering state: o, h and the final state.
+
+    Three passes of the kernel instead of one, each with S-fold more programs and 1/S of the
+    serial chain.
+    """
+    B, T, H, K = Y.shape
+    V = U.shape[-1]
+    dev = Y.device
+    cu, firsts, S = _segments(B, T, config["BT"], L, dev)
+
+    def flat(x):
+        return x.reshape(1, B * T, *x.shape[2:])
+
+    Qg, Kt, Y, U, A_qk = (flat(x) for x in (Qg, Kt, Y, U, A_qk))
+    n_seg = B * S
+    Q = torch.empty(n_seg, H, K, V, dtype=torch.float32, device=dev)
+    _launch_pass(Qg, Kt, gC, Y, U, A_qk, None, None, Q, None, cu, firsts, B * T, n_seg, V, config)
+    P = torch.empty(n_seg, H, K, K, dtype=torch.float32, device=dev)
+    eye = torch.eye(K, dtype=torch.float32, device=dev).expand(n_seg, H, K, K).contiguous()
+    _launch_pass(Qg, Kt, gC, Y, None, A_qk, eye, None, P, None, cu, firsts, B * T, n_seg, K,
+                 config)
+
+    P, Q = P.view(B, S, H, K, K), Q.view(B, S, H, K, V)
+    starts = torch.empty(B, S, H, K, V, dtype=torch.float32, device=dev)
+    cur = (initial_state.float() if initial_state is not None
+           else torch.zeros(B, H, K, V, dtype=torch.float32, device=dev))
+    for s in range(S):
+        starts[:, s] = cur
+        if s + 1 < S:
+            cur = torch.baddbmm(Q[:, s].reshape(B * H, K, V), P[:, s].reshape(B * H, K, K),
+                                cur.reshape(B * H, K, V)).view(B, H, K, V)
+
+    o = torch.empty(1, B * T, H, V, dtype=Y.dtype, device=dev) if store_o else None
+    ht_seg = torch.empty(n_seg, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
+    h = torch.empty(num_chunks, H, K, V, dtype=Y.dtype, device=dev) if store_h else None
+    _launch_pass(Qg, Kt, gC, Y, U, A_qk, starts.view(n_seg, H, K, V), o, ht_seg, h, cu, firsts,
+                 B * T, n_seg, V, config)
+    ht = ht_seg.view(B, S, H, K, V)[:, -1].contiguous() if output_final_state else None
+    return (o.view(B, T, H, V) if store_o else None), ht, h

@@ -56,8 +56,56 @@ LOW_PRECISION_CASES = [
 ]
 
 
+# The two-level scan (SCAN="segmented", forced with L chunks per segment): segments that end
+# inside the sequence's last partial chunk, a last segment of one chunk, low precision.
+SEGMENTED_CASES = [
+    (StateCase(2, 200, 2, 32, 48, BT=16, BV=16, decay="strong", b_max=2.0), 4),
+    (StateCase(1, 130, 1, 48, 32, BT=32, BV=32, h0=False), 2),
+    (StateCase(2, 90, 1, 32, 32, BT=16, BV=32, dtype=torch.bfloat16), 3),
+]
+
+
 @pytest.mark.parametrize("case", CASES + LOW_PRECISION_CASES)
 def test_state_fwd_matches_stage_reference(case: StateCase):
+    _check_against_reference(case)
+
+
+@pytest.mark.parametrize("case,L", SEGMENTED_CASES,
+                         ids=[f"{c.label()}-L{L}" for c, L in SEGMENTED_CASES])
+def test_segmented_scan_matches_stage_reference(case: StateCase, L: int, monkeypatch):
+    """The launcher takes the two-level path when segment_chunks says so (on a GPU: too few
+    programs for the SMs); here it is forced, and must reproduce o, ht and every chunk state."""
+    from gdn2_kernels import _parallel
+
+    calls = []
+
+    def segment_chunks(programs, num_chunks, device):
+        calls.append(num_chunks)
+        return L
+
+    monkeypatch.setattr(_parallel, "segment_chunks", segment_chunks)
+    _check_against_reference(case, SCAN="segmented")
+    assert calls  # the segmented path ran
+
+
+def test_segment_rule():
+    from gdn2_kernels._parallel import MIN_SEGMENT, segment_chunks
+
+    assert segment_chunks(32, 512, torch.device("cpu")) is None  # no SM count: serial
+    import gdn2_kernels._parallel as par
+
+    orig = par._device.sm_count
+    try:
+        par._device.sm_count = lambda device: 132
+        assert segment_chunks(200, 512, torch.device("cpu")) is None   # fills the GPU already
+        L = segment_chunks(32, 512, torch.device("cpu"))                 # 1x16384, H=16, BV=64
+        assert MIN_SEGMENT <= L and 512 >= 2 * L and 32 * -(-512 // L) >= 2 * 132 * 0.9
+        assert segment_chunks(32, 20, torch.device("cpu")) is None      # too short to split
+    finally:
+        par._device.sm_count = orig
+
+
+def _check_against_reference(case: StateCase, **config):
     cu = list(case.cu_seqlens) if case.cu_seqlens else None
     x = make_inputs(case.B, case.T, case.H, case.K, case.V, case.dtype, decay=case.decay,
                     b_max=case.b_max, with_h0=case.h0, cu_seqlens=cu)
@@ -71,7 +119,7 @@ def test_state_fwd_matches_stage_reference(case: StateCase):
     offs = _varlen.chunk_offsets(x.cu_seqlens, case.BT) if cu else None
     idx = _varlen.chunk_indices(x.cu_seqlens, case.BT) if cu else None
     nc = _varlen.num_chunks(case.T, case.B, idx, case.BT)
-    cfg = get_spec("state_fwd").config({"BT": case.BT, "BV": case.BV})
+    cfg = get_spec("state_fwd").config({"BT": case.BT, "BV": case.BV, **config})
     o, ht, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, x.h0, True, True, x.cu_seqlens, offs, nc, cfg)
     assert o.dtype == case.dtype and ht.dtype == torch.float32 and h.dtype == case.dtype
     assert o.shape == ref.o.shape and ht.shape == ref.final.shape and h.shape == ref.h.shape
