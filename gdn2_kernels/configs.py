@@ -380,6 +380,10 @@ STATE_BWD = register(KernelSpec(
     params=(
         BT,
         Param("BV", (16, 32, 64), 32, "value-axis tile of the state gradient"),
+        Param("SCAN", ("serial", "segmented"), "serial",
+              "one reverse pass over the chunks, or a two-level scan over segments when the "
+              "serial pass would leave half the SMs idle (_parallel.segment_chunks)",
+              algorithm=True),
         _warps(),
         _stages(1, (1, 2, 3)),
     ),

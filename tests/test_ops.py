@@ -356,6 +356,7 @@ def grad_pipeline(case: GradCase) -> contextlib.AbstractContextManager:
             pipe[name] = pipe[name].replace(BC=case.bc)
     pipe["intra_bwd"] = pipe["intra_bwd"].replace(PHASE_D=case.phase_d)
     pipe["state_fwd"] = pipe["state_fwd"].replace(SCAN=case.scan)
+    pipe["state_bwd"] = pipe["state_bwd"].replace(SCAN=case.scan)
     return dispatch.override(pipe)
 
 
@@ -490,22 +491,27 @@ def test_gradients_only_for_inputs_that_require_them():
 
 
 def test_gradients_with_the_segmented_state_scan(monkeypatch: pytest.MonkeyPatch):
-    """state_fwd SCAN="segmented" (forced: 2 chunks per segment) in the forward and in the
-    backward's recomputation of h gives the recurrence's output and gradients."""
+    """SCAN="segmented" (forced: 2 chunks per segment) in state_fwd (the forward and the
+    backward's recomputation of h) and in state_bwd gives the recurrence's output and gradients."""
     from gdn2_kernels import _parallel
+    from gdn2_kernels.kernels import state_bwd as state_bwd_module
     from gdn2_kernels.kernels import state_fwd as state_fwd_module
 
     calls = []
-    real = state_fwd_module.state_fwd_segmented
 
-    def segmented(*args, **kwargs):
-        calls.append(args[-2] if len(args) > 11 else None)
-        return real(*args, **kwargs)
+    def counting(module, name):
+        real = getattr(module, name)
 
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting(state_fwd_module, "state_fwd_segmented")
+    counting(state_bwd_module, "state_bwd_segmented")
     monkeypatch.setattr(_parallel, "segment_chunks", lambda programs, num_chunks, device: 2)
-    monkeypatch.setattr(state_fwd_module, "state_fwd_segmented", segmented)
     case = GradCase(2, 100, 2, 32, 48, chunk=16, h0=True, decay="strong", scan="segmented")
     got, want = run_grad_case(case)
-    assert len(calls) == 2  # the forward and the backward's recomputation of h
+    assert calls == ["state_fwd_segmented", "state_fwd_segmented", "state_bwd_segmented"]
     bad = [e for e in compare(got, want, dtype_name(case.dtype)) if not e.ok]
     assert not bad, bad

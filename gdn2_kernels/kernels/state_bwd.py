@@ -15,7 +15,10 @@ Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's s
 walks that sequence's chunks from last to first. K is held whole (padded to ``KP``). Transposed
 products use loaded operands only (never a transposed mma accumulator: see the sm90 rule in
 configs.py). With few sequences x heads the launcher narrows ``BV`` so the programs cover half
-the SMs (``_parallel.value_tile``; same results, more parallelism).
+the SMs (``_parallel.value_tile``; same results, more parallelism), and with ``SCAN="segmented"``
+(a tunable) it runs a two-level scan over segments when that is still too few
+(``state_bwd_segmented``). ``STORE_STATES=False`` keeps only the final dS (no R, dR, dh) and
+``HAS_DO=False`` drops the dO terms: the two homogeneous passes of that scan.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import triton
 import triton.language as tl
 
 from gdn2_kernels import _launch, _parallel, _precision
+from gdn2_kernels.kernels.state_fwd import _segments
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -58,6 +62,8 @@ def _state_bwd_kernel(
     KP: tl.constexpr,
     USE_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
+    STORE_STATES: tl.constexpr,
+    HAS_DO: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
@@ -77,10 +83,12 @@ def _state_bwd_kernel(
     k += (bos * H + i_h) * K
     g_cum += (bos * H + i_h) * K
     Y += (bos * H + i_h) * K
-    U += (bos * H + i_h) * V
-    do += (bos * H + i_h) * V
-    R += (bos * H + i_h) * V
-    dR += (bos * H + i_h) * V
+    if STORE_STATES:
+        U += (bos * H + i_h) * V
+        R += (bos * H + i_h) * V
+        dR += (bos * H + i_h) * V
+    if HAS_DO:
+        do += (bos * H + i_h) * V
     A_qk += (bos * H + i_h) * BT
 
     o_k = tl.arange(0, KP)
@@ -101,35 +109,41 @@ def _state_bwd_kernel(
         m_t = o_t < T
         r_t = o_t.to(tl.int64)
         p_h = ((c0 + i_t) * H + i_h) * K * V + p_S
-        b_S = tl.load(h + p_h, mask=m_S, other=0.)                                  # [KP, BV]
-        tl.store(dh + p_h, b_dS.to(dh.dtype.element_ty), mask=m_S)
+        if STORE_STATES:
+            tl.store(dh + p_h, b_dS.to(dh.dtype.element_ty), mask=m_S)
 
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         p_tk = r_t[:, None] * (H * K) + o_k[None, :]
         p_tv = r_t[:, None] * (H * V) + o_v[None, :]
         b_Y = tl.load(Y + p_tk, mask=m_tk, other=0.)
-        b_U = tl.load(U + p_tv, mask=m_tv, other=0.).to(tl.float32)
         b_G = tl.load(g_cum + p_tk, mask=m_tk, other=0.)
-        b_q = tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32)
         b_k = tl.load(k + p_tk, mask=m_tk, other=0.).to(tl.float32)
-        b_do = tl.load(do + p_tv, mask=m_tv, other=0.)
-        b_A = tl.load(A_qk + r_t[:, None] * (H * BT) + o_i[None, :], mask=m_t[:, None], other=0.)
         last = tl.minimum(T, i_t * BT + BT) - 1
         b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
 
         dt = b_Y.dtype
-        b_R = b_U - tl.dot(b_Y, b_S.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
-        tl.store(R + p_tv, b_R.to(R.dtype.element_ty), mask=m_tv)
+        if STORE_STATES:
+            b_S = tl.load(h + p_h, mask=m_S, other=0.)                              # [KP, BV]
+            b_U = tl.load(U + p_tv, mask=m_tv, other=0.).to(tl.float32)
+            b_R = b_U - tl.dot(b_Y, b_S.to(dt), input_precision=DOT_PRECISION)  # [BT, BV]
+            tl.store(R + p_tv, b_R.to(R.dtype.element_ty), mask=m_tv)
         b_Kt = tl.where(m_tk, b_k * tl.exp(b_Gl[None, :] - b_G), 0.).to(dt)          # [BT, KP]
         b_dSd = b_dS.to(dt)
-        b_dR = (tl.dot(tl.trans(b_A).to(dt), b_do.to(dt), input_precision=DOT_PRECISION)
-                + tl.dot(b_Kt, b_dSd, input_precision=DOT_PRECISION))
-        tl.store(dR + p_tv, b_dR.to(dR.dtype.element_ty), mask=m_tv)
-        b_Qg = (b_q * tl.exp(b_G) * scale).to(dt)
-        b_dS = (b_dS * tl.exp(b_Gl)[:, None]
-                + tl.dot(tl.trans(b_Qg), b_do.to(dt), input_precision=DOT_PRECISION)
-                - tl.dot(tl.trans(b_Y), b_dR.to(dt), input_precision=DOT_PRECISION))
+        b_dR = tl.dot(b_Kt, b_dSd, input_precision=DOT_PRECISION)
+        if HAS_DO:
+            b_do = tl.load(do + p_tv, mask=m_tv, other=0.)
+            b_A = tl.load(A_qk + r_t[:, None] * (H * BT) + o_i[None, :], mask=m_t[:, None],
+                          other=0.)
+            b_dR = tl.dot(tl.trans(b_A).to(dt), b_do.to(dt), input_precision=DOT_PRECISION) + b_dR
+        if STORE_STATES:
+            tl.store(dR + p_tv, b_dR.to(dR.dtype.element_ty), mask=m_tv)
+        b_dS = b_dS * tl.exp(b_Gl)[:, None]
+        if HAS_DO:
+            b_q = tl.load(q + p_tk, mask=m_tk, other=0.).to(tl.float32)
+            b_Qg = (b_q * tl.exp(b_G) * scale).to(dt)
+            b_dS += tl.dot(tl.trans(b_Qg), b_do.to(dt), input_precision=DOT_PRECISION)
+        b_dS -= tl.dot(tl.trans(b_Y), b_dR.to(dt), input_precision=DOT_PRECISION)
 
     if STORE_DH0:
         tl.store(dh0 + (i_n * H + i_h).to(tl.int64) * K * V + p_S, b_dS, mask=m_S)
@@ -155,15 +169,35 @@ def state_bwd(
     chunk_offsets: torch.Tensor | None,
     config: "KernelConfig",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Launch the reverse state pass. Returns ``(R, dR, dh, dh0 or None)``."""
+    """Launch the reverse state pass. Returns ``(R, dR, dh, dh0 or None)``.
+
+    With ``SCAN="segmented"`` and too few programs to fill the GPU, the pass runs as a two-level
+    scan (:func:`state_bwd_segmented`).
+    """
     B, T, H, K = k.shape
     V = U.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    BV = _parallel.value_tile(config["BV"], N * H, V, do.device)
+    if config["SCAN"] == "segmented" and cu_seqlens is None:
+        seg = _parallel.segment_chunks(N * H * triton.cdiv(V, config["BV"]),
+                                       triton.cdiv(T, config["BT"]), do.device)
+        if seg is not None:
+            return state_bwd_segmented(q, k, g_cum, Y, U, A_qk, h, do, dht, scale, store_dh0,
+                                       config, seg)
     R = torch.empty(B, T, H, V, dtype=do.dtype, device=do.device)
     dR = torch.empty_like(R)
     dh = torch.empty_like(h)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=do.device) if store_dh0 else None
+    _launch_pass(q, k, g_cum, Y, U, A_qk, h, do, dht, R, dR, dh, dh0, cu_seqlens, chunk_offsets,
+                 scale, T, N, V, config)
+    return R, dR, dh, dh0
+
+
+def _launch_pass(q, k, g_cum, Y, U, A_qk, h, do, dht, R, dR, dh, dh0, cu_seqlens, chunk_offsets,
+                 scale: float, T: int, N: int, V: int, config: "KernelConfig") -> None:
+    """One launch of the kernel. ``R=None`` skips R, dR and dh (only the final dS -> dh0);
+    ``do=None`` runs the homogeneous recurrence (no output gradient)."""
+    H, K = k.shape[2], k.shape[3]
+    BV = _parallel.value_tile(config["BV"], N * H, V, k.device)
     _launch.launch(_state_bwd_kernel, state_bwd_grid(N, H, V, BV),
         q=q, k=k, g_cum=g_cum, Y=Y, U=U, A_qk=A_qk, h=h, do=do, dht=dht,
         R=R, dR=dR, dh=dh, dh0=dh0,
@@ -172,9 +206,62 @@ def state_bwd(
         H=H, K=K, V=V,
         BT=config["BT"], BV=BV, KP=max(16, triton.next_power_of_2(K)),
         USE_DHT=dht is not None,
-        STORE_DH0=store_dh0,
+        STORE_DH0=dh0 is not None,
+        STORE_STATES=R is not None,
+        HAS_DO=do is not None,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
-        DOT_PRECISION=_precision.dot_precision(do.dtype),
+        DOT_PRECISION=_precision.dot_precision(Y.dtype),
     )
-    return R, dR, dh, dh0
+
+
+def state_bwd_segmented(q, k, g_cum, Y, U, A_qk, h, do, dht, scale: float, store_dh0: bool,
+                        config: "KernelConfig", L: int):
+    """The reverse pass as a two-level scan over segments of ``L`` chunks (the mirror of
+    ``state_fwd_segmented``; same results up to rounding).
+
+    Walking a chunk backwards is affine in the state gradient, dS = M^T dS' + (Q_gamma^T -
+    Y^T A_qk^T) dO, so a segment maps the dS' entering it (from its right) to ``P dS' + Q``:
+
+      1. Q: every segment from dS' = 0 with dO;  P: every segment from dS' = I (K x K) without
+         dO; both in parallel over segments (only the final dS is kept);
+      2. the gradient entering each segment from its right, right to left: the last segment's
+         is ``dht``, then dS'_s = P_(s+1) dS'_(s+1) + Q_(s+1);
+      3. every segment again from its dS': R, dR, dh, and dh0 from each sequence's first segment.
+    """
+    B, T, H, K = k.shape
+    V = U.shape[-1]
+    dev = do.device
+    cu, firsts, S = _segments(B, T, config["BT"], L, dev)
+
+    def flat(x):
+        return x.reshape(1, B * T, *x.shape[2:])
+
+    q, k, g_cum, Y, U, A_qk, do = (flat(x) for x in (q, k, g_cum, Y, U, A_qk, do))
+    n_seg = B * S
+    Q = torch.empty(n_seg, H, K, V, dtype=torch.float32, device=dev)
+    _launch_pass(q, k, g_cum, Y, None, A_qk, None, do, None, None, None, None, Q, cu, firsts,
+                 scale, B * T, n_seg, V, config)
+    P = torch.empty(n_seg, H, K, K, dtype=torch.float32, device=dev)
+    eye = torch.eye(K, dtype=torch.float32, device=dev).expand(n_seg, H, K, K).contiguous()
+    _launch_pass(q, k, g_cum, Y, None, A_qk, None, None, eye, None, None, None, P, cu, firsts,
+                 scale, B * T, n_seg, K, config)
+
+    P, Q = P.view(B, S, H, K, K), Q.view(B, S, H, K, V)
+    entering = torch.empty(B, S, H, K, V, dtype=torch.float32, device=dev)
+    cur = (dht.float() if dht is not None
+           else torch.zeros(B, H, K, V, dtype=torch.float32, device=dev))
+    for s in reversed(range(S)):
+        entering[:, s] = cur
+        if s > 0:
+            cur = torch.baddbmm(Q[:, s].reshape(B * H, K, V), P[:, s].reshape(B * H, K, K),
+                                cur.reshape(B * H, K, V)).view(B, H, K, V)
+
+    R = torch.empty(1, B * T, H, V, dtype=do.dtype, device=dev)
+    dR = torch.empty_like(R)
+    dh = torch.empty_like(h)
+    dh0_seg = torch.empty(n_seg, H, K, V, dtype=torch.float32, device=dev) if store_dh0 else None
+    _launch_pass(q, k, g_cum, Y, U, A_qk, h, do, entering.view(n_seg, H, K, V), R, dR, dh,
+                 dh0_seg, cu, firsts, scale, B * T, n_seg, V, config)
+    dh0 = dh0_seg.view(B, S, H, K, V)[:, 0].contiguous() if store_dh0 else None
+    return R.view(B, T, H, V), dR.view(B, T, H, V), dh, dh0

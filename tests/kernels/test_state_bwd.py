@@ -57,14 +57,43 @@ def _stage_inputs(case: StateBwdCase):
     return x, scale, ref, do, dht
 
 
+# The two-level reverse scan (SCAN="segmented", forced with L chunks per segment).
+SEGMENTED_CASES = [
+    (StateBwdCase(2, 200, 2, 32, 48, BT=16, BV=16, decay="strong", b_max=2.0), 4),
+    (StateBwdCase(1, 130, 1, 48, 32, BT=32, BV=32, h0=False, dht=False), 2),
+    (StateBwdCase(2, 90, 1, 32, 32, BT=16, BV=32, dtype=torch.bfloat16), 3),
+]
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_state_bwd_matches_stage_reference(case: StateBwdCase):
+    _check_against_reference(case)
+
+
+@pytest.mark.parametrize("case,L", SEGMENTED_CASES,
+                         ids=[f"{c.label()}-L{L}" for c, L in SEGMENTED_CASES])
+def test_segmented_reverse_scan_matches_stage_reference(case: StateBwdCase, L: int,
+                                                        monkeypatch):
+    from gdn2_kernels import _parallel
+
+    calls = []
+
+    def segment_chunks(programs, num_chunks, device):
+        calls.append(num_chunks)
+        return L
+
+    monkeypatch.setattr(_parallel, "segment_chunks", segment_chunks)
+    _check_against_reference(case, SCAN="segmented")
+    assert calls
+
+
+def _check_against_reference(case: StateBwdCase, **config):
     x, scale, ref, do, dht = _stage_inputs(case)
     # Storage dtypes of the pipeline: fp32 g_cum and A_qk; Y, U and the states h in q's dtype.
     g_cum, A_qk = ref.g_cum.float(), ref.A_qk.float()
     Y, U, h = (t.to(case.dtype) for t in (ref.Y, ref.U, ref.h))
     offs = _varlen.chunk_offsets(x.cu_seqlens, case.BT) if case.cu_seqlens else None
-    cfg = get_spec("state_bwd").config({"BT": case.BT, "BV": case.BV})
+    cfg = get_spec("state_bwd").config({"BT": case.BT, "BV": case.BV, **config})
     R, dR, dh, dh0 = state_bwd(x.q, x.k, g_cum, Y, U, A_qk, h, do, dht, scale, True,
                                x.cu_seqlens, offs, cfg)
     # The kernel forms Q_gamma, K_tail and gamma_C on chip; the reference takes them exactly.

@@ -177,8 +177,8 @@ def test_vllm_names_buckets_and_loader(tuned, tmp_path):
     report = ex.export("vllm", str(out), source=str(tuned), tokens=4096)
     name = "kernel=state_fwd,K=64,V=64,dtype=bfloat16,device_name=cpu-interpreter.json"
     assert name in {os.path.basename(f) for f in report.files}
-    assert json.loads((out / name).read_text()) == {"4096": {"BT": 64, "BV": 32, "num_warps": 4,
-                                                              "num_stages": 3}}
+    assert json.loads((out / name).read_text()) == {"4096": {"BT": 64, "BV": 32, "SCAN": "serial",
+                                                              "num_warps": 4, "num_stages": 3}}
     assert vllm_filename("state_fwd", 128, 128, "torch.bfloat16", H100) == (
         "kernel=state_fwd,K=128,V=128,dtype=bfloat16,device_name=NVIDIA_H100_80GB_HBM3.json")
     # a second export at another token count adds a bucket to the same file
