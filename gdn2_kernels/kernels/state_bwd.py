@@ -28,8 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gdn2_kernels import _launch, _parallel, _precision
-from gdn2_kernels.kernels.state_fwd import _segments
+from gdn2_kernels import _launch, _parallel, _precision, _segments
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -232,7 +231,7 @@ def state_bwd_segmented(q, k, g_cum, Y, U, A_qk, h, do, dht, scale: float, store
     B, T, H, K = k.shape
     V = U.shape[-1]
     dev = do.device
-    cu, firsts, S = _segments(B, T, config["BT"], L, dev)
+    cu, firsts, S = _segments.segments(B, T, config["BT"], L, dev)
 
     def flat(x):
         return x.reshape(1, B * T, *x.shape[2:])
@@ -243,25 +242,17 @@ def state_bwd_segmented(q, k, g_cum, Y, U, A_qk, h, do, dht, scale: float, store
     _launch_pass(q, k, g_cum, Y, None, A_qk, None, do, None, None, None, None, Q, cu, firsts,
                  scale, B * T, n_seg, V, config)
     P = torch.empty(n_seg, H, K, K, dtype=torch.float32, device=dev)
-    eye = torch.eye(K, dtype=torch.float32, device=dev).expand(n_seg, H, K, K).contiguous()
+    eye = _segments.identity_states(n_seg, H, K, dev)
     _launch_pass(q, k, g_cum, Y, None, A_qk, None, None, eye, None, None, None, P, cu, firsts,
                  scale, B * T, n_seg, K, config)
-
-    P, Q = P.view(B, S, H, K, K), Q.view(B, S, H, K, V)
-    entering = torch.empty(B, S, H, K, V, dtype=torch.float32, device=dev)
-    cur = (dht.float() if dht is not None
-           else torch.zeros(B, H, K, V, dtype=torch.float32, device=dev))
-    for s in reversed(range(S)):
-        entering[:, s] = cur
-        if s > 0:
-            cur = torch.baddbmm(Q[:, s].reshape(B * H, K, V), P[:, s].reshape(B * H, K, K),
-                                cur.reshape(B * H, K, V)).view(B, H, K, V)
+    first = dht if dht is not None else torch.zeros(B, H, K, V, dtype=torch.float32, device=dev)
+    entering = _segments.chain(P, Q, first, reverse=True)
 
     R = torch.empty(1, B * T, H, V, dtype=do.dtype, device=dev)
     dR = torch.empty_like(R)
     dh = torch.empty_like(h)
     dh0_seg = torch.empty(n_seg, H, K, V, dtype=torch.float32, device=dev) if store_dh0 else None
-    _launch_pass(q, k, g_cum, Y, U, A_qk, h, do, entering.view(n_seg, H, K, V), R, dR, dh,
-                 dh0_seg, cu, firsts, scale, B * T, n_seg, V, config)
+    _launch_pass(q, k, g_cum, Y, U, A_qk, h, do, entering, R, dR, dh, dh0_seg, cu, firsts,
+                 scale, B * T, n_seg, V, config)
     dh0 = dh0_seg.view(B, S, H, K, V)[:, 0].contiguous() if store_dh0 else None
     return R.view(B, T, H, V), dR.view(B, T, H, V), dh, dh0

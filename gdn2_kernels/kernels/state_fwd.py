@@ -25,14 +25,13 @@ accumulation; the state itself stays fp32.
 """
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from gdn2_kernels import _launch, _parallel, _precision
+from gdn2_kernels import _launch, _parallel, _precision, _segments
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -200,19 +199,6 @@ def _launch_pass(Qg, Kt, gC, Y, U, A_qk, h0, o, ht, h, cu_seqlens, chunk_offsets
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _segments(B: int, T: int, BT: int, L: int, device: torch.device
-              ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Token boundaries ``[B*S + 1]`` and first chunks ``[B*S + 1]`` of the segments (L chunks
-    each, the last one shorter) of B sequences of T tokens laid end to end, and S."""
-    NT = -(-T // BT)
-    S = -(-NT // L)
-    bounds = [b * T + min(s * L * BT, T) for b in range(B) for s in range(S)] + [B * T]
-    firsts = [b * NT + s * L for b in range(B) for s in range(S)] + [B * NT]
-    as_tensor = functools.partial(torch.tensor, dtype=torch.int32, device=device)
-    return as_tensor(bounds), as_tensor(firsts), S
-
-
 def state_fwd_segmented(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state: bool,
                         store_h: bool, num_chunks: int, config: "KernelConfig", L: int,
                         store_o: bool = True):
@@ -235,7 +221,7 @@ def state_fwd_segmented(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_stat
     B, T, H, K = Y.shape
     V = U.shape[-1]
     dev = Y.device
-    cu, firsts, S = _segments(B, T, config["BT"], L, dev)
+    cu, firsts, S = _segments.segments(B, T, config["BT"], L, dev)
 
     def flat(x):
         return x.reshape(1, B * T, *x.shape[2:])
@@ -245,24 +231,17 @@ def state_fwd_segmented(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_stat
     Q = torch.empty(n_seg, H, K, V, dtype=torch.float32, device=dev)
     _launch_pass(Qg, Kt, gC, Y, U, A_qk, None, None, Q, None, cu, firsts, B * T, n_seg, V, config)
     P = torch.empty(n_seg, H, K, K, dtype=torch.float32, device=dev)
-    eye = torch.eye(K, dtype=torch.float32, device=dev).expand(n_seg, H, K, K).contiguous()
+    eye = _segments.identity_states(n_seg, H, K, dev)
     _launch_pass(Qg, Kt, gC, Y, None, A_qk, eye, None, P, None, cu, firsts, B * T, n_seg, K,
                  config)
-
-    P, Q = P.view(B, S, H, K, K), Q.view(B, S, H, K, V)
-    starts = torch.empty(B, S, H, K, V, dtype=torch.float32, device=dev)
-    cur = (initial_state.float() if initial_state is not None
-           else torch.zeros(B, H, K, V, dtype=torch.float32, device=dev))
-    for s in range(S):
-        starts[:, s] = cur
-        if s + 1 < S:
-            cur = torch.baddbmm(Q[:, s].reshape(B * H, K, V), P[:, s].reshape(B * H, K, K),
-                                cur.reshape(B * H, K, V)).view(B, H, K, V)
+    first = (initial_state if initial_state is not None
+             else torch.zeros(B, H, K, V, dtype=torch.float32, device=dev))
+    starts = _segments.chain(P, Q, first, reverse=False)
 
     o = torch.empty(1, B * T, H, V, dtype=Y.dtype, device=dev) if store_o else None
     ht_seg = torch.empty(n_seg, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
     h = torch.empty(num_chunks, H, K, V, dtype=Y.dtype, device=dev) if store_h else None
-    _launch_pass(Qg, Kt, gC, Y, U, A_qk, starts.view(n_seg, H, K, V), o, ht_seg, h, cu, firsts,
-                 B * T, n_seg, V, config)
+    _launch_pass(Qg, Kt, gC, Y, U, A_qk, starts, o, ht_seg, h, cu, firsts, B * T, n_seg, V,
+                 config)
     ht = ht_seg.view(B, S, H, K, V)[:, -1].contiguous() if output_final_state else None
     return (o.view(B, T, H, V) if store_o else None), ht, h
