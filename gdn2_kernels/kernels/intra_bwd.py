@@ -45,28 +45,12 @@ import triton
 import triton.language as tl
 
 from gdn2_kernels import _launch, _precision
+from gdn2_kernels.kernels import _prologue
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
 
 SAFE_SPAN = tl.constexpr(60.0)
-
-
-@triton.jit
-def _chunk_of_program(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT: tl.constexpr,
-                      IS_VARLEN: tl.constexpr):
-    """(chunk index in its sequence, first token of the sequence, its length, flat chunk index)."""
-    if IS_VARLEN:
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = (eos - bos).to(tl.int32)
-        i_ch = tl.load(chunk_offsets + i_n).to(tl.int64) + i_t
-    else:
-        bos = i_b.to(tl.int64) * T
-        i_ch = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
-    return i_t, bos, T, i_ch
 
 
 @triton.jit
@@ -111,8 +95,8 @@ def _intra_bwd_kernel(
     tl.static_assert(BT % BC == 0, "BC must divide BT")
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    i_t, bos, T, i_ch = _chunk_of_program(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets,
-                                          BT, IS_VARLEN)
+    i_t, bos, T, i_ch = _prologue.chunk_of_program(i_t, i_b, T, cu_seqlens, chunk_indices,
+                                                   chunk_offsets, BT, IS_VARLEN)
     t0 = i_t * BT
 
     for_k = (bos * H + i_h) * K
@@ -393,8 +377,8 @@ def _intra_bwd_pairwise_kernel(
     tl.static_assert(BT % BC == 0, "BC must divide BT")
     i_t, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
-    i_t, bos, T, i_ch = _chunk_of_program(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets,
-                                          BT, IS_VARLEN)
+    i_t, bos, T, i_ch = _prologue.chunk_of_program(i_t, i_b, T, cu_seqlens, chunk_indices,
+                                                   chunk_offsets, BT, IS_VARLEN)
     t0 = i_t * BT
     for_k = (bos * H + i_h) * K
     for_a = (bos * H + i_h) * BT

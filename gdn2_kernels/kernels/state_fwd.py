@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from gdn2_kernels import _launch, _parallel, _precision, _segments
+from gdn2_kernels.kernels import _prologue
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -68,14 +69,7 @@ def _state_fwd_kernel(
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        T = (eos - bos).to(tl.int32)
-        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    bos, T, c0 = _prologue.sequence_of_program(i_n, T, cu_seqlens, chunk_offsets, BT, IS_VARLEN)
     NT = tl.cdiv(T, BT)
 
     Qg += (bos * H + i_h) * K

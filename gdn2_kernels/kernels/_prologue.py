@@ -1,0 +1,45 @@
+"""Shared ``@triton.jit`` prologues: which tokens and chunks a program owns (dense or varlen).
+
+Two shapes of program exist: per (chunk, head) (the intra-chunk kernels) and per (sequence,
+head, value tile) (the state passes and decoding). Both take a dense ``[B, T]`` batch (sequence
+``i_b`` starts at token ``i_b * T``) or a packed one (``cu_seqlens``; ``chunk_indices`` maps a
+program to (sequence, chunk), ``chunk_offsets`` gives each sequence's first chunk in the flat
+chunk list that holds the per-chunk states).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chunk_of_program(i_t, i_b, T, cu_seqlens, chunk_indices, chunk_offsets, BT: tl.constexpr,
+                     IS_VARLEN: tl.constexpr):
+    """(chunk index in its sequence, first token of the sequence, its length, flat chunk index)
+    of the program with grid index ``i_t`` along the chunks (dense: of sequence ``i_b``)."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int32)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1).to(tl.int32)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+        i_ch = tl.load(chunk_offsets + i_n).to(tl.int64) + i_t
+    else:
+        bos = i_b.to(tl.int64) * T
+        i_ch = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+    return i_t, bos, T, i_ch
+
+
+@triton.jit
+def sequence_of_program(i_n, T, cu_seqlens, chunk_offsets, BT: tl.constexpr,
+                        IS_VARLEN: tl.constexpr):
+    """(first token, length, first flat chunk) of sequence ``i_n``."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        T = (eos - bos).to(tl.int32)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    return bos, T, c0
