@@ -1,6 +1,7 @@
 """Device helpers: where kernels run and what the GPU is."""
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -18,6 +19,19 @@ def default_device() -> torch.device:
     if torch.cuda.is_available() and not interpreter_active():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def guard(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``x``'s GPU the current device for the block (Triton launches on the current device,
+    so tensors on another GPU would otherwise be read by a kernel running elsewhere)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+def current_index() -> int:
+    """Index of the current CUDA device (0 without one): the GPU whose configs apply."""
+    if torch.cuda.is_available() and not interpreter_active():
+        return torch.cuda.current_device()
+    return 0
 
 
 @functools.lru_cache(maxsize=None)

@@ -139,4 +139,5 @@ def resolve(key: ProblemKey) -> PipelineConfig:
     if ov is not None:
         return ov
     _load_builtin_sources()
-    return _lookup(key, _device.gpu_name(), _device.arch())
+    index = _device.current_index()
+    return _lookup(key, _device.gpu_name(index), _device.arch(index))

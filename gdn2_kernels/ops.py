@@ -216,10 +216,11 @@ class _ChunkGDN2Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts: GDN2Options):
-        key = ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype))
-        pipe = dispatch.resolve(key)
-        with _compile_ahead(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts, pipe):
-            s = _run_forward(q, k, v, g, b, w, initial_state, cu_seqlens, opts, pipe)
+        with _device.guard(q):
+            key = ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype))
+            pipe = dispatch.resolve(key)
+            with _compile_ahead(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts, pipe):
+                s = _run_forward(q, k, v, g, b, w, initial_state, cu_seqlens, opts, pipe)
         f = s.fwd
         ctx.save_for_backward(s.q, s.k, s.v, s.b, s.w, f.g_cum, f.A, f.A_qk, f.Y, f.U, f.Qg, f.Kt,
                               f.gC, f.h, s.initial_state, s.cu_seqlens, f.chunk_indices,
@@ -236,9 +237,10 @@ class _ChunkGDN2Function(torch.autograd.Function):
         opts, pipe = ctx.opts, ctx.pipe
         fwd = FwdResult(None, None, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, idx, offs)
         saved = _Saved(q, k, v, b, w, fwd, h0, cu_seqlens, q_rstd, k_rstd)
-        dq, dk, grads = _run_backward(saved, do.contiguous(),
-                                      dht.contiguous() if dht is not None else None, opts, pipe,
-                                      need_dh0=h0 is not None and ctx.needs_input_grad[6])
+        with _device.guard(q):
+            dq, dk, grads = _run_backward(saved, do.contiguous(),
+                                          dht.contiguous() if dht is not None else None, opts,
+                                          pipe, need_dh0=h0 is not None and ctx.needs_input_grad[6])
         return (dq.to(q.dtype), dk.to(k.dtype), grads.dv, grads.dg.to(ctx.g_dtype),
                 grads.db.to(b.dtype), grads.dw, grads.dh0, None, None)
 
@@ -357,12 +359,13 @@ def fused_recurrent_gdn2(
     """
     _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
     _check_no_grad(q, k, v, g, b, w, initial_state)
-    key = ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype))
-    config = dispatch.resolve(key)["recurrent_fwd"]
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-    return recurrent_fwd(q, k, v, g.float(), b, w,
-                         float(scale) if scale is not None else q.shape[-1] ** -0.5,
-                         initial_state, bool(output_final_state), bool(use_qk_l2norm_in_kernel),
-                         cu_seqlens, config)
+    with _device.guard(q):
+        key = ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype))
+        config = dispatch.resolve(key)["recurrent_fwd"]
+        return recurrent_fwd(q, k, v, g.float(), b, w,
+                             float(scale) if scale is not None else q.shape[-1] ** -0.5,
+                             initial_state, bool(output_final_state),
+                             bool(use_qk_l2norm_in_kernel), cu_seqlens, config)

@@ -515,3 +515,34 @@ def test_gradients_with_the_segmented_state_scan(monkeypatch: pytest.MonkeyPatch
     assert calls == ["state_fwd_segmented", "state_fwd_segmented", "state_bwd_segmented"]
     bad = [e for e in compare(got, want, dtype_name(case.dtype)) if not e.ok]
     assert not bad, bad
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two GPUs")
+def test_inputs_on_a_gpu_that_is_not_the_current_one():
+    """Triton launches on the current device: the op makes the inputs' GPU current (fwd, bwd,
+    decode), so cuda:1 inputs give cuda:0's results while cuda:0 is current."""
+    from gdn2_kernels import fused_recurrent_gdn2
+
+    x = make_inputs(1, 200, 2, 64, 64, torch.bfloat16, "cuda:0", with_h0=True)
+    results = []
+    for dev in ("cuda:0", "cuda:1"):
+        leaves = [t.detach().to(dev).requires_grad_() for t in (x.q, x.k, x.v, x.g, x.b, x.w)]
+        with torch.cuda.device(0):
+            o, ht = chunk_gdn2(*leaves, initial_state=x.h0.to(dev), output_final_state=True)
+            o.float().sum().backward()
+            with torch.no_grad():
+                od, _ = fused_recurrent_gdn2(*(t.detach() for t in leaves),
+                                             initial_state=x.h0.to(dev))
+        results.append([t.cpu() for t in [o, ht, od] + [t.grad for t in leaves]])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_device_guard_is_a_no_op_for_cpu_tensors():
+    from gdn2_kernels import _device
+
+    with _device.guard(torch.zeros(1)):
+        pass
+    assert _device.current_index() == 0 or torch.cuda.is_available()
