@@ -76,6 +76,13 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+def empty_as(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.empty`` with ``x``'s shape and device (and dtype unless given): the launchers'
+    ``empty_like`` for contiguous tensors. ``torch.empty_like`` of a meta tensor goes through
+    torch's reference implementations, whose first use imports sympy (0.4 s of a cold start)."""
+    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+
+
 def meta_like(x: torch.Tensor | None) -> torch.Tensor | None:
     """A ``meta`` tensor with ``x``'s shape, strides and dtype (None stays None)."""
     if x is None:

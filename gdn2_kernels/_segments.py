@@ -40,7 +40,7 @@ def chain(P: torch.Tensor, Q: torch.Tensor, first: torch.Tensor, reverse: bool) 
     B = first.shape[0]
     S = Q.shape[0] // B
     H, K, V = Q.shape[1:]
-    out = torch.empty_like(Q, dtype=torch.float32)
+    out = torch.empty(Q.shape, dtype=torch.float32, device=Q.device)
     P, Q, seg_out = (t.view(B, S, *t.shape[1:]) for t in (P, Q, out))
     cur = first.float()
     order = range(S - 1, -1, -1) if reverse else range(S)

@@ -532,11 +532,11 @@ def intra_bwd(
     V = v.shape[-1]
     BT = config["BT"]
     dT_buf = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
-    dAqk_buf = torch.empty_like(dT_buf)
+    dAqk_buf = _launch.empty_as(dT_buf)
     dq = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
-    dk, db, dg = torch.empty_like(dq), torch.empty_like(dq), torch.empty_like(dq)
-    dv = torch.empty_like(v)
-    dw = torch.empty_like(w)
+    dk, db, dg = _launch.empty_as(dq), _launch.empty_as(dq), _launch.empty_as(dq)
+    dv = _launch.empty_as(v)
+    dw = _launch.empty_as(w)
     num_chunks = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
     fused_d = config["PHASE_D"] == "fused"
     _launch.launch(_intra_bwd_kernel, intra_bwd_grid(num_chunks, B, H),

@@ -290,11 +290,11 @@ def intra_fwd(
     BT = config["BT"]
     g_cum = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
     A = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
-    A_qk = torch.empty_like(A)
+    A_qk = _launch.empty_as(A)
     Y = torch.empty(B, T, H, K, dtype=k.dtype, device=k.device)
     U = torch.empty(B, T, H, V, dtype=k.dtype, device=k.device)
-    Qg = torch.empty_like(Y)
-    Kt = torch.empty_like(Y)
+    Qg = _launch.empty_as(Y)
+    Kt = _launch.empty_as(Y)
     num_chunks = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
     gC = torch.empty(_varlen.num_chunks(T, B, chunk_indices, BT), H, K, dtype=torch.float32,
                      device=k.device)

@@ -59,7 +59,7 @@ def l2norm_fwd(x: torch.Tensor, config: "KernelConfig") -> tuple[torch.Tensor, t
     """Normalise the last axis of ``x``. Returns ``(x_n, rstd)``; rstd has x's shape minus D."""
     D = x.shape[-1]
     n_rows = x.numel() // D
-    y = torch.empty_like(x)
+    y = _launch.empty_as(x)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     _launch.launch(_l2norm_fwd_kernel, l2norm_grid(n_rows, config["BR"]),
         x=x, y=y, rstd=rstd, n_rows=n_rows, eps=L2NORM_EPS,
@@ -72,7 +72,7 @@ def l2norm_bwd(y: torch.Tensor, rstd: torch.Tensor, dy: torch.Tensor,
     """VJP of :func:`l2norm_fwd` given its output ``y`` and ``rstd``; returns dx (dtype of dy)."""
     D = y.shape[-1]
     n_rows = y.numel() // D
-    dx = torch.empty_like(dy)
+    dx = _launch.empty_as(dy)
     _launch.launch(_l2norm_bwd_kernel, l2norm_grid(n_rows, config["BR"]),
         y=y, rstd=rstd, dy=dy, dx=dx, n_rows=n_rows,
         D=D, DP=triton.next_power_of_2(D), BR=config["BR"], **config.launch_options())

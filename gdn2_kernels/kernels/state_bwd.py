@@ -177,8 +177,8 @@ def state_bwd(
             return state_bwd_segmented(q, k, g_cum, Y, U, A_qk, h, do, dht, scale, store_dh0,
                                        config, seg)
     R = torch.empty(B, T, H, V, dtype=do.dtype, device=do.device)
-    dR = torch.empty_like(R)
-    dh = torch.empty_like(h)
+    dR = _launch.empty_as(R)
+    dh = _launch.empty_as(h)
     dh0 = torch.empty(N, H, K, V, dtype=torch.float32, device=do.device) if store_dh0 else None
     _launch_pass(q, k, g_cum, Y, U, A_qk, h, do, dht, R, dR, dh, dh0, cu_seqlens, chunk_offsets,
                  scale, T, N, V, config)
@@ -243,8 +243,8 @@ def state_bwd_segmented(q, k, g_cum, Y, U, A_qk, h, do, dht, scale: float, store
     entering = _segments.chain(P, Q, first, reverse=True)
 
     R = torch.empty(1, B * T, H, V, dtype=do.dtype, device=dev)
-    dR = torch.empty_like(R)
-    dh = torch.empty_like(h)
+    dR = _launch.empty_as(R)
+    dh = _launch.empty_as(h)
     dh0_seg = torch.empty(n_seg, H, K, V, dtype=torch.float32, device=dev) if store_dh0 else None
     _launch_pass(q, k, g_cum, Y, U, A_qk, h, do, entering, R, dR, dh, dh0_seg, cu, firsts,
                  scale, B * T, n_seg, V, config)

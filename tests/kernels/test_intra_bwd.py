@@ -150,3 +150,25 @@ def test_stage_references_compose_to_the_recurrence_gradients(varlen: bool):
     want = {"d" + n: getattr(leaves, n).grad for n in ("q", "k", "v", "g", "b", "w", "h0")}
     bad = [e for e in compare(got, want, "float64") if not e.ok]
     assert not bad, bad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("BT,BC,BK", [(32, 16, 64), (64, 16, 32), (32, 32, 32)])
+def test_split_phase_d_matches_fused_on_gpu(BT, BC, BK):
+    """Compiled for the GPU (not the interpreter): PHASE_D="split" and "fused" give the same
+    gradients up to summation order, at the paper's head size."""
+    from gdn2_kernels import chunk_gdn2, dispatch
+    from gdn2_kernels._testing import rel_rms
+
+    x = make_inputs(2, 1000, 4, 128, 128, torch.bfloat16, "cuda", with_h0=True)
+    grads = []
+    for phase_d in ("fused", "split"):
+        pipe = dispatch.default_pipeline(BT).as_dict()
+        pipe["intra_bwd"] = pipe["intra_bwd"].replace(BC=BC, BK=BK, PHASE_D=phase_d)
+        leaves = [t.detach().clone().requires_grad_() for t in (x.q, x.k, x.v, x.g, x.b, x.w)]
+        with dispatch.override(pipe):
+            o, _ = chunk_gdn2(*leaves, initial_state=x.h0)
+            o.float().square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for name, a, b in zip("qkvgbw", *grads):
+        assert rel_rms(b, a) < 1e-3, name
