@@ -75,6 +75,9 @@ def default_cases(on_gpu: bool, backward: bool = False) -> list[VerifyCase]:
             VerifyCase(1, 1500, 4, 128, 128, "bfloat16", cu_seqlens=(0, 7, 700, 1500),
                        backward=backward),
             VerifyCase(2, 1000, 4, 64, 96, "float32", backward=backward),
+            # One long sequence of one head: the state passes leave the GPU under-filled, the
+            # case where SCAN="segmented" runs its two-level scan.
+            VerifyCase(1, 4096, 1, 128, 128, "bfloat16", backward=backward),
         ]
     return [
         VerifyCase(1, 100, 2, 32, 48, backward=backward),
