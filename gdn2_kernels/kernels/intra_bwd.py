@@ -30,8 +30,8 @@ through global memory inside the program (ordered by barriers).
 ``split`` runs it as a second launch, ``_intra_bwd_pairwise_kernel``, one program per (chunk,
 head, key tile) that keeps the whole chunk's [BT, BK] gradients in registers (row and column
 blocks become masked [BT, BT] x [BT, BK] dots) and writes each of dq, dk, db, dg once. The split
-trades a launch and a re-read of dT / dA_qk for twice the programs, no partial-gradient
-round trips and fewer live registers in the main program.
+trades a launch and a re-read of dT / dA_qk for K / BK times the programs in phase D, no
+partial-gradient round trips and fewer live registers in the main program.
 
 Outputs are fp32 ``[B, T, H, K]`` for dq, dk, db, dg and the input dtype for dv, dw.
 Grid: ``(number of chunks, B * H)``; with ``split``, then ``(number of chunks, B * H, K / BK)``.
