@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from gdn2_kernels import dispatch, ops
+from gdn2_kernels import _device, dispatch, ops
 from gdn2_kernels._testing import dtype_name
 from gdn2_kernels.configs import ProblemKey
 from gdn2_kernels.kernels.chunk_fwd import chunk_gdn2_fwd
@@ -86,13 +86,14 @@ def _chunk_gdn2_impl(q, k, v, g, b, w, initial_state, cu_seqlens, scale, output_
                      use_qk_l2norm_in_kernel, validate_values):
     ops._check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
-    pipe = dispatch.resolve(ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype)))
-    if use_qk_l2norm_in_kernel:
-        q, _ = l2norm_fwd(q, pipe["l2norm_fwd"])
-        k, _ = l2norm_fwd(k, pipe["l2norm_fwd"])
-    res = chunk_gdn2_fwd(q, k, v, g.float(), b, w, scale,
-                         None if initial_state is None else initial_state.contiguous(),
-                         output_final_state, cu_seqlens, pipe.as_dict())
+    with _device.guard(q):
+        pipe = dispatch.resolve(ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype)))
+        if use_qk_l2norm_in_kernel:
+            q, _ = l2norm_fwd(q, pipe["l2norm_fwd"])
+            k, _ = l2norm_fwd(k, pipe["l2norm_fwd"])
+        res = chunk_gdn2_fwd(q, k, v, g.float(), b, w, scale,
+                             None if initial_state is None else initial_state.contiguous(),
+                             output_final_state, cu_seqlens, pipe.as_dict())
     return res.o, _state_or_empty(res.ht, q)
 
 
