@@ -402,7 +402,8 @@ INTRA_BWD = register(KernelSpec(
     params=(
         BT,
         Param("BC", (16, 32), 16, "sub-chunk rows of the pairwise VJP"),
-        Param("BK", (16, 32, 64), 32, "key-axis tile"),
+        Param("BK", (16, 32, 64, 128), 32,
+              "key-axis tile (BK = K: phase B reads dO, R, dR once more, not K / BK times)"),
         Param("BV", (16, 32, 64), 32, "value-axis tile"),
         Param("SOLVE_PRECISION", ("ieee", "tf32x3", "tf32"), "tf32x3",
               "precision of dT = -A^T dA A^T and of the dT products"),

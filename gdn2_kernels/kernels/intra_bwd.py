@@ -16,6 +16,9 @@ state leaving it), R and dR from the reverse state pass, and the forward's A, A_
                              give dk (and dG -= k dk); then db = dE (.) k, dk += dE (.) b and
                              dg = reverse cumsum of dG inside the chunk.
 
+With a single key tile (BK >= K) phase B's state products run inside phase A's value loop, so
+dO, R and dR are read once instead of 1 + K / BK times.
+
 The gates sit inside the dot products (dA takes Z = w (.) v and E_bar = gamma (.) b (.) k), which is
 what distinguishes GDN-2's WY backward from KDA's scalar-beta one.
 
@@ -134,16 +137,26 @@ def _intra_bwd_kernel(
     # tiles live across phases spilled registers.
     b_A = tl.load(A + p_A, mask=m_t[:, None], other=0.)                              # [BT, BT]
 
-    # Phase A: value tiles.
+    # Phase A: value tiles. With a single key tile (BK >= K) phase B's state products ride along,
+    # so dO, R and dR are read once.
     b_dAqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    if BK >= K:
+        o_k1 = tl.arange(0, BK)
+        m_k1 = o_k1 < K
+        b_dQg = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dY = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dKt = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dD = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < V)[None, :]
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
         p_v = r_t[:, None] * (H * V) + o_v[None, :]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.)
         b_R = tl.load(R + p_v, mask=m_tv, other=0.)
-        b_dR = tl.load(dR + p_v, mask=m_tv, other=0.).to(tl.float32)
+        b_dRs = tl.load(dR + p_v, mask=m_tv, other=0.)
+        b_dR = b_dRs.to(tl.float32)
         b_v = tl.load(v + p_v, mask=m_tv, other=0.).to(tl.float32)
         b_w = tl.load(w + p_v, mask=m_tv, other=0.).to(tl.float32)
         b_dAqk += tl.dot(b_do, tl.trans(b_R.to(b_do.dtype)), input_precision=DOT_PRECISION)
@@ -151,55 +164,43 @@ def _intra_bwd_kernel(
         b_dZ = tl.dot(tl.trans(b_A), b_dR, input_precision=DOT_PRECISION)
         tl.store(dv + p_v, (b_dZ * b_w).to(dv.dtype.element_ty), mask=m_tv)
         tl.store(dw + p_v, (b_dZ * b_v).to(dw.dtype.element_ty), mask=m_tv)
+        if BK >= K:
+            p_s = o_k1[:, None] * V + o_v[None, :]
+            m_s = m_k1[:, None] & m_v[None, :]
+            b_dQg, b_dY, b_dKt, b_dD = _state_products(h, dh, p_s, m_s, b_do, b_R, b_dRs,
+                                                       b_dQg, b_dY, b_dKt, b_dD, DOT_PRECISION)
     b_dAqk = tl.where(o_j[:, None] >= o_j[None, :], b_dAqk, 0.) * scale
     tl.store(dAqk_buf + p_A, b_dAqk, mask=m_t[:, None])
 
     # Phase B: key tiles; the state products and the elementwise parts of the gradients.
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        p_k = r_t[:, None] * (H * K) + o_k[None, :]
-        b_dQg = tl.zeros([BT, BK], dtype=tl.float32)
-        b_dY = tl.zeros([BT, BK], dtype=tl.float32)
-        b_dKt = tl.zeros([BT, BK], dtype=tl.float32)
-        b_dD = tl.zeros([BK], dtype=tl.float32)
-        for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            m_v = o_v < V
-            m_tv = m_t[:, None] & m_v[None, :]
-            p_v = r_t[:, None] * (H * V) + o_v[None, :]
-            p_s = o_k[:, None] * V + o_v[None, :]
-            m_s = m_k[:, None] & m_v[None, :]
-            b_S = tl.load(h + p_s, mask=m_s, other=0.)                               # [BK, BV]
-            b_dS = tl.load(dh + p_s, mask=m_s, other=0.)
-            b_do = tl.load(do + p_v, mask=m_tv, other=0.)
-            b_R = tl.load(R + p_v, mask=m_tv, other=0.)
-            b_dR = tl.load(dR + p_v, mask=m_tv, other=0.)
-            dt = b_do.dtype
-            b_dQg += tl.dot(b_do, tl.trans(b_S.to(dt)), input_precision=DOT_PRECISION)
-            b_dY -= tl.dot(b_dR.to(dt), tl.trans(b_S.to(dt)), input_precision=DOT_PRECISION)
-            b_dKt += tl.dot(b_R.to(dt), tl.trans(b_dS.to(dt)), input_precision=DOT_PRECISION)
-            b_dD += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), 1)
-        b_G = tl.load(g_cum + p_k, mask=m_tk, other=0.)
-        b_k = tl.load(k + p_k, mask=m_tk, other=0.).to(tl.float32)
-        b_b = tl.load(b + p_k, mask=m_tk, other=0.).to(tl.float32)
-        b_q = tl.load(q + p_k, mask=m_tk, other=0.).to(tl.float32)
-        b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
-        b_gam = tl.exp(b_G)
-        b_Eb = b_b * b_k * b_gam                                                    # E_bar
-        b_dA += tl.dot(b_dY, tl.trans(b_Eb), input_precision=DOT_PRECISION)
-        b_At = tl.load(A + p_A, mask=m_t[:, None], other=0.)
-        b_dEb = tl.dot(tl.trans(b_At), b_dY, input_precision=DOT_PRECISION)
-        b_tail = tl.where(m_tk, tl.exp(b_Gl[None, :] - b_G), 0.)
-        b_Kt = b_k * b_tail
-        b_dG = b_q * b_gam * scale * b_dQg + b_Eb * b_dEb - b_Kt * b_dKt
-        b_dGl = tl.sum(b_Kt * b_dKt, 0) + tl.exp(b_Gl) * b_dD
-        b_dG += tl.where((o_t == last)[:, None], b_dGl[None, :], 0.)
-        tl.store(dq + p_k, scale * b_gam * b_dQg, mask=m_tk)
-        tl.store(db + p_k, b_gam * b_dEb, mask=m_tk)                 # dE, finished in phase D
-        tl.store(dk + p_k, b_tail * b_dKt, mask=m_tk)
-        tl.store(dg + p_k, b_dG, mask=m_tk)
+    if BK >= K:
+        b_dA = _phase_b_elementwise(q, k, b, g_cum, A, dq, dk, db, dg, o_k1, m_t, r_t, o_t, last,
+                                    p_A, b_dQg, b_dY, b_dKt, b_dD, b_dA, scale, H, K,
+                                    DOT_PRECISION)
+    else:
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_dQg = tl.zeros([BT, BK], dtype=tl.float32)
+            b_dY = tl.zeros([BT, BK], dtype=tl.float32)
+            b_dKt = tl.zeros([BT, BK], dtype=tl.float32)
+            b_dD = tl.zeros([BK], dtype=tl.float32)
+            for i_v in range(tl.cdiv(V, BV)):
+                o_v = i_v * BV + tl.arange(0, BV)
+                m_v = o_v < V
+                m_tv = m_t[:, None] & m_v[None, :]
+                p_v = r_t[:, None] * (H * V) + o_v[None, :]
+                p_s = o_k[:, None] * V + o_v[None, :]
+                m_s = m_k[:, None] & m_v[None, :]
+                b_do = tl.load(do + p_v, mask=m_tv, other=0.)
+                b_R = tl.load(R + p_v, mask=m_tv, other=0.)
+                b_dRs = tl.load(dR + p_v, mask=m_tv, other=0.)
+                b_dQg, b_dY, b_dKt, b_dD = _state_products(h, dh, p_s, m_s, b_do, b_R, b_dRs,
+                                                           b_dQg, b_dY, b_dKt, b_dD,
+                                                           DOT_PRECISION)
+            b_dA = _phase_b_elementwise(q, k, b, g_cum, A, dq, dk, db, dg, o_k, m_t, r_t, o_t,
+                                        last, p_A, b_dQg, b_dY, b_dKt, b_dD, b_dA, scale, H, K,
+                                        DOT_PRECISION)
 
     # Phase C: dT = -strict_lower(A^T dA A^T) to scratch (dA_qk went there after phase A).
     b_A = tl.load(A + p_A, mask=m_t[:, None], other=0.)
@@ -213,6 +214,51 @@ def _intra_bwd_kernel(
     if FUSED_D:
         _phase_d_fused(q, k, b, g_cum, dT_buf, dAqk_buf, dq, dk, db, dg, T, t0, r_t, m_t,
                        H, K, BT, BC, BK, SOLVE_PRECISION, DOT_PRECISION)
+
+
+@triton.jit
+def _state_products(h, dh, p_s, m_s, b_do, b_R, b_dR, b_dQg, b_dY, b_dKt, b_dD,
+                    DOT_PRECISION: tl.constexpr):
+    """Phase B's products with one [BK, BV] tile of S = h and dS' = dh, accumulated."""
+    b_S = tl.load(h + p_s, mask=m_s, other=0.)                                       # [BK, BV]
+    b_dS = tl.load(dh + p_s, mask=m_s, other=0.)
+    dt = b_do.dtype
+    b_dQg += tl.dot(b_do, tl.trans(b_S.to(dt)), input_precision=DOT_PRECISION)
+    b_dY -= tl.dot(b_dR.to(dt), tl.trans(b_S.to(dt)), input_precision=DOT_PRECISION)
+    b_dKt += tl.dot(b_R.to(dt), tl.trans(b_dS.to(dt)), input_precision=DOT_PRECISION)
+    b_dD += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), 1)
+    return b_dQg, b_dY, b_dKt, b_dD
+
+
+@triton.jit
+def _phase_b_elementwise(q, k, b, g_cum, A, dq, dk, db, dg, o_k, m_t, r_t, o_t, last, p_A,
+                         b_dQg, b_dY, b_dKt, b_dD, b_dA, scale, H: tl.constexpr,
+                         K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Phase B after its state products, for the key tile ``o_k``: dA += dY E_bar^T and the
+    elementwise gradients (dq, dE in db, dk, dG) written for phase D. Returns dA."""
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_k = r_t[:, None] * (H * K) + o_k[None, :]
+    b_G = tl.load(g_cum + p_k, mask=m_tk, other=0.)
+    b_k = tl.load(k + p_k, mask=m_tk, other=0.).to(tl.float32)
+    b_b = tl.load(b + p_k, mask=m_tk, other=0.).to(tl.float32)
+    b_q = tl.load(q + p_k, mask=m_tk, other=0.).to(tl.float32)
+    b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+    b_gam = tl.exp(b_G)
+    b_Eb = b_b * b_k * b_gam                                                        # E_bar
+    b_dA += tl.dot(b_dY, tl.trans(b_Eb), input_precision=DOT_PRECISION)
+    b_At = tl.load(A + p_A, mask=m_t[:, None], other=0.)
+    b_dEb = tl.dot(tl.trans(b_At), b_dY, input_precision=DOT_PRECISION)
+    b_tail = tl.where(m_tk, tl.exp(b_Gl[None, :] - b_G), 0.)
+    b_Kt = b_k * b_tail
+    b_dG = b_q * b_gam * scale * b_dQg + b_Eb * b_dEb - b_Kt * b_dKt
+    b_dGl = tl.sum(b_Kt * b_dKt, 0) + tl.exp(b_Gl) * b_dD
+    b_dG += tl.where((o_t == last)[:, None], b_dGl[None, :], 0.)
+    tl.store(dq + p_k, scale * b_gam * b_dQg, mask=m_tk)
+    tl.store(db + p_k, b_gam * b_dEb, mask=m_tk)                     # dE, finished in phase D
+    tl.store(dk + p_k, b_tail * b_dKt, mask=m_tk)
+    tl.store(dg + p_k, b_dG, mask=m_tk)
+    return b_dA
 
 
 @triton.jit

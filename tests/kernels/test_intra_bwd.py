@@ -35,6 +35,8 @@ CASES = [
     IntraCase(1, 90, 1, 32, 40, BT=32, cu_seqlens=(0, 7, 7, 60, 90)),
     # low-precision storage
     IntraCase(1, 50, 1, 32, 32, BT=32, dtype=torch.float16),
+    # the paper's head size with one key tile (BK = K = 128)
+    IntraCase(1, 40, 1, 128, 32, BT=16, BC=16, BK=128, BV=32, dtype=torch.bfloat16),
 ]
 
 # Strong decay where a sequence ends inside a BC sub-block: the rows past T load G = 0, which
@@ -153,10 +155,11 @@ def test_stage_references_compose_to_the_recurrence_gradients(varlen: bool):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("BT,BC,BK", [(32, 16, 64), (64, 16, 32), (32, 32, 32)])
+@pytest.mark.parametrize("BT,BC,BK", [(32, 16, 64), (64, 16, 32), (32, 32, 32), (32, 16, 128)])
 def test_split_phase_d_matches_fused_on_gpu(BT, BC, BK):
     """Compiled for the GPU (not the interpreter): PHASE_D="split" and "fused" give the same
-    gradients up to summation order, at the paper's head size."""
+    gradients up to summation order, at the paper's head size (BK = 128: phases A and B share
+    one value loop)."""
     from gdn2_kernels import chunk_gdn2, dispatch
     from gdn2_kernels._testing import rel_rms
 
@@ -164,7 +167,8 @@ def test_split_phase_d_matches_fused_on_gpu(BT, BC, BK):
     grads = []
     for phase_d in ("fused", "split"):
         pipe = dispatch.default_pipeline(BT).as_dict()
-        pipe["intra_bwd"] = pipe["intra_bwd"].replace(BC=BC, BK=BK, PHASE_D=phase_d)
+        pipe["intra_bwd"] = pipe["intra_bwd"].replace(BC=BC, BK=BK, PHASE_D=phase_d,
+                                                      num_warps=8 if BK == 128 else 4)
         leaves = [t.detach().clone().requires_grad_() for t in (x.q, x.k, x.v, x.g, x.b, x.w)]
         with dispatch.override(pipe):
             o, _ = chunk_gdn2(*leaves, initial_state=x.h0)
