@@ -165,16 +165,18 @@ def _intra_fwd_kernel(
             b_br = tl.load(b + p_r, mask=m_rk, other=0.).to(tl.float32)
             b_qr = tl.load(q + p_r, mask=m_rk, other=0.).to(tl.float32)
             b_Ga = tl.load(g_cum + (t0 + c0).to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
-            b_Gs = tl.load(g_cum + p_t, mask=m_tk, other=0.)                        # [BT, BK]
-            b_ks = tl.load(k + p_t, mask=m_tk, other=0.).to(tl.float32)
 
             b_er = b_br * b_kr                                                      # e_r
             # Padded rows (past T) have G = 0: keep them out of exp() so 0 * inf never appears.
             b_dr = tl.exp(tl.where(m_r[:, None], b_Gr - b_Ga[None, :], 0.))          # <= 1
-            b_ds = tl.exp(tl.where(m_left[:, None], b_Ga[None, :] - b_Gs, 0.))      # <= 1 if left
-            b_ks_a = tl.where(m_left[:, None], b_ks * b_ds, 0.)                     # [BT, BK]
-            b_Toff += tl.dot(b_er * b_dr, tl.trans(b_ks_a), input_precision=SOLVE_PRECISION)
-            b_Qoff += tl.dot(b_qr * b_dr, tl.trans(b_ks_a), input_precision=DOT_PRECISION)
+            if BC < BT:
+                # Columns left of the block (none when one block spans the chunk).
+                b_Gs = tl.load(g_cum + p_t, mask=m_tk, other=0.)                    # [BT, BK]
+                b_ks = tl.load(k + p_t, mask=m_tk, other=0.).to(tl.float32)
+                b_ds = tl.exp(tl.where(m_left[:, None], b_Ga[None, :] - b_Gs, 0.))  # <= 1 if left
+                b_ks_a = tl.where(m_left[:, None], b_ks * b_ds, 0.)                 # [BT, BK]
+                b_Toff += tl.dot(b_er * b_dr, tl.trans(b_ks_a), input_precision=SOLVE_PRECISION)
+                b_Qoff += tl.dot(b_qr * b_dr, tl.trans(b_ks_a), input_precision=DOT_PRECISION)
 
             if b_span <= SAFE_SPAN:
                 b_kr_a = b_kr * tl.exp(tl.where(m_r[:, None], b_Ga[None, :] - b_Gr, 0.))
