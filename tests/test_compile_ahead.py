@@ -23,10 +23,23 @@ def _recorder(calls, run_real):
     return launch
 
 
-@pytest.mark.parametrize("l2norm,h0,final,recompute", [(True, True, True, False),
-                                                       (False, False, False, True)])
-def test_walk_launches_what_the_real_call_launches(monkeypatch, l2norm, h0, final, recompute):
+@pytest.mark.parametrize("l2norm,h0,final,recompute,variants", [
+    (True, True, True, False, False),
+    (False, False, False, True, False),
+    (False, True, True, True, True),    # segmented state scans (forced) and split phase D
+])
+def test_walk_launches_what_the_real_call_launches(monkeypatch, l2norm, h0, final, recompute,
+                                                   variants):
     x = make_inputs(1, 40, 2, 32, 48, torch.float32, "cpu", with_h0=h0)
+    if variants:
+        from gdn2_kernels import _parallel
+
+        monkeypatch.setattr(_parallel, "segment_chunks", lambda programs, num_chunks, device: 1)
+        pipe = dispatch.default_pipeline(16).as_dict()
+        pipe["state_fwd"] = pipe["state_fwd"].replace(SCAN="segmented")
+        pipe["state_bwd"] = pipe["state_bwd"].replace(SCAN="segmented")
+        pipe["intra_bwd"] = pipe["intra_bwd"].replace(PHASE_D="split")
+        monkeypatch.setattr(dispatch, "resolve", lambda key: dispatch.complete_pipeline(pipe, "t"))
     leaves = [t.requires_grad_() for t in (x.q, x.k, x.v, x.g, x.b, x.w)]
     if h0:
         x.h0.requires_grad_()
