@@ -55,6 +55,9 @@ class Param:
     # configs in use, shipped profiles) with each other value of it, so a sampled tune always
     # measures the alternative algorithm on tiles known to be good.
     algorithm: bool = False
+    # False: the tuner keeps the default (a choice its problem cannot tell apart, such as one
+    # that only acts on under-filled GPUs); profiles and overrides may still set it.
+    tuned: bool = True
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,8 @@ class KernelSpec:
         return None
 
     def _all(self, fixed: Mapping[str, Any]) -> Iterator[KernelConfig]:
-        grids = [(p.name, (fixed[p.name],) if p.name in fixed else p.values) for p in self.params]
+        grids = [(p.name, (fixed[p.name],) if p.name in fixed
+                  else p.values if p.tuned else (p.default,)) for p in self.params]
         for combo in itertools.product(*(vals for _, vals in grids)):
             yield KernelConfig(self.name, tuple(zip((n for n, _ in grids), combo)))
 
@@ -327,8 +331,9 @@ STATE_FWD = register(KernelSpec(
         Param("BV", (16, 32, 64), 32, "value-axis tile of the state: programs = N*H*V/BV"),
         Param("SCAN", ("serial", "segmented"), "serial",
               "one serial pass over the chunks, or a two-level scan over segments when the "
-              "serial pass would leave half the SMs idle (_parallel.segment_chunks)",
-              algorithm=True),
+              "serial pass would leave half the SMs idle (_parallel.segment_chunks); not tuned: "
+              "the tune's problem fills the GPU, where both are the same",
+              tuned=False),
         _warps(),
         _stages(2, (1, 2, 3, 4)),
     ),
@@ -382,8 +387,9 @@ STATE_BWD = register(KernelSpec(
         Param("BV", (16, 32, 64), 32, "value-axis tile of the state gradient"),
         Param("SCAN", ("serial", "segmented"), "serial",
               "one reverse pass over the chunks, or a two-level scan over segments when the "
-              "serial pass would leave half the SMs idle (_parallel.segment_chunks)",
-              algorithm=True),
+              "serial pass would leave half the SMs idle (_parallel.segment_chunks); not tuned: "
+              "the tune's problem fills the GPU, where both are the same",
+              tuned=False),
         _warps(),
         _stages(1, (1, 2, 3)),
     ),

@@ -161,3 +161,14 @@ def test_override_completes_partial_pipelines_and_rejects_mixed_chunk_sizes():
         with dispatch.override({"intra_fwd": intra,
                                 "state_fwd": get_spec("state_fwd").config({"BT": 64})}):
             pass
+
+
+def test_untuned_params_stay_at_default_in_the_space_but_are_valid_configs():
+    """state_fwd's SCAN is not tuned (the tune's problem fills the GPU, where both scans are the
+    same): the space keeps the default, while profiles and overrides may still set it."""
+    spec = get_spec("state_fwd")
+    assert not spec.param("SCAN").tuned
+    key = ProblemKey(128, 128, "bfloat16")
+    valid = spec.space(key, "sm90", "3.6.0").valid
+    assert valid and {c["SCAN"] for c in valid} == {"serial"}
+    assert spec.check(valid[0].replace(SCAN="segmented"), key, "sm90", "3.6.0") is None
