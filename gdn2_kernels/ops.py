@@ -6,6 +6,7 @@ The API follows FLA's ``fla.ops.gdn2.chunk_gdn2`` so it can be swapped in: tenso
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -212,6 +213,31 @@ def _compile_ahead(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts: GDN2O
         q, k, v, g, b, w, initial_state, opts, pipe, with_backward, need_dh0))
 
 
+_compile_ahead_broken: list[str] = []  # the first failure of compiling ahead, if any
+
+
+def _forward_compiling_ahead(ctx, q, k, v, g, b, w, initial_state, cu_seqlens,
+                             opts: GDN2Options, pipe: dispatch.PipelineConfig) -> _Saved:
+    """``_run_forward`` inside ``_compile_ahead``. Compiling ahead only moves compilation: if
+    the parallel path itself fails, the call is run again compiling lazily (a kernel that really
+    fails then raises its own error), and this process stops compiling ahead (one warning)."""
+    if _compile_ahead_broken:
+        return _run_forward(q, k, v, g, b, w, initial_state, cu_seqlens, opts, pipe)
+    ahead = False
+    try:
+        with _compile_ahead(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts,
+                            pipe) as ahead:
+            return _run_forward(q, k, v, g, b, w, initial_state, cu_seqlens, opts, pipe)
+    except Exception as exc:  # noqa: BLE001 - re-raised below unless compiling ahead was on
+        if not ahead:
+            raise
+        _compile_ahead_broken.append(f"{type(exc).__name__}: {exc}")
+        warnings.warn(f"gdn2_kernels: compiling ahead failed ({_compile_ahead_broken[0][:300]});"
+                      " compiling each kernel at its first launch from now on", RuntimeWarning,
+                      stacklevel=3)
+        return _run_forward(q, k, v, g, b, w, initial_state, cu_seqlens, opts, pipe)
+
+
 class _ChunkGDN2Function(torch.autograd.Function):
 
     @staticmethod
@@ -219,8 +245,8 @@ class _ChunkGDN2Function(torch.autograd.Function):
         with _device.guard(q):
             key = ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype))
             pipe = dispatch.resolve(key)
-            with _compile_ahead(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts, pipe):
-                s = _run_forward(q, k, v, g, b, w, initial_state, cu_seqlens, opts, pipe)
+            s = _forward_compiling_ahead(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts,
+                                         pipe)
         f = s.fwd
         ctx.save_for_backward(s.q, s.k, s.v, s.b, s.w, f.g_cum, f.A, f.A_qk, f.Y, f.U, f.Qg, f.Kt,
                               f.gC, f.h, s.initial_state, s.cu_seqlens, f.chunk_indices,

@@ -149,3 +149,38 @@ def test_first_call_with_compile_ahead_matches_a_plain_call_bitwise():
         outs.append([o, ht] + [t.grad for t in leaves])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_a_failing_parallel_compile_falls_back_to_lazy_compiling(monkeypatch):
+    """If the compile-ahead machinery fails (here: on leaving its block), the call runs again
+    compiling lazily, gives the same results, warns once, and later calls skip compiling ahead."""
+    import contextlib
+
+    entered = []
+
+    @contextlib.contextmanager
+    def broken(*args, **kwargs):
+        entered.append(1)
+        yield True
+        raise RuntimeError("async compile broke")
+
+    x = make_inputs(1, 40, 2, 32, 32, torch.float32, "cpu")
+    want, _ = ops.chunk_gdn2(x.q, x.k, x.v, x.g, x.b, x.w)
+    monkeypatch.setattr(ops, "_compile_ahead", broken)
+    monkeypatch.setattr(ops, "_compile_ahead_broken", [])
+    with pytest.warns(RuntimeWarning, match="compiling ahead failed.*async compile broke"):
+        got, _ = ops.chunk_gdn2(x.q, x.k, x.v, x.g, x.b, x.w)
+    assert torch.equal(got, want)
+    again, _ = ops.chunk_gdn2(x.q, x.k, x.v, x.g, x.b, x.w)
+    assert torch.equal(again, want) and len(entered) == 1
+
+
+def test_a_real_kernel_error_is_not_swallowed(monkeypatch):
+    """Errors of the call itself (compiling ahead off) propagate unchanged."""
+    def boom(*args, **kwargs):
+        raise ValueError("kernel failed")
+
+    monkeypatch.setattr(ops, "_run_forward", boom)
+    x = make_inputs(1, 20, 1, 16, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="kernel failed"):
+        ops.chunk_gdn2(x.q, x.k, x.v, x.g, x.b, x.w)
