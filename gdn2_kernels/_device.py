@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from gdn2_kernels import _env
+from gdn2_kernels import _env, _launch
 
 
 def interpreter_active() -> bool:
@@ -57,7 +57,9 @@ def _sm_count(index: int) -> int:
 
 
 def sm_count(device: torch.device) -> int | None:
-    """Streaming multiprocessors of the CUDA device ``device``; None for the CPU (interpreter)."""
+    """Streaming multiprocessors of the CUDA device ``device``; None for the CPU (interpreter).
+    A meta tensor's device inside a compile-ahead walk stands for the GPU being walked."""
+    device = _launch.walk_device(device)
     if device.type != "cuda":
         return None
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())

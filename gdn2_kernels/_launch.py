@@ -76,11 +76,11 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def empty_as(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``torch.empty`` with ``x``'s shape and device (and dtype unless given): the launchers'
-    ``empty_like`` for contiguous tensors. ``torch.empty_like`` of a meta tensor goes through
+def empty_as(x: torch.Tensor) -> torch.Tensor:
+    """``torch.empty`` with ``x``'s shape, dtype and device: the launchers' ``empty_like`` for
+    contiguous tensors. ``torch.empty_like`` of a meta tensor goes through
     torch's reference implementations, whose first use imports sympy (0.4 s of a cold start)."""
-    return torch.empty(x.shape, dtype=dtype or x.dtype, device=x.device)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def meta_like(x: torch.Tensor | None) -> torch.Tensor | None:

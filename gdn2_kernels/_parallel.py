@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from gdn2_kernels import _device, _launch
+from gdn2_kernels import _device
 
 MIN_BV = 16
 
@@ -30,7 +30,7 @@ def narrowed_value_tile(BV: int, rows: int, V: int, sms: int) -> int:
 
 def value_tile(BV: int, rows: int, V: int, device: torch.device) -> int:
     """The ``BV`` to launch with: the tuned one, narrowed when ``rows`` (N * H) is small."""
-    sms = _device.sm_count(_launch.walk_device(device))
+    sms = _device.sm_count(device)
     return BV if sms is None else narrowed_value_tile(BV, rows, V, sms)
 
 
@@ -45,7 +45,7 @@ def segment_chunks(programs: int, num_chunks: int, device: torch.device) -> int 
     half the SMs: the sequence is cut so that segments x programs make about two waves, each
     segment at least ``MIN_SEGMENT`` chunks and at least two segments per sequence.
     """
-    sms = _device.sm_count(_launch.walk_device(device))
+    sms = _device.sm_count(device)
     if sms is None or programs * 2 >= sms:
         return None
     segments = -(-2 * sms // programs)

@@ -10,6 +10,7 @@ kernels' varlen path: :func:`segments` gives their token boundaries and first ch
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import torch
 
@@ -50,3 +51,30 @@ def chain(P: torch.Tensor, Q: torch.Tensor, first: torch.Tensor, reverse: bool) 
             cur = torch.baddbmm(Q[:, s].reshape(B * H, K, V), P[:, s].reshape(B * H, K, K),
                                 cur.reshape(B * H, K, V)).view(B, H, K, V)
     return out
+
+
+def as_one_sequence(B: int, T: int, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``[B, T, ...]`` tensors viewed as one packed sequence ``[1, B*T, ...]`` (for the varlen path
+    over :func:`segments`)."""
+    return tuple(x.reshape(1, B * T, *x.shape[2:]) for x in xs)
+
+
+def entering_states(run_pass: Callable[[torch.Tensor | None, torch.Tensor], None],
+                    first: torch.Tensor | None, shape: tuple[int, int, int, int, int],
+                    reverse: bool, device: torch.device) -> torch.Tensor:
+    """Steps 1 and 2 of the two-level scan: the x entering every segment, ``[B*S, H, K, V]``.
+
+    ``run_pass(start, out)`` runs every segment and writes its end state to ``out``: with
+    ``start=None`` from x = 0 with the real inputs (-> Q, ``[B*S, H, K, V]``), with ``start`` the
+    identities from x = I with the inputs that make c zero (-> P, ``[B*S, H, K, K]``). ``first``
+    is the x entering each sequence's first segment in scan order (None: zeros); ``shape`` is
+    (B, S, H, K, V).
+    """
+    B, S, H, K, V = shape
+    Q = torch.empty(B * S, H, K, V, dtype=torch.float32, device=device)
+    run_pass(None, Q)
+    P = torch.empty(B * S, H, K, K, dtype=torch.float32, device=device)
+    run_pass(identity_states(B * S, H, K, device), P)
+    if first is None:
+        first = torch.zeros(B, H, K, V, dtype=torch.float32, device=device)
+    return chain(P, Q, first, reverse)

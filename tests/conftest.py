@@ -64,3 +64,23 @@ def nan_poisoned_allocations(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     for name in ("empty", "empty_like", "empty_strided"):
         monkeypatch.setattr(torch, name, _poisoned(getattr(torch, name)))
+
+
+@pytest.fixture
+def force_segments(monkeypatch: pytest.MonkeyPatch):
+    """``force_segments(L)`` makes the state launchers take the two-level scan with L chunks per
+    segment (on CPU there is no SM count, so the rule never asks for it) and returns the list of
+    chunk counts the rule was asked about (non-empty once a segmented launcher ran)."""
+    from gdn2_kernels import _parallel
+
+    def force(L: int) -> list[int]:
+        asked: list[int] = []
+
+        def rule(programs: int, num_chunks: int, device) -> int:
+            asked.append(num_chunks)
+            return L
+
+        monkeypatch.setattr(_parallel, "segment_chunks", rule)
+        return asked
+
+    return force

@@ -28,13 +28,11 @@ def _recorder(calls, run_real):
     (False, False, False, True, False),
     (False, True, True, True, True),    # segmented state scans (forced) and split phase D
 ])
-def test_walk_launches_what_the_real_call_launches(monkeypatch, l2norm, h0, final, recompute,
-                                                   variants):
+def test_walk_launches_what_the_real_call_launches(monkeypatch, force_segments, l2norm, h0, final,
+                                                   recompute, variants):
     x = make_inputs(1, 40, 2, 32, 48, torch.float32, "cpu", with_h0=h0)
     if variants:
-        from gdn2_kernels import _parallel
-
-        monkeypatch.setattr(_parallel, "segment_chunks", lambda programs, num_chunks, device: 1)
+        force_segments(1)
         pipe = dispatch.default_pipeline(16).as_dict()
         pipe["state_fwd"] = pipe["state_fwd"].replace(SCAN="segmented")
         pipe["state_bwd"] = pipe["state_bwd"].replace(SCAN="segmented")

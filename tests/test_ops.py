@@ -490,10 +490,9 @@ def test_gradients_only_for_inputs_that_require_them():
     assert all(t.grad is None for t in (x.q, x.k, x.g, x.b, x.w, x.h0))
 
 
-def test_gradients_with_the_segmented_state_scan(monkeypatch: pytest.MonkeyPatch):
+def test_gradients_with_the_segmented_state_scan(monkeypatch: pytest.MonkeyPatch, force_segments):
     """SCAN="segmented" (forced: 2 chunks per segment) in state_fwd (the forward and the
     backward's recomputation of h) and in state_bwd gives the recurrence's output and gradients."""
-    from gdn2_kernels import _parallel
     from gdn2_kernels.kernels import state_bwd as state_bwd_module
     from gdn2_kernels.kernels import state_fwd as state_fwd_module
 
@@ -509,7 +508,7 @@ def test_gradients_with_the_segmented_state_scan(monkeypatch: pytest.MonkeyPatch
 
     counting(state_fwd_module, "state_fwd_segmented")
     counting(state_bwd_module, "state_bwd_segmented")
-    monkeypatch.setattr(_parallel, "segment_chunks", lambda programs, num_chunks, device: 2)
+    force_segments(2)
     case = GradCase(2, 100, 2, 32, 48, chunk=16, h0=True, decay="strong", scan="segmented")
     got, want = run_grad_case(case)
     assert calls == ["state_fwd_segmented", "state_fwd_segmented", "state_bwd_segmented"]

@@ -37,6 +37,19 @@ def test_identity_states():
     assert torch.equal(eye[2, 1], torch.eye(4))
 
 
+def test_segment_rule(monkeypatch):
+    from gdn2_kernels import _device
+    from gdn2_kernels._parallel import MIN_SEGMENT, segment_chunks
+
+    cpu = torch.device("cpu")
+    assert segment_chunks(32, 512, cpu) is None                       # no SM count: serial
+    monkeypatch.setattr(_device, "sm_count", lambda device: 132)
+    assert segment_chunks(200, 512, cpu) is None                      # fills the GPU already
+    L = segment_chunks(32, 512, cpu)                                  # 1x16384, H=16, BV=64
+    assert MIN_SEGMENT <= L and 512 >= 2 * L and 32 * -(-512 // L) >= 2 * 132 * 0.9
+    assert segment_chunks(32, 20, cpu) is None                        # too short to split
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [4096, 3000])
 def test_segmented_scans_match_the_serial_ones_on_gpu(T, monkeypatch):

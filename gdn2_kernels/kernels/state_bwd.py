@@ -226,27 +226,18 @@ def state_bwd_segmented(q, k, g_cum, Y, U, A_qk, h, do, dht, scale: float, store
     V = U.shape[-1]
     dev = do.device
     cu, firsts, S = _segments.segments(B, T, config["BT"], L, dev)
-
-    def flat(x):
-        return x.reshape(1, B * T, *x.shape[2:])
-
-    q, k, g_cum, Y, U, A_qk, do = (flat(x) for x in (q, k, g_cum, Y, U, A_qk, do))
+    q, k, g_cum, Y, U, A_qk, do = _segments.as_one_sequence(B, T, q, k, g_cum, Y, U, A_qk, do)
     n_seg = B * S
-    Q = torch.empty(n_seg, H, K, V, dtype=torch.float32, device=dev)
-    _launch_pass(q, k, g_cum, Y, None, A_qk, None, do, None, None, None, None, Q, cu, firsts,
-                 scale, B * T, n_seg, V, config)
-    P = torch.empty(n_seg, H, K, K, dtype=torch.float32, device=dev)
-    eye = _segments.identity_states(n_seg, H, K, dev)
-    _launch_pass(q, k, g_cum, Y, None, A_qk, None, None, eye, None, None, None, P, cu, firsts,
-                 scale, B * T, n_seg, K, config)
-    first = dht if dht is not None else torch.zeros(B, H, K, V, dtype=torch.float32, device=dev)
-    entering = _segments.chain(P, Q, first, reverse=True)
 
-    R = torch.empty(1, B * T, H, V, dtype=do.dtype, device=dev)
-    dR = _launch.empty_as(R)
-    dh = _launch.empty_as(h)
-    dh0_seg = torch.empty(n_seg, H, K, V, dtype=torch.float32, device=dev) if store_dh0 else None
-    _launch_pass(q, k, g_cum, Y, U, A_qk, h, do, entering, R, dR, dh, dh0_seg, cu, firsts,
-                 scale, B * T, n_seg, V, config)
+    def end_states(start, out):  # Q from dS' = 0 with dO; P from dS' = I without dO (final dS)
+        _launch_pass(q, k, g_cum, Y, None, A_qk, None, do if start is None else None, start,
+                     None, None, None, out, cu, firsts, scale, B * T, n_seg, out.shape[-1],
+                     config)
+
+    entering = _segments.entering_states(end_states, dht, (B, S, H, K, V), True, dev)
+
+    # Step 3: the serial pass over the segments as packed sequences, from their entering dS'.
+    R, dR, dh, dh0_seg = state_bwd(q, k, g_cum, Y, U, A_qk, h, do, entering, scale, store_dh0, cu,
+                                   firsts, config)
     dh0 = dh0_seg.view(B, S, H, K, V)[:, 0].contiguous() if store_dh0 else None
     return R.view(B, T, H, V), dR.view(B, T, H, V), dh, dh0

@@ -216,26 +216,17 @@ def state_fwd_segmented(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_stat
     V = U.shape[-1]
     dev = Y.device
     cu, firsts, S = _segments.segments(B, T, config["BT"], L, dev)
-
-    def flat(x):
-        return x.reshape(1, B * T, *x.shape[2:])
-
-    Qg, Kt, Y, U, A_qk = (flat(x) for x in (Qg, Kt, Y, U, A_qk))
+    Qg, Kt, Y, U, A_qk = _segments.as_one_sequence(B, T, Qg, Kt, Y, U, A_qk)
     n_seg = B * S
-    Q = torch.empty(n_seg, H, K, V, dtype=torch.float32, device=dev)
-    _launch_pass(Qg, Kt, gC, Y, U, A_qk, None, None, Q, None, cu, firsts, B * T, n_seg, V, config)
-    P = torch.empty(n_seg, H, K, K, dtype=torch.float32, device=dev)
-    eye = _segments.identity_states(n_seg, H, K, dev)
-    _launch_pass(Qg, Kt, gC, Y, None, A_qk, eye, None, P, None, cu, firsts, B * T, n_seg, K,
-                 config)
-    first = (initial_state if initial_state is not None
-             else torch.zeros(B, H, K, V, dtype=torch.float32, device=dev))
-    starts = _segments.chain(P, Q, first, reverse=False)
 
-    o = torch.empty(1, B * T, H, V, dtype=Y.dtype, device=dev) if store_o else None
-    ht_seg = torch.empty(n_seg, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
-    h = torch.empty(num_chunks, H, K, V, dtype=Y.dtype, device=dev) if store_h else None
-    _launch_pass(Qg, Kt, gC, Y, U, A_qk, starts, o, ht_seg, h, cu, firsts, B * T, n_seg, V,
-                 config)
+    def end_states(start, out):  # Q from S = 0 with U; P from S = I without U (R = -Y S)
+        _launch_pass(Qg, Kt, gC, Y, U if start is None else None, A_qk, start, None, out, None,
+                     cu, firsts, B * T, n_seg, out.shape[-1], config)
+
+    starts = _segments.entering_states(end_states, initial_state, (B, S, H, K, V), False, dev)
+
+    # Step 3: the serial pass over the segments as packed sequences, from their entering states.
+    o, ht_seg, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, starts, output_final_state, store_h, cu,
+                             firsts, num_chunks, config, store_o)
     ht = ht_seg.view(B, S, H, K, V)[:, -1].contiguous() if output_final_state else None
     return (o.view(B, T, H, V) if store_o else None), ht, h

@@ -73,18 +73,10 @@ def test_state_bwd_matches_stage_reference(case: StateBwdCase):
 @pytest.mark.parametrize("case,L", SEGMENTED_CASES,
                          ids=[f"{c.label()}-L{L}" for c, L in SEGMENTED_CASES])
 def test_segmented_reverse_scan_matches_stage_reference(case: StateBwdCase, L: int,
-                                                        monkeypatch):
-    from gdn2_kernels import _parallel
-
-    calls = []
-
-    def segment_chunks(programs, num_chunks, device):
-        calls.append(num_chunks)
-        return L
-
-    monkeypatch.setattr(_parallel, "segment_chunks", segment_chunks)
+                                                        force_segments):
+    asked = force_segments(L)
     _check_against_reference(case, SCAN="segmented")
-    assert calls
+    assert asked
 
 
 def _check_against_reference(case: StateBwdCase, **config):

@@ -72,37 +72,12 @@ def test_state_fwd_matches_stage_reference(case: StateCase):
 
 @pytest.mark.parametrize("case,L", SEGMENTED_CASES,
                          ids=[f"{c.label()}-L{L}" for c, L in SEGMENTED_CASES])
-def test_segmented_scan_matches_stage_reference(case: StateCase, L: int, monkeypatch):
+def test_segmented_scan_matches_stage_reference(case: StateCase, L: int, force_segments):
     """The launcher takes the two-level path when segment_chunks says so (on a GPU: too few
     programs for the SMs); here it is forced, and must reproduce o, ht and every chunk state."""
-    from gdn2_kernels import _parallel
-
-    calls = []
-
-    def segment_chunks(programs, num_chunks, device):
-        calls.append(num_chunks)
-        return L
-
-    monkeypatch.setattr(_parallel, "segment_chunks", segment_chunks)
+    asked = force_segments(L)
     _check_against_reference(case, SCAN="segmented")
-    assert calls  # the segmented path ran
-
-
-def test_segment_rule():
-    from gdn2_kernels._parallel import MIN_SEGMENT, segment_chunks
-
-    assert segment_chunks(32, 512, torch.device("cpu")) is None  # no SM count: serial
-    import gdn2_kernels._parallel as par
-
-    orig = par._device.sm_count
-    try:
-        par._device.sm_count = lambda device: 132
-        assert segment_chunks(200, 512, torch.device("cpu")) is None   # fills the GPU already
-        L = segment_chunks(32, 512, torch.device("cpu"))                 # 1x16384, H=16, BV=64
-        assert MIN_SEGMENT <= L and 512 >= 2 * L and 32 * -(-512 // L) >= 2 * 132 * 0.9
-        assert segment_chunks(32, 20, torch.device("cpu")) is None      # too short to split
-    finally:
-        par._device.sm_count = orig
+    assert asked  # the segmented path ran
 
 
 def _check_against_reference(case: StateCase, **config):
