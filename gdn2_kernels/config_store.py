@@ -192,9 +192,13 @@ def _parse_entry(raw: Any, where: str) -> CacheEntry:
     if not isinstance(config, Mapping):
         raise CacheError(f"{where}: config is not an object")
     names = [p.name for p in spec.params]
-    if set(config) != set(names):
-        raise CacheError(f"{where}: {spec.name} config has parameters {sorted(config)}, the spec "
-                         f"has {sorted(names)}")
+    unknown = sorted(set(config) - set(names))
+    if unknown:
+        raise CacheError(f"{where}: {spec.name} has no parameters {unknown} (it has "
+                         f"{sorted(names)})")
+    # A parameter added after the file was written takes its default: that is the behaviour the
+    # file's configs were tuned and verified with (a new parameter's default keeps the old kernel).
+    config = {**{p.name: p.default for p in spec.params}, **config}
     for p in spec.params:
         if config[p.name] not in p.values:
             raise CacheError(f"{where}: {spec.name}.{p.name}={config[p.name]!r} is not one of "

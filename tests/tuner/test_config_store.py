@@ -47,12 +47,12 @@ def test_roundtrip_and_schema(tmp_path):
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d.update(schema_version=99), "schema_version"),
     (lambda d: d.pop("software"), "software"),
-    (lambda d: d["entries"][0]["config"].pop("BV"), "parameters"),
+    (lambda d: d["entries"][0]["config"].update(BQ=16), "no parameters"),
     (lambda d: d["entries"][0]["config"].update(BV=48), "BV=48"),
     (lambda d: d["entries"][0].update(kernel="nope_fwd"), "nope_fwd"),
     (lambda d: d["entries"][0]["key"].update(T=4096), "key"),
     (lambda d: d["entries"][1]["config"].update(BT=64), "chunk size"),
-], ids=["schema", "software", "missing-param", "bad-value", "unknown-kernel", "key-with-T", "BT"])
+], ids=["schema", "software", "unknown-param", "bad-value", "unknown-kernel", "key-with-T", "BT"])
 def test_invalid_files_are_refused(tmp_path, mutate, message):
     path = tmp_path / "c.json"
     _write(path)
@@ -60,6 +60,38 @@ def test_invalid_files_are_refused(tmp_path, mutate, message):
     mutate(data)
     with pytest.raises(config_store.CacheError, match=message):
         config_store.parse(data)
+
+
+def test_a_parameter_newer_than_the_file_takes_its_default(tmp_path):
+    # A file written before a parameter existed was tuned with the kernel that parameter's
+    # default keeps; it must still load (the shipped profiles once lost their state_fwd entries).
+    path = tmp_path / "c.json"
+    _write(path)
+    data = json.loads(path.read_text())
+    spec = get_spec("state_fwd")
+    for e in data["entries"]:
+        if e["kernel"] == "state_fwd":
+            e["config"].pop("SCAN")
+    entry = config_store.parse(data).entries[0]
+    assert entry.config["SCAN"] == spec.param("SCAN").default
+    assert entry.config["BV"] == 16
+
+
+@pytest.mark.parametrize("path", sorted(config_store.profiles_dir().glob("*.json")),
+                         ids=lambda p: p.stem)
+def test_every_shipped_profile_loads_and_resolves_its_keys(path, monkeypatch):
+    # Against this version's specs: a profile the loader refuses would silently fall back to the
+    # spec defaults on its GPU (and drop out of the tuner's seeds).
+    cache = config_store.read(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for key in cache.keys():
+            pipe = config_store.pipeline_for(cache, key, "sm90", cache.software["triton"], "test")
+            stored = {e.kernel: e.kernel_config() for e in cache.entries
+                      if e.problem_key() == key}
+            assert {"intra_fwd", "state_fwd", "intra_bwd", "state_bwd"} <= set(stored)
+            assert pipe is not None and pipe.source == "test"
+            assert {k: c for k, c in pipe.configs if k in stored} == stored
 
 
 def test_corrupt_file_is_reported_and_skipped(tmp_path):
