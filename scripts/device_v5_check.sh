@@ -32,8 +32,11 @@ for mode in ahead serial; do
   grep -E '"first_call_s"|"compile_ahead"' "$OUT/$name.json"
 done
 
-timeout 280 $PY scripts/device_variants.py "$OUT" \
+$PY -c "from gdn2_kernels import dispatch; from gdn2_kernels.configs import ProblemKey; \
+print('base pipeline:', dispatch.resolve(ProblemKey(128, 128, 'bfloat16')).source)"
+timeout 300 $PY scripts/device_variants.py "$OUT" \
     'intra_bwd:{"PHASE_D": "split"}' \
+    'intra_bwd:{"BK": 128}' \
     'intra_bwd:{"BK": 128, "num_warps": 8}' \
     'intra_bwd:{"BK": 128, "num_warps": 8, "PHASE_D": "split"}' \
     'state_fwd:{"SCAN": "segmented"}+state_bwd:{"SCAN": "segmented"}' \
