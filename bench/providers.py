@@ -292,16 +292,17 @@ def _mamba_step(op, inp: ProblemInputs, mode: str) -> Step:
         return _step(mode, lambda t: op.chunk_scan(t["x"], t["dt"], t["A"], t["B"], t["C"],
                                                    chunk), x)
     m_heads, p, n = x["state"].shape[1:]
-    # Per-head dt, A and dt_bias broadcast over the head dim with stride 0, as Mamba-2's own decode
-    # step passes them: selective_state_update then takes its tied-head-dim path, which reads
-    # dt_bias's strides (so dt_bias must be given; zeros leave dt unchanged).
-    dt_bias = torch.zeros(m_heads, device=x["dt"].device, dtype=torch.float32)[:, None].expand(-1, p)
+    # Per-head dt, A, dt_bias and D broadcast over the head dim with stride 0, as Mamba-2's own
+    # decode step passes them: selective_state_update then takes its tied-head-dim path. Its
+    # launch reads dt_bias's and D's strides, so both must be given; zeros change nothing.
+    zeros = torch.zeros(m_heads, device=x["dt"].device, dtype=torch.float32)[:, None].expand(-1, p)
+    dt_bias = D = zeros
 
     def fwd(t):
         dt = t["dt"][:, 0, :, None].expand(-1, -1, p)
         A = t["A"][:, None, None].expand(-1, p, n)
         return op.state_update(t["state"], t["x"][:, 0], dt, A, t["B"][:, 0], t["C"][:, 0],
-                               dt_bias=dt_bias)
+                               D=D, dt_bias=dt_bias)
     return _step(mode, fwd, x)
 
 

@@ -1,6 +1,7 @@
 """Provider registry: data, availability with reasons, the mamba loader."""
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import pytest
@@ -83,7 +84,9 @@ def test_mamba_loader_bypasses_package_init(tmp_path, monkeypatch):
 
 def test_mamba_decode_step_passes_what_selective_state_update_needs():
     """Mamba's state update reads dt_bias's strides on the tied-head-dim path (dt and A broadcast
-    with stride 0, as our step passes them), so the step must pass a dt_bias of shape (h, p)."""
+    with stride 0, as our step passes them) and unpacks D's strides at launch, so the step must
+    pass both, of shape (h, p) (a missing D failed on the H100: "Value after * must be an
+    iterable")."""
     import types
 
     from bench.inputs import ProblemInputs
@@ -98,6 +101,7 @@ def test_mamba_decode_step_passes_what_selective_state_update_needs():
         tied = A.stride(-1) == 0 and A.stride(-2) == 0 and dt.stride(-1) == 0
         assert tied and dt_bias.shape == (nheads, dim) and dt_bias.stride(-1) == 0
         assert not dt_bias.any()  # zeros: dt reaches the kernel unchanged
+        assert D is not None and D.shape == (nheads, dim) and not D.any()
         calls.append(1)
         return x
 
@@ -105,6 +109,31 @@ def test_mamba_decode_step_passes_what_selective_state_update_needs():
     op = types.SimpleNamespace(state_update=state_update)
     providers._mamba_step(op, inputs, "decode")()
     assert calls == [1]
+
+
+def test_mamba_decode_step_runs_the_real_state_update(monkeypatch):
+    """Where Mamba's sources are at hand (``.whl/mamba_ssd``, carried for the device), the step
+    runs its real selective_state_update through the interpreter and matches the recurrence."""
+    try:
+        ns = providers.load_mamba_ssd()
+    except providers.Unavailable as exc:
+        pytest.skip(f"Mamba's sources are not here: {exc}")
+    from bench.inputs import ProblemInputs
+    from bench.model import Shape
+
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    inputs = ProblemInputs(Shape(2, 1, 16, 128, "float32", 64), "cpu", 0)
+    t = inputs.mamba()
+    state0 = t["state"].clone()
+    y = providers._mamba_step(ns, inputs, "decode")()
+    # h <- exp(dt A) h + dt x B^T ; y = h C  (per batch, head; dt per head)
+    dt = t["dt"][:, 0].double()
+    decay = torch.exp(dt * t["A"].double())[..., None, None]
+    xs, Bm, Cm = (t[n][:, 0].double() for n in ("x", "B", "C"))
+    group = torch.arange(xs.shape[1]) * Bm.shape[1] // xs.shape[1]
+    h = decay * state0.double() + dt[..., None, None] * xs[..., None] * Bm[:, group, None, :]
+    want = (h * Cm[:, group, None, :]).sum(-1)
+    assert torch.allclose(y.double(), want, rtol=1e-4, atol=1e-4)
 
 
 def test_our_ops_are_timed_without_the_per_call_gate_check():
