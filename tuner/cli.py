@@ -293,16 +293,32 @@ def _render_tune(result) -> None:
     console.print(table)
     table = Table(title="whole pipeline per chunk size (" + (
         "forward+backward" if plan.backward_available else "forward only") + ")")
-    for col in ("BT", "median ms", "IQR ms", "status"):
+    long = plan.long_problem
+    cols = ["BT", "median ms", "IQR ms"]
+    if long is not None:
+        cols += [f"median ms, {long.label()}", "score (geometric mean)"]
+    for col in cols + ["status"]:
         table.add_column(col)
+    long_by_bt = {t.chunk_size: t for t in result.long_pipelines}
+
+    def ms(t):
+        return f"{t.median_ms:.4g}" if t is not None and t.median_ms else "-"
+
+    def row(label, t, lt, score, mark=""):
+        cells = [label, ms(t), f"{t.iqr_ms:.2g}" if t.iqr_ms is not None else "-"]
+        if long is not None:
+            cells += [ms(lt), f"{score:.4g}" if score else "-"]
+        status = t.status if lt is None or lt.status == t.status else f"{t.status} / {lt.status}"
+        table.add_row(*cells, status + mark)
+
     for t in result.pipelines:
         mark = " [green]<- chosen[/green]" if t.chunk_size == result.chosen_chunk_size else ""
-        table.add_row(str(t.chunk_size), f"{t.median_ms:.4g}" if t.median_ms else "-",
-                      f"{t.iqr_ms:.2g}" if t.iqr_ms is not None else "-", t.status + mark)
+        row(str(t.chunk_size), t, long_by_bt.get(t.chunk_size), result.scores.get(t.chunk_size),
+            mark)
     if result.default is not None:
-        d = result.default
-        table.add_row(f"defaults (BT={d.chunk_size})", f"{d.median_ms:.4g}" if d.median_ms else "-",
-                      f"{d.iqr_ms:.2g}" if d.iqr_ms is not None else "-", d.status)
+        d, ld = result.default, result.long_default
+        row(f"defaults (BT={d.chunk_size})", d, ld,
+            (d.median_ms * ld.median_ms) ** 0.5 if ld and ld.median_ms and d.median_ms else None)
     console.print(table)
     for kernel, reason in plan.skipped:
         console.print(f"[yellow]skipped {kernel}[/yellow]: {reason}")
@@ -320,7 +336,7 @@ def _render_tune(result) -> None:
 
 def _tune_options(batch, seqlen, heads, head_k, head_v, dtype, kernel, chunk_size, forward_only,
                   strategy, option, max_minutes, max_configs, devices, log, output, no_cache,
-                  fresh, timeout):
+                  fresh, timeout, long_check=True):
     from tuner.gpu import gpu_available
     from tuner.strategies import parse_options
     from tuner.tune import CPU_PROBLEM, GPU_PROBLEM, TuneOptions
@@ -333,7 +349,7 @@ def _tune_options(batch, seqlen, heads, head_k, head_v, dtype, kernel, chunk_siz
                        strategy=strategy, strategy_options=parse_options(strategy, list(option)),
                        max_minutes=max_minutes, max_configs=max_configs, devices=devices,
                        log_path=log, output=output, write_cache=not no_cache, resume=not fresh,
-                       timeout_s=timeout)
+                       timeout_s=timeout, long_check=long_check)
 
 
 @app.command()
@@ -349,6 +365,10 @@ def tune(
     chunk_size: list[int] = typer.Option(None, "--chunk-size", "-c",
                                          help="chunk sizes BT to try (repeat) [GPU all, CPU 32, 64]"),
     forward_only: bool = typer.Option(False, "--forward-only", help="skip the backward kernels"),
+    long_check: bool = typer.Option(True, "--long-check/--no-long-check",
+                                    help="also time the final pipelines on one sequence of B*T "
+                                         "tokens and choose the chunk size by the geometric mean "
+                                         "of both medians (skipped when B is 1)"),
     strategy: str = typer.Option("halving", help="exhaustive, random or halving (see --option)"),
     option: list[str] = typer.Option(None, "--option", "-o",
                                      help="strategy option name=value (repeat): "
@@ -377,7 +397,7 @@ def tune(
         with _library_errors():
             opts = _tune_options(batch, seqlen, heads, head_k, head_v, dt, kernel, chunk_size,
                                  forward_only, strategy, option or [], max_minutes, max_configs,
-                                 devices, log, output, no_cache, fresh, timeout)
+                                 devices, log, output, no_cache, fresh, timeout, long_check)
             if dry_run:
                 plan = make_plan(opts)
                 print_json(plan) if as_json else _render_plan(plan)

@@ -9,8 +9,13 @@ backward (``NotImplementedError``) bwd specs are skipped and the plan says so.
 The tune (:func:`tune`): for each (kernel, BT) the strategy searches that kernel's configs with
 every other kernel at its default (at that BT), so one trial varies one kernel. Then, per BT, the
 pipeline of the per-kernel winners is verified and timed as a whole (forward+backward when the
-backward exists), as are the spec defaults; the BT with the fastest pipeline wins and its configs
-are written to the user cache (and ``output``) as one group. Under the interpreter nothing is
+backward exists), as are the spec defaults, on the tune problem and (``long_check``, when B > 1) on
+one sequence of the same token count (B = 1, T = B*T). The BT whose pipeline has the smallest
+geometric mean of the two medians wins, and its configs are written to the user cache (and
+``output``) as one group. The second problem guards the choice: configs are keyed on (K, V, dtype),
+not on B or T, and a small chunk that wins when B*H fills the GPU can lose on one long sequence,
+where the state scans walk twice as many chunks (on the H100, 2026-11-27: BT=16 won the tune
+problem by 2% and took 31% longer than BT=32 at 1 x 16384). Under the interpreter nothing is
 written: interpreter wall-clock timings say nothing about a GPU.
 
 Budgets: ``max_configs`` is split evenly over the (kernel, BT) searches; ``max_minutes`` is shared
@@ -63,6 +68,7 @@ class TuneOptions:
     warmup: int | None = None
     timeout_s: float = 180.0
     trial_fn: str = EvalSettings.trial_fn
+    long_check: bool = True  # also time the final pipelines on one sequence of B*T tokens
 
 
 @dataclass
@@ -101,6 +107,7 @@ class TunePlan:
     skipped: list[tuple[str, str]]  # (kernel, reason)
     backward_available: bool
     log_path: str
+    long_problem: Problem | None = None  # the final pipelines' second problem (None: not checked)
 
 
 @dataclass
@@ -118,7 +125,7 @@ class TuneResult:
     pipelines: list[Trial]  # one per chunk size: the per-kernel winners together
     default: Trial | None  # the spec defaults, same workload
     chosen_chunk_size: int | None
-    speedup: float | None  # default / chosen pipeline median (1.0: the defaults were kept)
+    speedup: float | None  # default / chosen pipeline score (1.0: the defaults were kept)
     entries: list[dict[str, Any]]
     written: list[str]
     note: str
@@ -126,6 +133,9 @@ class TuneResult:
     trials_run: int
     trials_resumed: int
     worker_restarts: int
+    long_pipelines: list[Trial] = field(default_factory=list)  # the same on plan.long_problem
+    long_default: Trial | None = None
+    scores: dict[int, float] = field(default_factory=dict)  # BT -> the score the choice used
 
     @property
     def ok(self) -> bool:
@@ -279,7 +289,27 @@ def make_plan(options: TuneOptions) -> TunePlan:
     return TunePlan(p, key.as_dict(), name, arch, triton.__version__, _device.interpreter_active(),
                     devices, options.strategy, dict(options.strategy_options), options.max_minutes,
                     options.max_configs, chunk_sizes, searches, skipped, bwd_reason is None,
-                    options.log_path or default_log_path(p, name))
+                    options.log_path or default_log_path(p, name), long_problem(options))
+
+
+def long_problem(options: TuneOptions) -> Problem | None:
+    """One sequence of the tune problem's token count, or None (no check, or B is already 1)."""
+    p = options.problem
+    if not options.long_check or p is None or p.B == 1:
+        return None
+    return dataclasses.replace(p, B=1, T=p.B * p.T)
+
+
+def pipeline_score(main: Trial | None, long: Trial | None, checked: bool) -> float | None:
+    """What the chunk size is chosen by: the median, or with the long check the geometric mean of
+    both medians; None when a needed trial failed."""
+    if main is None or not main.ok or main.median_ms is None:
+        return None
+    if not checked:
+        return main.median_ms
+    if long is None or not long.ok or long.median_ms is None:
+        return None
+    return (main.median_ms * long.median_ms) ** 0.5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,7 +363,7 @@ def _expected_trials(plan: TunePlan, sizes: list[int], options: TuneOptions) -> 
                 m = max(1, m // eta)
                 k += m
         n += k
-    return n + len(plan.chunk_sizes) + 1
+    return n + (len(plan.chunk_sizes) + 1) * (2 if plan.long_problem else 1)
 
 
 def tune(options: TuneOptions, progress: Progress | None = None) -> TuneResult:
@@ -367,7 +397,6 @@ def tune(options: TuneOptions, progress: Progress | None = None) -> TuneResult:
     pool = WorkerPool(plan.devices, options.trial_fn)
     evaluator = PoolEvaluator(pool, log, settings, on_trial)
     deadline = t_start + options.max_minutes * 60 if options.max_minutes else None
-    n_final = len(plan.chunk_sizes) + 1
     results: list[SearchResult] = []
     try:
         for i, (kp, space) in enumerate(zip(plan.searches, spaces)):
@@ -393,14 +422,26 @@ def tune(options: TuneOptions, progress: Progress | None = None) -> TuneResult:
         finals = _final_candidates(plan, results)
         final_effort = max([t.effort for t in bests.values()] + [1])
         trials = evaluator(finals, final_effort, Budget())
+        long_trials: list[Trial] = []
+        long_eval = None
+        if plan.long_problem is not None:
+            state["search"] = f"pipelines on {plan.long_problem.label()}"
+            long_eval = PoolEvaluator(pool, log, dataclasses.replace(
+                settings, problem=plan.long_problem), on_trial)
+            long_trials = long_eval(finals, final_effort, Budget())
     finally:
         pool.close()
+    checked = plan.long_problem is not None
     by_bt = {t.chunk_size: t for t in trials if t.stage == "pipeline"}
+    long_by_bt = {t.chunk_size: t for t in long_trials if t.stage == "pipeline"}
     default = next((t for t in trials if t.stage == "default"), None)
-    ok = [t for t in by_bt.values() if t.ok and t.median_ms is not None]
-    chosen = min(ok, key=lambda t: t.median_ms) if ok else None
-    speedup = (default.median_ms / chosen.median_ms
-               if chosen and default and default.ok and default.median_ms else None)
+    long_default = next((t for t in long_trials if t.stage == "default"), None)
+    scores = {bt: sc for bt, t in by_bt.items()
+              if (sc := pipeline_score(t, long_by_bt.get(bt), checked)) is not None}
+    chosen = by_bt[min(scores, key=scores.get)] if scores else None
+    default_score = pipeline_score(default, long_default, checked)
+    speedup = (default_score / scores[chosen.chunk_size]
+               if chosen is not None and default_score is not None else None)
     if speedup is not None and speedup < 1:  # never ship a pipeline slower than the defaults
         chosen, speedup = default, 1.0
     entries = _entries(plan, results, chosen, key) if chosen else []
@@ -410,7 +451,11 @@ def tune(options: TuneOptions, progress: Progress | None = None) -> TuneResult:
     return TuneResult(plan, results, sorted(by_bt.values(), key=lambda t: t.chunk_size), default,
                       chosen.chunk_size if chosen else None, speedup,
                       [e.as_dict() for e in entries], written, note,
-                      time.monotonic() - t_start, evaluator.ran, evaluator.resumed, pool.restarts)
+                      time.monotonic() - t_start,
+                      evaluator.ran + (long_eval.ran if long_eval else 0),
+                      evaluator.resumed + (long_eval.resumed if long_eval else 0), pool.restarts,
+                      sorted(long_by_bt.values(), key=lambda t: t.chunk_size), long_default,
+                      scores)
 
 
 def _pipeline_workload(plan: TunePlan) -> str:

@@ -1,8 +1,10 @@
 """A whole tune on a tiny problem through the interpreter: real kernels, workers, log, resume."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import pytest
 from helpers import tiny_problem
 
 from tuner.trial import read_log
@@ -54,3 +56,33 @@ def test_defaults_are_kept_when_they_are_fastest():
                        ProblemKey(32, 32, "float32"))
     assert [(e.kernel, e.config) for e in entries] == [("state_fwd", pipe["state_fwd"].as_dict())]
     assert entries[0].median_ms == 1.0 and entries[0].verified["o"]["rel_rms"] == 1e-4
+
+
+def test_chunk_size_is_chosen_on_the_problem_and_one_long_sequence(tmp_path):
+    """With B > 1 the final pipelines also run on one sequence of B*T tokens; the chunk size with
+    the smallest geometric mean of the two medians wins (here BT=32: BT=16 wins the batched
+    problem by 10% but is 2.5x slower on the long sequence)."""
+    from fake_trials import PIPELINE_MS
+
+    from tuner.trial import Problem
+
+    problem = Problem(B=2, T=32, H=1, K=16, V=16, dtype="float32", decode_batch=2)
+    opts = TuneOptions(problem=problem, kernels=("state_fwd",), chunk_sizes=(16, 32),
+                       strategy="random", strategy_options={"n": 1}, max_configs=2,
+                       max_minutes=1, log_path=str(tmp_path / "t.jsonl"), reps=1, warmup=0,
+                       trial_fn="fake_trials:by_chunk_and_length")
+    result = tune(opts)
+    assert result.plan.long_problem == Problem(B=1, T=64, H=1, K=16, V=16, dtype="float32",
+                                               decode_batch=2)
+    assert [t.median_ms for t in result.pipelines] == [PIPELINE_MS[2, 16], PIPELINE_MS[2, 32]]
+    assert [t.median_ms for t in result.long_pipelines] == [PIPELINE_MS[1, 16], PIPELINE_MS[1, 32]]
+    assert result.chosen_chunk_size == 32
+    assert result.scores[32] == pytest.approx((1.1 * 1.2) ** 0.5)
+    assert result.speedup == pytest.approx((2.0 * 2.5) ** 0.5 / (1.1 * 1.2) ** 0.5)
+    assert {e["config"]["BT"] for e in result.entries if e["kernel"] == "state_fwd"} == {32}
+
+    # Without the check the batched problem alone decides.
+    alone = tune(dataclasses.replace(opts, long_check=False,
+                                     log_path=str(tmp_path / "u.jsonl")))
+    assert alone.plan.long_problem is None and alone.long_pipelines == []
+    assert alone.chosen_chunk_size == 16
