@@ -385,13 +385,14 @@ def shipped_configs(kernel: str, key: ProblemKey) -> list[KernelConfig]:
 
     The tuner seeds its samples with them: a config that won on a sibling GPU is a strong
     candidate here, and it is still verified and timed on this GPU before it can win. Unreadable
-    profiles are skipped (``gdn2 info`` reports them).
+    profiles are skipped with a warning (``gdn2 info`` reports them too).
     """
     out: list[KernelConfig] = []
     for path in sorted(profiles_dir().glob("*.json")):
         try:
             cache = read(path)
-        except CacheError:
+        except CacheError as exc:
+            _report(str(path), str(exc))
             continue
         for e in cache.entries:
             if e.kernel == kernel and e.problem_key() == key:

@@ -1,6 +1,8 @@
 """Strategies against a replay evaluator (no kernels), and the space/pruning plan."""
 from __future__ import annotations
 
+import pytest
+
 from helpers import logged, state_fwd_candidates
 
 from tuner.evaluate import ReplayEvaluator
@@ -118,9 +120,10 @@ def test_tune_pins_the_configs_of_every_shipped_profile(tmp_path, monkeypatch):
     sibling = get_spec_default("state_fwd").replace(BV=16, num_warps=8, num_stages=3)
     entry = config_store.CacheEntry("state_fwd", key.as_dict(), sibling.as_dict())
     config_store.write_entries(tmp_path / "Sibling_GPU.json", [entry], {"name": "Sibling GPU"})
-    (tmp_path / "broken.json").write_text("{not json")  # skipped, not fatal
+    (tmp_path / "broken.json").write_text("{not json")  # skipped with a warning, not fatal
     monkeypatch.setattr(config_store, "profiles_dir", lambda: tmp_path)
-    assert config_store.shipped_configs("state_fwd", key) == [sibling]
+    with pytest.warns(UserWarning, match="broken.json: not valid JSON"):
+        assert config_store.shipped_configs("state_fwd", key) == [sibling]
     assert config_store.shipped_configs("state_fwd", ProblemKey(128, 128, "float32")) == []
     cands = _candidates(plan, key, "cpu", "3.6.0")
     assert sibling in [c.config for c in cands if c.pinned]
