@@ -12,11 +12,14 @@
 #   cold_start_serial.json     the same with GDN2_COMPILE_AHEAD=0 (kernels compiled one by one)
 #   verify.json                `gdn2 verify --backward --json` with the profile
 #   timing.txt                 wall-clock seconds of the tune and the cold start
-# The user cache goes to $OUT/cache so the machine's ~/.cache/gdn2 is not touched.
+# The user cache goes to a temporary folder so the machine's ~/.cache/gdn2 is not touched, and
+# the writer's lock file is removed at the end: $OUT holds only the eight files above (the device
+# tool brings back at most eight).
 set -euo pipefail
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
-export GDN2_CACHE_DIR="$OUT/cache"
+export GDN2_CACHE_DIR="$(mktemp -d)"
+trap 'rm -rf "$GDN2_CACHE_DIR" "$OUT"/*.lock' EXIT
 PY="${PYTHON:-python}"
 
 $PY -m tuner.cli info --json > "$OUT/info.json"
