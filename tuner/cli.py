@@ -279,6 +279,8 @@ def _best_table(bests) -> Table:
 
 
 def _render_tune(result) -> None:
+    from tuner.tune import pipeline_score
+
     plan = result.plan
     _interpreter_note(plan.interpreter)
     table = Table(title=f"tune of {plan.problem.label()} on {plan.device}")
@@ -296,7 +298,7 @@ def _render_tune(result) -> None:
     long = plan.long_problem
     cols = ["BT", "median ms", "IQR ms"]
     if long is not None:
-        cols += [f"median ms, {long.label()}", "score (geometric mean)"]
+        cols += [f"median ms, B=1 T={long.T}", "score (geometric mean)"]
     for col in cols + ["status"]:
         table.add_column(col)
     long_by_bt = {t.chunk_size: t for t in result.long_pipelines}
@@ -317,8 +319,7 @@ def _render_tune(result) -> None:
             mark)
     if result.default is not None:
         d, ld = result.default, result.long_default
-        row(f"defaults (BT={d.chunk_size})", d, ld,
-            (d.median_ms * ld.median_ms) ** 0.5 if ld and ld.median_ms and d.median_ms else None)
+        row(f"defaults (BT={d.chunk_size})", d, ld, pipeline_score(d, ld, long is not None))
     console.print(table)
     for kernel, reason in plan.skipped:
         console.print(f"[yellow]skipped {kernel}[/yellow]: {reason}")

@@ -88,3 +88,32 @@ def test_cache_commands(isolated_cache):
     assert res.exit_code == 1 and "no cache file" in res.output
     res = _run("cache", "clear", "--gpu", "all")
     assert res.exit_code == 0 and "NVIDIA_H100" in res.stdout
+
+
+def test_tune_table_shows_both_problems_and_the_scores(monkeypatch):
+    """With the long-sequence check the pipeline table shows each BT's second median and the
+    geometric mean the choice used, the defaults' included."""
+    import io
+
+    from rich.console import Console
+
+    from tuner import cli
+    from tuner.trial import Problem, Trial
+    from tuner.tune import TuneOptions, TuneResult, make_plan
+
+    plan = make_plan(TuneOptions(problem=Problem(B=2, T=32, H=1, K=16, V=16, dtype="float32"),
+                                 kernels=("state_fwd",), chunk_sizes=(32,)))
+
+    def trial(bt, ms, stage="pipeline"):
+        return Trial("x", "pipeline", {"BT": bt}, bt, "fwd", stage, 1, "ok", median_ms=ms,
+                     iqr_ms=0.0)
+
+    result = TuneResult(plan, [], [trial(32, 1.1)], trial(64, 2.0, "default"), 32, 1.5, [], [],
+                        "", 1.0, 1, 0, 0, [trial(32, 1.2)], trial(64, 2.5, "default"),
+                        {32: (1.1 * 1.2) ** 0.5})
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, width=200))
+    cli._render_tune(result)
+    text = out.getvalue()
+    assert "median ms, B=1 T=64" in text
+    assert "1.149" in text and "2.236" in text  # sqrt(1.1 * 1.2), sqrt(2.0 * 2.5)
