@@ -3,7 +3,7 @@
 Three custom ops in the ``gdn2`` namespace, each with a fake (meta) implementation that gives the
 output shapes without running anything:
 
-* ``gdn2::chunk_gdn2``: the chunkwise forward (``kernels.chunk_fwd.chunk_gdn2_fwd``), with
+* ``gdn2::chunk_gdn2``: the chunkwise forward (``ops._run_forward``, as the eager op), with
   autograd registered through ``gdn2::chunk_gdn2_bwd``.
 * ``gdn2::chunk_gdn2_bwd``: the gradients of ``chunk_gdn2``. It delegates to the autograd of
   :func:`gdn2_kernels.ops.chunk_gdn2` by recomputing the forward under ``enable_grad`` and calling
@@ -27,8 +27,6 @@ import torch
 from gdn2_kernels import _device, dispatch, ops
 from gdn2_kernels._testing import dtype_name
 from gdn2_kernels.configs import ProblemKey
-from gdn2_kernels.kernels.chunk_fwd import chunk_gdn2_fwd
-from gdn2_kernels.kernels.l2norm import l2norm_fwd
 
 Tensor = torch.Tensor
 # The kernels read contiguous rows; saying so lets Inductor hand over contiguous buffers instead
@@ -86,14 +84,14 @@ def _chunk_gdn2_impl(q, k, v, g, b, w, initial_state, cu_seqlens, scale, output_
                      use_qk_l2norm_in_kernel, validate_values):
     ops._check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
+    opts = ops.GDN2Options(scale, output_final_state, use_qk_l2norm_in_kernel,
+                           initial_state is not None, cu_seqlens is not None,
+                           disable_recompute=False)
     with _device.guard(q):
         pipe = dispatch.resolve(ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype)))
-        if use_qk_l2norm_in_kernel:
-            q, _ = l2norm_fwd(q, pipe["l2norm_fwd"])
-            k, _ = l2norm_fwd(k, pipe["l2norm_fwd"])
-        res = chunk_gdn2_fwd(q, k, v, g.float(), b, w, scale,
-                             None if initial_state is None else initial_state.contiguous(),
-                             output_final_state, cu_seqlens, pipe.as_dict())
+        res = ops._run_forward(q, k, v, g, b, w,
+                               None if initial_state is None else initial_state.contiguous(),
+                               cu_seqlens, opts, pipe).fwd
     return res.o, _state_or_empty(res.ht, q)
 
 
