@@ -3,8 +3,9 @@
 Every launcher starts its kernel through :func:`launch`, which is ``kernel[grid](**kwargs)``.
 
 A fresh process compiles each kernel on its first launch, one after another: the first
-``chunk_gdn2`` forward + backward compiles about seven kernels in a row (15.3 s on an H100 with
-the shipped profile, `profiles/logs/*_cold_start.json`). :func:`compile_ahead` removes that chain:
+``chunk_gdn2`` forward + backward compiles about seven kernels in a row (15.4 s on an H100 with
+the shipped profile; 10.7 s compiled ahead: `profiles/logs/2026-11-27_*_cold_start*.json`).
+:func:`compile_ahead` removes that chain:
 it walks the forward and backward orchestration on ``meta`` tensors with the real shapes, and in
 that walk :func:`launch` only *warms* each kernel (``JITFunction.warmup`` with the tensors replaced by
 their dtypes: same specialisation, nothing runs). Triton's ``AsyncCompileMode`` turns every warm-up

@@ -272,6 +272,14 @@ def _stages(default: int = 2, values: tuple = (1, 2, 3)) -> Param:
     return Param("num_stages", values, default, "software-pipelining depth of loops", launch=True)
 
 
+def _scan(direction: str) -> Param:
+    """The state passes' SCAN: their one ``direction`` pass, or the two-level scan."""
+    return Param("SCAN", ("serial", "segmented"), "serial",
+                 f"one {direction} pass over the chunks, or a two-level scan over segments when "
+                 "the serial pass would leave half the SMs idle (_parallel.segment_chunks); not "
+                 "tuned: the tune's problem fills the GPU, where both are the same", tuned=False)
+
+
 def _tile_fits(tile: str, dim: str) -> Constraint:
     return Constraint(
         f"{tile}_le_{dim}",
@@ -329,11 +337,7 @@ STATE_FWD = register(KernelSpec(
     params=(
         BT,
         Param("BV", (16, 32, 64), 32, "value-axis tile of the state: programs = N*H*V/BV"),
-        Param("SCAN", ("serial", "segmented"), "serial",
-              "one serial pass over the chunks, or a two-level scan over segments when the "
-              "serial pass would leave half the SMs idle (_parallel.segment_chunks); not tuned: "
-              "the tune's problem fills the GPU, where both are the same",
-              tuned=False),
+        _scan("serial"),
         _warps(),
         _stages(2, (1, 2, 3, 4)),
     ),
@@ -385,11 +389,7 @@ STATE_BWD = register(KernelSpec(
     params=(
         BT,
         Param("BV", (16, 32, 64), 32, "value-axis tile of the state gradient"),
-        Param("SCAN", ("serial", "segmented"), "serial",
-              "one reverse pass over the chunks, or a two-level scan over segments when the "
-              "serial pass would leave half the SMs idle (_parallel.segment_chunks); not tuned: "
-              "the tune's problem fills the GPU, where both are the same",
-              tuned=False),
+        _scan("reverse"),
         _warps(),
         _stages(1, (1, 2, 3)),
     ),

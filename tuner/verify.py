@@ -75,8 +75,8 @@ def default_cases(on_gpu: bool, backward: bool = False) -> list[VerifyCase]:
             VerifyCase(1, 1500, 4, 128, 128, "bfloat16", cu_seqlens=(0, 7, 700, 1500),
                        backward=backward),
             VerifyCase(2, 1000, 4, 64, 96, "float32", backward=backward),
-            # One long sequence of one head: the state passes leave the GPU under-filled, the
-            # case where SCAN="segmented" runs its two-level scan.
+            # One long sequence of one head: the state passes leave the GPU under-filled (BV
+            # narrowed at launch; the two-level scan when a profile sets SCAN="segmented").
             VerifyCase(1, 4096, 1, 128, 128, "bfloat16", backward=backward),
         ]
     return [

@@ -170,12 +170,10 @@ def state_bwd(
     B, T, H, K = k.shape
     V = U.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    if config["SCAN"] == "segmented" and cu_seqlens is None:
-        seg = _parallel.segment_chunks(N * H * triton.cdiv(V, config["BV"]),
-                                       triton.cdiv(T, config["BT"]), do.device)
-        if seg is not None:
-            return state_bwd_segmented(q, k, g_cum, Y, U, A_qk, h, do, dht, scale, store_dh0,
-                                       config, seg)
+    seg = _parallel.scan_segments(config, N, H, T, V, cu_seqlens, do.device)
+    if seg is not None:
+        return state_bwd_segmented(q, k, g_cum, Y, U, A_qk, h, do, dht, scale, store_dh0,
+                                   config, seg)
     R = torch.empty(B, T, H, V, dtype=do.dtype, device=do.device)
     dR = _launch.empty_as(R)
     dh = _launch.empty_as(h)

@@ -155,12 +155,10 @@ def state_fwd(
     B, T, H, K = Y.shape
     V = U.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    if config["SCAN"] == "segmented" and cu_seqlens is None:
-        seg = _parallel.segment_chunks(N * H * triton.cdiv(V, config["BV"]),
-                                       triton.cdiv(T, config["BT"]), Y.device)
-        if seg is not None:
-            return state_fwd_segmented(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state,
-                                       store_h, num_chunks, config, seg, store_o)
+    seg = _parallel.scan_segments(config, N, H, T, V, cu_seqlens, Y.device)
+    if seg is not None:
+        return state_fwd_segmented(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state,
+                                   store_h, num_chunks, config, seg, store_o)
     dev = Y.device
     o = torch.empty(B, T, H, V, dtype=Y.dtype, device=dev) if store_o else None
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
