@@ -4,7 +4,8 @@ Two shapes of program exist: per (chunk, head) (the intra-chunk kernels) and per
 head, value tile) (the state passes and decoding). Both take a dense ``[B, T]`` batch (sequence
 ``i_b`` starts at token ``i_b * T``) or a packed one (``cu_seqlens``; ``chunk_indices`` maps a
 program to (sequence, chunk), ``chunk_offsets`` gives each sequence's first chunk in the flat
-chunk list that holds the per-chunk states).
+chunk list that holds the per-chunk states). :func:`key_tile` loads what the WY factors and their
+gradients read of one key tile of a chunk (intra_fwd's step 3, intra_bwd's phase B).
 """
 from __future__ import annotations
 
@@ -43,3 +44,19 @@ def sequence_of_program(i_n, T, cu_seqlens, chunk_offsets, BT: tl.constexpr,
         bos = i_n.to(tl.int64) * T
         c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
     return bos, T, c0
+
+
+@triton.jit
+def key_tile(q, k, b, g_cum, o_k, m_t, r_t, last, H: tl.constexpr, K: tl.constexpr):
+    """One chunk's key tile ``o_k`` (rows ``r_t``, valid where ``m_t``; pointers already at the
+    program's sequence and head): ``(m_k, m_tk, p, G, k, b, q, G_last)`` with the cumulative
+    log-decay G and its value at the chunk's ``last`` token, k, b, q in fp32."""
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    p = r_t[:, None] * (H * K) + o_k[None, :]
+    b_G = tl.load(g_cum + p, mask=m_tk, other=0.)
+    b_k = tl.load(k + p, mask=m_tk, other=0.).to(tl.float32)
+    b_b = tl.load(b + p, mask=m_tk, other=0.).to(tl.float32)
+    b_q = tl.load(q + p, mask=m_tk, other=0.).to(tl.float32)
+    b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+    return m_k, m_tk, p, b_G, b_k, b_b, b_q, b_Gl

@@ -236,14 +236,8 @@ def _phase_b_elementwise(q, k, b, g_cum, A, dq, dk, db, dg, o_k, m_t, r_t, o_t, 
                          K: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Phase B after its state products, for the key tile ``o_k``: dA += dY E_bar^T and the
     elementwise gradients (dq, dE in db, dk, dG) written for phase D. Returns dA."""
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_k = r_t[:, None] * (H * K) + o_k[None, :]
-    b_G = tl.load(g_cum + p_k, mask=m_tk, other=0.)
-    b_k = tl.load(k + p_k, mask=m_tk, other=0.).to(tl.float32)
-    b_b = tl.load(b + p_k, mask=m_tk, other=0.).to(tl.float32)
-    b_q = tl.load(q + p_k, mask=m_tk, other=0.).to(tl.float32)
-    b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+    _, m_tk, p_k, b_G, b_k, b_b, b_q, b_Gl = _prologue.key_tile(q, k, b, g_cum, o_k, m_t, r_t,
+                                                              last, H, K)
     b_gam = tl.exp(b_G)
     b_Eb = b_b * b_k * b_gam                                                        # E_bar
     b_dA += tl.dot(b_dY, tl.trans(b_Eb), input_precision=DOT_PRECISION)

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from gdn2_kernels import _launch, _precision, _varlen
+from gdn2_kernels.kernels import _prologue
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -245,14 +246,8 @@ def _intra_fwd_kernel(
     b_A = tl.load(A + r_t[:, None] * (H * BT) + o_j[None, :], mask=m_t[:, None], other=0.)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        p_t = r_t[:, None] * (H * K) + o_k[None, :]
-        b_G = tl.load(g_cum + p_t, mask=m_tk, other=0.)
-        b_k = tl.load(k + p_t, mask=m_tk, other=0.).to(tl.float32)
-        b_b = tl.load(b + p_t, mask=m_tk, other=0.).to(tl.float32)
-        b_q = tl.load(q + p_t, mask=m_tk, other=0.).to(tl.float32)
-        b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
+        m_k, m_tk, p_t, b_G, b_k, b_b, b_q, b_Gl = _prologue.key_tile(q, k, b, g_cum, o_k, m_t,
+                                                                     r_t, last, H, K)
         b_gam = tl.exp(b_G)
         b_Y = tl.dot(b_A, b_b * b_k * b_gam, input_precision=DOT_PRECISION)
         tl.store(Y + p_t, b_Y.to(Y.dtype.element_ty), mask=m_tk)
