@@ -10,6 +10,13 @@ key axis), so the results are bitwise the same; only the schedule changes.
 Measured on an H200 (``bench/results/2026-11-26_NVIDIA_H200_variants.json``): at 1 x 16384,
 H = 16, BV 64 -> 16 took state_bwd from 2.56 to 1.97 ms and state_fwd from 0.86 to 0.65 ms; at
 8 x 2048 (256 programs at BV = 64) BV = 16 was 2.7x slower, which the rule leaves alone.
+
+A narrowed launch also runs at most ``NARROW_MAX_WARPS`` warps: the tuned ``num_warps`` was chosen
+at the tune problem's full-width tile, and a quarter of that tile spread over as many warps leaves
+each warp too little work to hide the chain's latency. Measured on an H200 (profile of
+2026-11-27, 8 warps tuned; ``bench/results/2026-11-27_NVIDIA_H200_state_warps.json``): state_fwd
+0.42 -> 0.29 ms at 2 x 8192 (BV 32) and 0.68 -> 0.54 ms at 1 x 16384 (BV 16) with 4 warps, 2 warps
+slower than 8 at both; state_bwd 1.65 -> 1.54 ms at 1 x 16384 and 0.94 -> 0.96 ms at 2 x 8192.
 """
 from __future__ import annotations
 
@@ -32,6 +39,20 @@ def value_tile(BV: int, rows: int, V: int, device: torch.device) -> int:
     """The ``BV`` to launch with: the tuned one, narrowed when ``rows`` (N * H) is small."""
     sms = _device.sm_count(device)
     return BV if sms is None else narrowed_value_tile(BV, rows, V, sms)
+
+
+NARROW_MAX_WARPS = 4
+
+
+def serial_launch(config, rows: int, V: int, device: torch.device) -> tuple[int, dict[str, int]]:
+    """``(BV, launch options)`` of a serial pass with ``config`` over ``rows`` (N * H) rows: the
+    tuned ones, or when the value tile is narrowed, the narrower tile with at most
+    ``NARROW_MAX_WARPS`` warps."""
+    BV = value_tile(config["BV"], rows, V, device)
+    options = config.launch_options()
+    if BV < config["BV"]:
+        options["num_warps"] = min(options["num_warps"], NARROW_MAX_WARPS)
+    return BV, options
 
 
 # The two-level scan (state_fwd SCAN="segmented"): segments of at least this many chunks.

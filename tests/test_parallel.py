@@ -1,7 +1,8 @@
 """The launch-time value-tile rule of the serial passes (``gdn2_kernels._parallel``).
 
-Two properties: the rule only narrows BV when the programs would cover less than half the SMs,
-and a narrower BV gives bitwise the same results (value tiles are independent recurrences), run
+Three properties: the rule only narrows BV when the programs would cover less than half the SMs,
+a narrowed launch runs at most NARROW_MAX_WARPS warps (never more than tuned), and a narrower BV
+gives bitwise the same results (value tiles are independent recurrences), run
 on the real kernels through the interpreter.
 """
 from __future__ import annotations
@@ -31,6 +32,20 @@ def test_narrowed_value_tile(BV, rows, V, sms, expected):
 def test_value_tile_leaves_cpu_launches_alone():
     assert _parallel.value_tile(64, 1, 128, torch.device("cpu")) == 64
     assert _device.sm_count(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("rows, warps, expected", [
+    (128, 8, (64, 8)),   # enough programs: the tuned tile and warps
+    (32, 8, (32, 4)),    # narrowed: at most NARROW_MAX_WARPS warps
+    (16, 8, (16, 4)),
+    (16, 2, (16, 2)),    # fewer tuned warps are kept
+])
+def test_serial_launch_caps_warps_only_when_narrowed(monkeypatch, rows, warps, expected):
+    monkeypatch.setattr(_device, "sm_count", lambda device: 132)
+    config = get_spec("state_fwd").config({"BV": 64, "num_warps": warps, "num_stages": 4})
+    BV, options = _parallel.serial_launch(config, rows, 128, torch.device("cpu"))
+    assert (BV, options["num_warps"]) == expected
+    assert options["num_stages"] == 4
 
 
 def test_narrower_value_tile_is_bitwise_identical():

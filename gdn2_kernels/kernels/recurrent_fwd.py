@@ -17,7 +17,7 @@ whole sequence, so nothing crosses programs. ``K`` is held whole, padded to a po
 (``KP``): the erase read-out ``r_t`` and the L2 norms reduce over K inside the program. The only
 tile is ``BV``: small tiles give more programs (batch 1 decode has only N * H of them per tile),
 large ones fewer loads of the K-vectors per byte of state; the launcher narrows the tuned
-``BV`` when N * H programs would cover less than half the SMs (``_parallel.value_tile``).
+``BV`` when N * H programs would cover less than half the SMs (``_parallel.serial_launch``).
 A decode step (T = 1) is bound by the state traffic, ``2 * N * H * K * V * 4`` bytes;
 everything else is a few KB.
 
@@ -143,7 +143,7 @@ def recurrent_fwd(
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    BV = _parallel.value_tile(config["BV"], N * H, V, v.device)
+    BV, launch_options = _parallel.serial_launch(config, N * H, V, v.device)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
     ht = (torch.empty(N, H, K, V, dtype=torch.float32, device=v.device) if output_final_state
           else None)
@@ -158,6 +158,6 @@ def recurrent_fwd(
         STORE_HT=output_final_state,
         USE_QK_L2NORM=use_qk_l2norm,
         IS_VARLEN=cu_seqlens is not None,
-        **config.launch_options(),
+        **launch_options,
     )
     return o, ht

@@ -15,7 +15,7 @@ Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's s
 walks that sequence's chunks from last to first. K is held whole (padded to ``KP``). Transposed
 products use loaded operands only (never a transposed mma accumulator: see the sm90 rule in
 configs.py). With few sequences x heads the launcher narrows ``BV`` so the programs cover half
-the SMs (``_parallel.value_tile``; same results, more parallelism), and with ``SCAN="segmented"``
+the SMs (``_parallel.serial_launch``; same results, more parallelism), and with ``SCAN="segmented"``
 (a tunable) it runs a two-level scan over segments when that is still too few
 (``state_bwd_segmented``). ``STORE_STATES=False`` keeps only the final dS (no R, dR, dh) and
 ``HAS_DO=False`` drops the dO terms: the two homogeneous passes of that scan.
@@ -188,7 +188,7 @@ def _launch_pass(q, k, g_cum, Y, U, A_qk, h, do, dht, R, dR, dh, dh0, cu_seqlens
     """One launch of the kernel. ``R=None`` skips R, dR and dh (only the final dS -> dh0);
     ``do=None`` runs the homogeneous recurrence (no output gradient)."""
     H, K = k.shape[2], k.shape[3]
-    BV = _parallel.value_tile(config["BV"], N * H, V, k.device)
+    BV, launch_options = _parallel.serial_launch(config, N * H, V, k.device)
     _launch.launch(_state_bwd_kernel, state_bwd_grid(N, H, V, BV),
         q=q, k=k, g_cum=g_cum, Y=Y, U=U, A_qk=A_qk, h=h, do=do, dht=dht,
         R=R, dR=dR, dh=dh, dh0=dh0,
@@ -201,7 +201,7 @@ def _launch_pass(q, k, g_cum, Y, U, A_qk, h, do, dht, R, dR, dh, dh0, cu_seqlens
         STORE_STATES=R is not None,
         HAS_DO=do is not None,
         IS_VARLEN=cu_seqlens is not None,
-        **config.launch_options(),
+        **launch_options,
         DOT_PRECISION=_precision.dot_precision(Y.dtype),
     )
 

@@ -17,7 +17,7 @@ Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's s
 that sequence's chunks serially. ``K`` is held whole (padded to a power of two, ``KP``); the
 value axis is split into ``BV`` tiles, which is the knob that trades per-program work for
 parallelism when N * H is small (the launcher narrows it further when the programs would
-cover less than half the SMs: ``_parallel.value_tile``). With ``SCAN="segmented"`` (a tunable)
+cover less than half the SMs: ``_parallel.serial_launch``). With ``SCAN="segmented"`` (a tunable)
 and programs still covering less than half the SMs, the launcher runs a two-level scan over
 segments of the sequence instead (``state_fwd_segmented``). Dots run on the storage dtype of Y
 (bf16 tensor cores for bf16 inputs; ``DOT_PRECISION`` for fp32, see ``_precision``) with fp32
@@ -172,7 +172,7 @@ def _launch_pass(Qg, Kt, gC, Y, U, A_qk, h0, o, ht, h, cu_seqlens, chunk_offsets
                  V: int, config: "KernelConfig") -> None:
     """One launch of the kernel; ``U=None`` runs the homogeneous recurrence (R = -Y S)."""
     H, K = Y.shape[2], Y.shape[3]
-    BV = _parallel.value_tile(config["BV"], N * H, V, Y.device)
+    BV, launch_options = _parallel.serial_launch(config, N * H, V, Y.device)
     _launch.launch(_state_fwd_kernel, state_fwd_grid(N, H, V, BV),
         Qg=Qg, Kt=Kt, gC=gC, Y=Y, U=U, A_qk=A_qk, h0=h0,
         o=o, ht=ht, h=h,
@@ -186,7 +186,7 @@ def _launch_pass(Qg, Kt, gC, Y, U, A_qk, h0, o, ht, h, cu_seqlens, chunk_offsets
         STORE_O=o is not None,
         HAS_U=U is not None,
         IS_VARLEN=cu_seqlens is not None,
-        **config.launch_options(),
+        **launch_options,
         DOT_PRECISION=_precision.dot_precision(Y.dtype),
     )
 
