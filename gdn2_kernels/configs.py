@@ -336,7 +336,9 @@ STATE_FWD = register(KernelSpec(
     doc="inter-chunk state pass fused with the output: R, O, S_C per chunk (serial over chunks)",
     params=(
         BT,
-        Param("BV", (16, 32, 64), 32, "value-axis tile of the state: programs = N*H*V/BV"),
+        Param("BV", (16, 32, 64), 32, "value-axis tile of the state: programs = N*H*V/BV"
+              "; narrowed at launch, with at most 4 warps, when the programs would cover"
+              " < half the SMs (_parallel.serial_launch)"),
         _scan("serial"),
         _warps(),
         _stages(2, (1, 2, 3, 4)),
@@ -388,7 +390,9 @@ STATE_BWD = register(KernelSpec(
     doc="reverse state pass: dR, R and dS' per chunk, dh0 (serial over chunks, parallel over V)",
     params=(
         BT,
-        Param("BV", (16, 32, 64), 32, "value-axis tile of the state gradient"),
+        Param("BV", (16, 32, 64), 32, "value-axis tile of the state gradient"
+              "; narrowed at launch, with at most 4 warps, when the programs would cover"
+              " < half the SMs (_parallel.serial_launch)"),
         _scan("reverse"),
         _warps(),
         _stages(1, (1, 2, 3)),
@@ -469,7 +473,9 @@ RECURRENT_FWD = register(KernelSpec(
     doc="token recurrence with the [K, BV] state slice in fp32 registers (decode, short prompts)",
     params=(
         Param("BV", (8, 16, 32, 64, 128), 32,
-              "value-axis tile of the state: programs = N*H*V/BV (more for small batches)"),
+              "value-axis tile of the state: programs = N*H*V/BV (more for small batches)"
+              "; narrowed at launch, with at most 4 warps, when the programs would cover"
+              " < half the SMs (_parallel.serial_launch)"),
         _warps(4, (1, 2, 4, 8)),
         _stages(2, (1, 2, 3)),
     ),
