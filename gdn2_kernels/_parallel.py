@@ -77,9 +77,10 @@ def segment_chunks(programs: int, num_chunks: int, device: torch.device) -> int 
 def scan_segments(config, N: int, H: int, T: int, V: int, cu_seqlens: torch.Tensor | None,
                   device: torch.device) -> int | None:
     """Chunks per segment when a state pass with ``config`` runs as the two-level scan
-    (``SCAN="segmented"``, dense input, :func:`segment_chunks` says the GPU is under-filled),
-    else None (the serial pass). One rule for state_fwd and state_bwd."""
+    (``SCAN="segmented"``, dense input, :func:`segment_chunks` says the GPU is under-filled even
+    with the value tile narrowed as the serial launch would narrow it), else None (the serial
+    pass). One rule for state_fwd and state_bwd."""
     if config["SCAN"] != "segmented" or cu_seqlens is not None:
         return None
-    return segment_chunks(N * H * triton.cdiv(V, config["BV"]), triton.cdiv(T, config["BT"]),
-                          device)
+    BV = value_tile(config["BV"], N * H, V, device)     # the serial pass's programs, narrowed
+    return segment_chunks(N * H * triton.cdiv(V, BV), triton.cdiv(T, config["BT"]), device)

@@ -45,9 +45,25 @@ def test_segment_rule(monkeypatch):
     assert segment_chunks(32, 512, cpu) is None                       # no SM count: serial
     monkeypatch.setattr(_device, "sm_count", lambda device: 132)
     assert segment_chunks(200, 512, cpu) is None                      # fills the GPU already
-    L = segment_chunks(32, 512, cpu)                                  # 1x16384, H=16, BV=64
+    L = segment_chunks(32, 512, cpu)                                  # 32 programs
     assert MIN_SEGMENT <= L and 512 >= 2 * L and 32 * -(-512 // L) >= 2 * 132 * 0.9
     assert segment_chunks(32, 20, cpu) is None                        # too short to split
+
+
+def test_scan_segments_counts_the_narrowed_programs(monkeypatch):
+    """The two-level scan acts only when the serial pass would leave half the SMs idle even with
+    its value tile narrowed: one 16K sequence with 16 heads gets 128 programs at BV=16 (serial),
+    4 heads only 32 (segmented)."""
+    from gdn2_kernels import _device
+    from gdn2_kernels._parallel import scan_segments
+    from gdn2_kernels.configs import get_spec
+
+    cpu = torch.device("cpu")
+    config = get_spec("state_fwd").config({"BT": 32, "BV": 64, "SCAN": "segmented"})
+    monkeypatch.setattr(_device, "sm_count", lambda device: 132)
+    assert scan_segments(config, 1, 16, 16384, 128, None, cpu) is None
+    assert scan_segments(config, 1, 4, 16384, 128, None, cpu) is not None
+    assert scan_segments(config.replace(SCAN="serial"), 1, 4, 16384, 128, None, cpu) is None
 
 
 @pytest.mark.gpu
