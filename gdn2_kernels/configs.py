@@ -16,6 +16,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
+from gdn2_kernels._parallel import NARROW_MAX_WARPS
 from gdn2_kernels._testing import TOLERANCES
 
 MAX_HEAD_DIM = 256
@@ -272,6 +273,11 @@ def _stages(default: int = 2, values: tuple = (1, 2, 3)) -> Param:
     return Param("num_stages", values, default, "software-pipelining depth of loops", launch=True)
 
 
+# The launch-time rule every serial pass's BV is subject to (said once, in each BV's doc).
+_NARROWED = (f"; narrowed at launch, with at most {NARROW_MAX_WARPS} warps, when the programs "
+             "would cover < half the SMs (_parallel.serial_launch)")
+
+
 def _scan(direction: str) -> Param:
     """The state passes' SCAN: their one ``direction`` pass, or the two-level scan."""
     return Param("SCAN", ("serial", "segmented"), "serial",
@@ -336,9 +342,8 @@ STATE_FWD = register(KernelSpec(
     doc="inter-chunk state pass fused with the output: R, O, S_C per chunk (serial over chunks)",
     params=(
         BT,
-        Param("BV", (16, 32, 64), 32, "value-axis tile of the state: programs = N*H*V/BV"
-              "; narrowed at launch, with at most 4 warps, when the programs would cover"
-              " < half the SMs (_parallel.serial_launch)"),
+        Param("BV", (16, 32, 64), 32,
+              "value-axis tile of the state: programs = N*H*V/BV" + _NARROWED),
         _scan("serial"),
         _warps(),
         _stages(2, (1, 2, 3, 4)),
@@ -390,9 +395,7 @@ STATE_BWD = register(KernelSpec(
     doc="reverse state pass: dR, R and dS' per chunk, dh0 (serial over chunks, parallel over V)",
     params=(
         BT,
-        Param("BV", (16, 32, 64), 32, "value-axis tile of the state gradient"
-              "; narrowed at launch, with at most 4 warps, when the programs would cover"
-              " < half the SMs (_parallel.serial_launch)"),
+        Param("BV", (16, 32, 64), 32, "value-axis tile of the state gradient" + _NARROWED),
         _scan("reverse"),
         _warps(),
         _stages(1, (1, 2, 3)),
@@ -474,8 +477,7 @@ RECURRENT_FWD = register(KernelSpec(
     params=(
         Param("BV", (8, 16, 32, 64, 128), 32,
               "value-axis tile of the state: programs = N*H*V/BV (more for small batches)"
-              "; narrowed at launch, with at most 4 warps, when the programs would cover"
-              " < half the SMs (_parallel.serial_launch)"),
+              + _NARROWED),
         _warps(4, (1, 2, 4, 8)),
         _stages(2, (1, 2, 3)),
     ),
