@@ -19,7 +19,6 @@ pure-Python Triton modules are executed. The source tree is, in order: an explic
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import importlib.util
 import sys
@@ -55,6 +54,7 @@ class Provider:
     load: Callable[[], Any]        # -> op namespace, or raises Unavailable
     make_step: Callable[[Any, ProblemInputs, str], Step]
     note: str = ""
+    long_context: bool = False     # also run at the long shapes (``gdn2 bench --long``)
 
 
 @dataclass
@@ -137,9 +137,7 @@ def _attr(mod, name: str, what: str):
 def _load_ours():
     from gdn2_kernels import ops
 
-    # validate_values=False: the default g check costs a device sync and a pass over g per call,
-    # which no baseline pays.
-    return functools.partial(ops.chunk_gdn2, validate_values=False)
+    return ops.chunk_gdn2  # the call users make: default arguments (the g check in-kernel)
 
 
 def _load_ours_decode():
@@ -148,15 +146,23 @@ def _load_ours_decode():
     fn = getattr(ops, "fused_recurrent_gdn2", None)
     if fn is None:
         raise Unavailable("gdn2_kernels has no fused_recurrent_gdn2 yet (decode kernel)")
-    # As for chunk_gdn2: no per-call g check (a device sync), which no baseline pays; the layer's
-    # decode path skips it too.
-    return functools.partial(fn, validate_values=False)
+    return fn  # the default call, as for chunk_gdn2
 
 
 def _fla(module: str, name: str) -> Callable[[], Any]:
     def load():
         return _attr(_import(module, "fla-core (FLA)"), name, "fla-core")
     return load
+
+
+def _load_cudnn_kda():
+    """cuDNN frontend's KDA (``cudnn.linear_attention``): its Hopper engines need sm90, and
+    Blackwell's FROST engine sm100+."""
+    la = _import("cudnn.linear_attention", "nvidia-cudnn-frontend (cuDNN KDA)")
+    major, _ = torch.cuda.get_device_capability()
+    if major < 9:
+        raise Unavailable(f"cuDNN KDA needs a Hopper or newer GPU (sm90+), this is sm{major}x")
+    return _attr(la, "kimi_delta_attention", "nvidia-cudnn-frontend")
 
 
 def _sdpa(backend_name: str) -> Callable[[], Any]:
@@ -269,6 +275,19 @@ def _kda_step(op, inp: ProblemInputs, mode: str) -> Step:
     return _step(mode, lambda t: op(t["q"], t["k"], t["v"], t["g"], t["beta"], **kw), x)
 
 
+def _cudnn_kda_step(op, inp: ProblemInputs, mode: str) -> Step:
+    """cuDNN's KDA on the THD layout: the batch flattened to ``[B*T, H, D]`` tokens with
+    ``cu_seqlens = [0, T, 2T, ...]``; beta ``[B*T, H]``."""
+    x = inp.kda(mode == "fwdbwd")
+    B, T = inp.shape.B, inp.shape.T
+    cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=x["q"].device)
+
+    def fwd(t):
+        q, k, v, g = (t[n].flatten(0, 1) for n in ("q", "k", "v", "g"))
+        return op(q, k, v, g, t["beta"].flatten(0, 1), cu)
+    return _step(mode, fwd, x)
+
+
 def _gdn_step(op, inp: ProblemInputs, mode: str) -> Step:
     x = inp.gdn(mode == "fwdbwd")
     kw = {"initial_state": x["h0"], "output_final_state": True} if mode == "decode" else {}
@@ -317,16 +336,21 @@ ALL_MODES = ("fwd", "fwdbwd", "decode")
 def default_registry() -> Registry:
     r = Registry()
     r.register(Provider("gdn2", "gdn2_kernels chunk_gdn2", "gdn2", False, False, TRAIN,
-                        _load_ours, _gdn2_step))
+                        _load_ours, _gdn2_step, long_context=True))
     r.register(Provider("gdn2-kda", "gdn2_kernels chunk_gdn2, tied gates (KDA)", "kda", False,
                         False, TRAIN, _load_ours, _ours_kda_step,
-                        note="b = w = beta: the KDA special case, to compare with fla-kda"))
+                        note="b = w = beta: the KDA special case, to compare with fla-kda and "
+                             "cudnn-kda", long_context=True))
     r.register(Provider("gdn2-decode", "gdn2_kernels fused_recurrent_gdn2", "gdn2", False, True,
                         ("decode",), _load_ours_decode, _gdn2_step))
     r.register(Provider("fla-gdn2", "FLA chunk_gdn2", "gdn2", True, False, TRAIN,
                         _fla("fla.ops.gdn2", "chunk_gdn2"), _gdn2_step))
     r.register(Provider("fla-kda", "FLA chunk_kda", "kda", True, False, TRAIN,
                         _fla("fla.ops.kda", "chunk_kda"), _kda_step))
+    r.register(Provider("cudnn-kda", "cuDNN FE kimi_delta_attention (KDA)", "kda", True, False,
+                        TRAIN, _load_cudnn_kda, _cudnn_kda_step,
+                        note="THD layout, beta scalar per token and head; the Hopper CUDA engine "
+                             "on sm90", long_context=True))
     r.register(Provider("fla-gdn", "FLA chunk_gated_delta_rule", "gdn", True, False, TRAIN,
                         _fla("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"), _gdn_step))
     r.register(Provider("fla-gdn2-decode", "FLA fused_recurrent_gdn2", "gdn2", True, True,

@@ -26,6 +26,9 @@ from bench.timing import CudaMeasurer, Measurer
 
 SCHEMA_VERSION = 1
 DEFAULT_SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384))
+# The same token budget's 4x in one sequence: run only by providers whose time is linear in T
+# (``Provider.long_context``), with ``gdn2 bench --long``.
+LONG_SHAPES = ((1, 65536),)
 DEFAULT_DECODE_BATCHES = (1, 8, 32, 128)
 
 OK, UNAVAILABLE, SKIPPED, OOM, ERROR = "ok", "unavailable", "skipped", "oom", "error"
@@ -35,6 +38,7 @@ OK, UNAVAILABLE, SKIPPED, OOM, ERROR = "ok", "unavailable", "skipped", "oom", "e
 class BenchOptions:
     modes: tuple[str, ...] = ("fwd", "fwdbwd")
     shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES          # (B, T), one token budget
+    long_shapes: tuple[tuple[int, int], ...] = ()                  # long_context providers only
     H: int = 16
     D: int = 128
     dtype: str = "bfloat16"
@@ -50,7 +54,11 @@ class BenchOptions:
         if mode == "decode":
             return [Shape(b, 1, self.H, self.D, self.dtype, self.decode_context)
                     for b in self.decode_batches]
-        return [Shape(b, t, self.H, self.D, self.dtype) for b, t in self.shapes]
+        return [Shape(b, t, self.H, self.D, self.dtype)
+                for b, t in (*self.shapes, *self.long_shapes)]
+
+    def is_long(self, shape: Shape) -> bool:
+        return (shape.B, shape.T) in self.long_shapes and (shape.B, shape.T) not in self.shapes
 
 
 @dataclass
@@ -204,6 +212,8 @@ def run_bench(options: BenchOptions = BenchOptions(), measurer: Measurer | None 
                     say(f"{mode} {shape.label()} {p.name}: kept from the resumed report")
                 elif op is None:
                     row.status, row.reason = UNAVAILABLE, reason
+                elif mode != "decode" and options.is_long(shape) and not p.long_context:
+                    row.reason = "long shapes run only for providers linear in T (--long)"
                 else:
                     say(f"{mode} {shape.label()} {p.name}")
                     _measure_row(row, lambda: p.make_step(op, inputs, mode), measurer)

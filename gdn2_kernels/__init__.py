@@ -11,6 +11,8 @@ if _env.enable_interpreter_without_gpu():
     _interpreter.apply()
 
 from gdn2_kernels.ops import chunk_gdn2, fused_recurrent_gdn2  # noqa: E402
+from gdn2_kernels._gate_check import InvalidGateError  # noqa: E402
+from gdn2_kernels._gate_check import check as check_gates  # noqa: E402
 from gdn2_kernels.layer import GatedDeltaNet2, GDN2Cache  # noqa: E402
 from gdn2_kernels.exported import load_exported  # noqa: E402
 from gdn2_kernels.reference import (  # noqa: E402
@@ -20,4 +22,4 @@ from gdn2_kernels.reference import (  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["GDN2Cache", "GatedDeltaNet2", "chunk_gdn2", "fused_recurrent_gdn2", "load_exported", "naive_chunk_gdn2", "naive_recurrent_gdn2", "__version__"]
+__all__ = ["GDN2Cache", "GatedDeltaNet2", "InvalidGateError", "check_gates", "chunk_gdn2", "fused_recurrent_gdn2", "load_exported", "naive_chunk_gdn2", "naive_recurrent_gdn2", "__version__"]

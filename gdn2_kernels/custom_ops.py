@@ -12,8 +12,9 @@ output shapes without running anything:
 * ``gdn2::fused_recurrent_gdn2``: the decoding forward; its registered backward raises.
 
 Custom ops cannot return None, so an absent final state travels as an empty tensor and the
-Python wrappers below turn it back into None. Input checks that read tensor values (``g <= 0``,
-``cu_seqlens`` bounds) run inside the real implementations, where they are opaque to the compiler.
+Python wrappers below turn it back into None. Input checks that read tensor values
+(``cu_seqlens`` bounds) run inside the real implementations, where they are opaque to the
+compiler; the check of g runs inside the forward kernels (``_gate_check``).
 
 The wrappers :func:`chunk_gdn2` and :func:`fused_recurrent_gdn2` take the same arguments as the
 eager ops in :mod:`gdn2_kernels.ops`; ``GatedDeltaNet2`` calls them while compiling.
@@ -56,6 +57,10 @@ def _state_or_empty(ht: Optional[Tensor], like: Tensor) -> Tensor:
 
 def _call_fwd(op, q, k, v, g, b, w, scale, initial_state, output_final_state,
               use_qk_l2norm_in_kernel, cu_seqlens, validate_values):
+    if validate_values == "sync":
+        raise ValueError("validate_values='sync' (a host sync) is for eager calls; the compiled "
+                         "op takes True (the in-kernel check, raised at a later call or at "
+                         "gdn2_kernels.check_gates()) or False")
     o, ht = op(q, k, v, g, b, w, initial_state, cu_seqlens,
                float(scale) if scale is not None else q.shape[-1] ** -0.5,
                bool(output_final_state), bool(use_qk_l2norm_in_kernel), bool(validate_values))
@@ -82,12 +87,12 @@ def _autograd_enabled() -> Iterator[None]:
 
 def _chunk_gdn2_impl(q, k, v, g, b, w, initial_state, cu_seqlens, scale, output_final_state,
                      use_qk_l2norm_in_kernel, validate_values):
-    ops._check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
+    ops._check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens)
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     opts = ops.GDN2Options(scale, output_final_state, use_qk_l2norm_in_kernel,
                            initial_state is not None, cu_seqlens is not None,
-                           disable_recompute=False)
-    with _device.guard(q):
+                           disable_recompute=False, check_g=validate_values)
+    with _device.guard(q), ops.gate_checked(q.device, validate_values, "chunk_gdn2"):
         pipe = dispatch.resolve(ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype)))
         res = ops._run_forward(q, k, v, g, b, w,
                                None if initial_state is None else initial_state.contiguous(),

@@ -298,7 +298,7 @@ class GatedDeltaNet2(nn.Module):
         else:
             op = custom_ops.fused_recurrent_gdn2 if compiling else ops.fused_recurrent_gdn2
         o, ht = op(q, k, v, g, b, w, initial_state=cache.state if started else None,
-                   output_final_state=keep, use_qk_l2norm_in_kernel=True, validate_values=False)
+                   output_final_state=keep, use_qk_l2norm_in_kernel=True)
         if keep:
             cache.state, cache.conv_q, cache.conv_k, cache.conv_v = ht, tail_q, tail_k, tail_v
             cache.layer_tag = self._tag

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gdn2_kernels import _device, _env, _launch, dispatch
+from gdn2_kernels import _device, _env, _gate_check, _launch, dispatch
 from gdn2_kernels._testing import dtype_name
 from gdn2_kernels.configs import MAX_HEAD_DIM, ProblemKey
 from gdn2_kernels.kernels.chunk_fwd import FwdResult, chunk_gdn2_fwd
@@ -33,6 +33,7 @@ class GDN2Options:
     has_initial_state: bool
     is_varlen: bool
     disable_recompute: bool
+    check_g: bool = True          # the in-kernel check of g (``_gate_check``)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -45,7 +46,7 @@ def _require_tensor(name: str, x) -> torch.Tensor:
     return x
 
 
-def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values: bool):
+def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens):
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("b", b), ("w", w)):
         _require_tensor(name, x)
     if q.ndim != 4:
@@ -124,11 +125,16 @@ def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_v
                             f"{initial_state.dtype}")
         if initial_state.device != dev:
             raise ValueError(f"initial_state is on {initial_state.device} but q is on {dev}")
-    if validate_values:
-        bad = ~torch.isfinite(g) | (g > 0)
-        if bool(bad.any()):
-            raise ValueError("g (log-decay) has NaN, Inf or positive entries; it must be finite "
-                             "and <= 0 (decay exp(g) in (0, 1]). Check the gate computation.")
+
+
+@contextlib.contextmanager
+def gate_checked(device: torch.device, validate_values, op: str):
+    """Around one call's launches: report an earlier call's bad g before (never waiting), and
+    read or start reading this call's error flag after (``_gate_check``)."""
+    if validate_values is not False:
+        _gate_check.before_call(device)
+    yield
+    _gate_check.after_call(device, validate_values, op)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,7 +166,8 @@ def _run_forward(q, k, v, g, b, w, initial_state, cu_seqlens, opts: GDN2Options,
         k, k_rstd = l2norm_fwd(k, pipe["l2norm_fwd"])
     res = chunk_gdn2_fwd(q, k, v, g.float(), b, w, opts.scale, initial_state,
                          opts.output_final_state, cu_seqlens, pipe.as_dict(),
-                         store_h=opts.disable_recompute)
+                         store_h=opts.disable_recompute,
+                         g_err=_gate_check.flag(q.device) if opts.check_g else None)
     return _Saved(q, k, v, b, w, res, initial_state, cu_seqlens, q_rstd, k_rstd)
 
 
@@ -284,7 +291,7 @@ def chunk_gdn2(
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     disable_recompute: bool = False,
-    validate_values: bool = True,
+    validate_values: bool | str = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise Gated Delta Rule-2 (MATH.md), FLA-compatible.
 
@@ -302,7 +309,12 @@ def chunk_gdn2(
         cu_seqlens: ``[N + 1]`` int32/int64 boundaries of sequences packed along T (needs B == 1).
         disable_recompute: keep the per-chunk states from the forward for the backward (more
             memory, less time). Default False.
-        validate_values: check g for NaN/Inf/positive entries (one device sync). Default True.
+        validate_values: check g for NaN/Inf/positive entries inside the forward kernel, at no
+            measurable cost and without a host sync. A bad entry makes that sequence and head's
+            outputs (and final state) NaN from its chunk on, and raises ``ValueError``
+            (``InvalidGateError``): on CUDA asynchronously, at a later call or at
+            ``gdn2_kernels.check_gates()``; on the CPU at once. ``"sync"`` raises in this call
+            (one device sync); ``False`` skips the check. Default True.
 
     Returns:
         o: ``[B, T, H, V]`` in q's dtype.
@@ -312,7 +324,8 @@ def chunk_gdn2(
         TypeError / ValueError naming the offending argument, for wrong types, shapes, dtypes,
         devices, head dims over 256, bad ``cu_seqlens`` or gates.
     """
-    _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
+    _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens)
+    validate_values = _gate_check.mode(validate_values)
     opts = GDN2Options(
         scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,
         output_final_state=bool(output_final_state),
@@ -320,11 +333,13 @@ def chunk_gdn2(
         has_initial_state=initial_state is not None,
         is_varlen=cu_seqlens is not None,
         disable_recompute=bool(disable_recompute),
+        check_g=validate_values is not False,
     )
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-    return _ChunkGDN2Function.apply(q, k, v, g, b, w, initial_state, cu_seqlens, opts)
+    with gate_checked(q.device, validate_values, "chunk_gdn2"):
+        return _ChunkGDN2Function.apply(q, k, v, g, b, w, initial_state, cu_seqlens, opts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -356,7 +371,7 @@ def fused_recurrent_gdn2(
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-    validate_values: bool = True,
+    validate_values: bool | str = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token Gated Delta Rule-2 (MATH.md "Recurrence") for decoding; forward only.
 
@@ -372,8 +387,9 @@ def fused_recurrent_gdn2(
         output_final_state: also return the state after the last token. Default False.
         use_qk_l2norm_in_kernel: L2-normalise q and k inside the kernel. Default False.
         cu_seqlens: ``[N + 1]`` int32/int64 boundaries of packed sequences (needs B == 1).
-        validate_values: check g for NaN/Inf/positive entries (one device sync per call; pass
-            False in a decode loop whose gates are correct by construction). Default True.
+        validate_values: as :func:`chunk_gdn2` (in-kernel, no host sync: CUDA-graph
+            capturable); a bad entry makes that sequence and head's outputs NaN from its token
+            on. Default True.
 
     Returns:
         o: ``[B, T, H, V]`` in q's dtype.
@@ -383,15 +399,18 @@ def fused_recurrent_gdn2(
         TypeError / ValueError as :func:`chunk_gdn2`, and ValueError when an input requires grad
         (this op has no backward: call it under ``torch.no_grad()`` or use ``chunk_gdn2``).
     """
-    _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
+    _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens)
     _check_no_grad(q, k, v, g, b, w, initial_state)
+    validate_values = _gate_check.mode(validate_values)
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
-    with _device.guard(q):
+    with _device.guard(q), gate_checked(q.device, validate_values, "fused_recurrent_gdn2"):
         key = ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype))
         config = dispatch.resolve(key)["recurrent_fwd"]
         return recurrent_fwd(q, k, v, g.float(), b, w,
                              float(scale) if scale is not None else q.shape[-1] ** -0.5,
                              initial_state, bool(output_final_state),
-                             bool(use_qk_l2norm_in_kernel), cu_seqlens, config)
+                             bool(use_qk_l2norm_in_kernel), cu_seqlens, config,
+                             g_err=(_gate_check.flag(q.device) if validate_values is not False
+                                    else None))

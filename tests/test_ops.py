@@ -213,9 +213,9 @@ BAD_INPUTS = [
     ("g-other-device", dict(g=_meta(B_, T_, H_, K_)), ValueError, r"^g is on meta"),
     ("scale-negative", dict(scale=-1.0), ValueError, r"^scale must be a positive number"),
     ("scale-string", dict(scale="0.5"), ValueError, r"^scale must be"),
-    ("g-nan", dict(g=torch.full((B_, T_, H_, K_), float("nan"))), ValueError, r"^g \(log-decay\)"),
-    ("g-positive", dict(g=torch.full((B_, T_, H_, K_), 0.1)), ValueError, r"^g \(log-decay\)"),
-    ("g-inf", dict(g=torch.full((B_, T_, H_, K_), -float("inf"))), ValueError, r"^g \(log-decay\)"),
+    ("g-nan", dict(g=torch.full((B_, T_, H_, K_), float("nan"))), ValueError, r"^chunk_gdn2: g \(log-decay\)"),
+    ("g-positive", dict(g=torch.full((B_, T_, H_, K_), 0.1)), ValueError, r"^chunk_gdn2: g \(log-decay\)"),
+    ("g-inf", dict(g=torch.full((B_, T_, H_, K_), -float("inf"))), ValueError, r"^chunk_gdn2: g \(log-decay\)"),
     ("h0-shape", dict(initial_state=torch.zeros(B_, H_, V_, K_)), ValueError,
      r"^initial_state must be \[N, H, K, V\]"),
     ("h0-bf16", dict(initial_state=torch.zeros(B_, H_, K_, V_, dtype=torch.bfloat16)), TypeError,
@@ -278,8 +278,8 @@ def test_cpu_inputs_without_interpreter_raise(monkeypatch: pytest.MonkeyPatch):
         chunk_gdn2(**_args())
 
 
-def test_validate_values_false_skips_the_gate_scan():
-    """validate_values=False accepts g it cannot see problems in (no device sync)."""
+def test_validate_values_false_skips_the_gate_check():
+    """validate_values=False runs without the in-kernel check of g (test_gate_check.py)."""
     args = _args(g=torch.full((B_, T_, H_, K_), 0.01), initial_state=None)
     o, _ = chunk_gdn2(**args, validate_values=False)
     assert o.shape == (B_, T_, H_, V_)

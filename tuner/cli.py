@@ -116,6 +116,8 @@ def bench(
     mode: list[str] = typer.Option(["fwd", "fwdbwd"], "--mode", "-m",
                                    help="fwd, fwdbwd, decode (repeat for several)"),
     shapes: str = typer.Option("8x2048,4x4096,2x8192,1x16384", help="BxT list, one token budget"),
+    long: bool = typer.Option(False, "--long", help="also 1x65536, for the providers whose time "
+                                                   "is linear in T (ours, cudnn-kda)"),
     heads: int = typer.Option(16, help="H"),
     dim: int = typer.Option(128, help="head dim D (K = V = D)"),
     dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32"),
@@ -132,11 +134,14 @@ def bench(
     plot: str = typer.Option(None, help="write tokens/s plots to this PNG (needs matplotlib)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Time chunk_gdn2 against FLA, SDPA (flash, cuDNN) and Mamba-2 on the same inputs."""
+    """Time chunk_gdn2 against FLA, cuDNN (KDA, attention), SDPA flash and Mamba-2 on the same
+    inputs."""
     from bench import report as render
-    from bench.runner import BenchOptions, parse_ints, parse_shapes, rows_from_json, run_bench
+    from bench.runner import (LONG_SHAPES, BenchOptions, parse_ints, parse_shapes, rows_from_json,
+                              run_bench)
 
-    opts = BenchOptions(modes=tuple(mode), shapes=parse_shapes(shapes), H=heads, D=dim,
+    opts = BenchOptions(modes=tuple(mode), shapes=parse_shapes(shapes),
+                        long_shapes=LONG_SHAPES if long else (), H=heads, D=dim,
                         dtype=dtype, decode_batches=parse_ints(decode_batches, "--decode-batches"),
                         decode_context=decode_context, providers=tuple(provider or ()) or None,
                         rep_ms=rep_ms, mamba_src=mamba_src)

@@ -6,6 +6,7 @@ head, value tile) (the state passes and decoding). Both take a dense ``[B, T]`` 
 program to (sequence, chunk), ``chunk_offsets`` gives each sequence's first chunk in the flat
 chunk list that holds the per-chunk states). :func:`key_tile` loads what the WY factors and their
 gradients read of one key tile of a chunk (intra_fwd's step 3, intra_bwd's phase B).
+:func:`valid_log_decay` and :func:`poison_chunk` are the in-kernel check of g (``_gate_check``).
 """
 from __future__ import annotations
 
@@ -60,3 +61,27 @@ def key_tile(q, k, b, g_cum, o_k, m_t, r_t, last, H: tl.constexpr, K: tl.constex
     b_q = tl.load(q + p, mask=m_tk, other=0.).to(tl.float32)
     b_Gl = tl.load(g_cum + last.to(tl.int64) * (H * K) + o_k, mask=m_k, other=0.)
     return m_k, m_tk, p, b_G, b_k, b_b, b_q, b_Gl
+
+
+# Largest finite float32: g >= -FLT_MAX is False for -inf and NaN.
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def valid_log_decay(b_g):
+    """True where a log-decay entry is finite and <= 0 (False for NaN, +-Inf and g > 0)."""
+    return (b_g <= 0.) & (b_g >= -FLT_MAX)
+
+
+@triton.jit
+def poison_chunk(g_cum, g_err, r_t, m_t, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                 BK: tl.constexpr):
+    """A chunk whose g failed the check: its whole cumulative log-decay becomes NaN (every later
+    product of the chunk and the state it hands on is NaN) and the error flag is set."""
+    tl.debug_barrier()  # after the chunk's own G stores, which other threads may have made
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        p_k = r_t[:, None] * (H * K) + o_k[None, :]
+        tl.store(g_cum + p_k, tl.full([BT, BK], float("nan"), tl.float32), mask=m_tk)
+    tl.store(g_err, 1)

@@ -53,8 +53,10 @@ def chunk_gdn2_fwd(
     cu_seqlens: torch.Tensor | None,
     configs: Mapping[str, "KernelConfig"],
     store_h: bool = False,
+    g_err: torch.Tensor | None = None,
 ) -> FwdResult:
-    """Run the forward kernels with the resolved ``configs`` (keys 'intra_fwd', 'state_fwd')."""
+    """Run the forward kernels with the resolved ``configs`` (keys 'intra_fwd', 'state_fwd');
+    ``g_err`` turns on intra_fwd's check of g."""
     BT = configs["intra_fwd"]["BT"]
     B, T = k.shape[:2]
     idx = offs = None
@@ -62,7 +64,7 @@ def chunk_gdn2_fwd(
         idx = _varlen.chunk_indices(cu_seqlens, BT)
         offs = _varlen.chunk_offsets(cu_seqlens, BT)
     g_cum, A, A_qk, Y, U, Qg, Kt, gC = intra_fwd(q, k, v, g, b, w, scale, cu_seqlens, idx,
-                                                 configs["intra_fwd"])
+                                                 configs["intra_fwd"], g_err)
     o, ht, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state, store_h,
                          cu_seqlens, offs, _varlen.num_chunks(T, B, idx, BT),
                          configs["state_fwd"])

@@ -69,6 +69,7 @@ def _intra_fwd_kernel(
     Qg,
     Kt,
     gC,
+    g_err,
     cu_seqlens,
     chunk_indices,
     scale,
@@ -84,6 +85,7 @@ def _intra_fwd_kernel(
     DIAG_INVERSE: tl.constexpr,
     LOG2_BC: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    CHECK_G: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     tl.static_assert(BT % BC == 0, "BC must divide BT")
@@ -123,13 +125,21 @@ def _intra_fwd_kernel(
     o_j = tl.arange(0, BT)                  # columns of the chunk's C x C matrices
     o_c = tl.arange(0, BC)
 
-    # 1. G = cumsum(g) inside the chunk.
+    # 1. G = cumsum(g) inside the chunk. CHECK_G: a NaN, Inf or positive g anywhere in the chunk
+    #    makes the chunk's whole G NaN (so o and the state are NaN from this chunk on, never
+    #    finite garbage) and raises the error flag (_gate_check).
+    n_bad = tl.zeros([], dtype=tl.int32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         p_k = r_t[:, None] * (H * K) + o_k[None, :]
         b_g = tl.load(g + p_k, mask=m_tk, other=0.).to(tl.float32)
+        if CHECK_G:
+            n_bad += tl.sum(tl.sum((~_prologue.valid_log_decay(b_g)).to(tl.int32), 1), 0)
         tl.store(g_cum + p_k, tl.cumsum(b_g, axis=0), mask=m_tk)
+    if CHECK_G:
+        if n_bad > 0:
+            _prologue.poison_chunk(g_cum, g_err, r_t, m_t, H, K, BT, BK)
     tl.debug_barrier()
 
     # 2. Row blocks of T and A_qk, and the blocked solve for A.
@@ -280,8 +290,12 @@ def intra_fwd(
     cu_seqlens: torch.Tensor | None,
     chunk_indices: torch.Tensor | None,
     config: "KernelConfig",
+    g_err: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the intra-chunk forward. Returns ``(g_cum, A, A_qk, Y, U, Qg, Kt, gC)``."""
+    """Launch the intra-chunk forward. Returns ``(g_cum, A, A_qk, Y, U, Qg, Kt, gC)``.
+
+    ``g_err`` (int32[1], optional) turns on the in-kernel check of g (``_gate_check``).
+    """
     B, T, H, K = k.shape
     V = v.shape[-1]
     BT = config["BT"]
@@ -297,15 +311,16 @@ def intra_fwd(
                      device=k.device)
     _launch.launch(_intra_fwd_kernel, intra_fwd_grid(num_chunks, B, H),
         q=q, k=k, v=v, g=g, b=b, w=w,
-        g_cum=g_cum, A=A, A_qk=A_qk, Y=Y, U=U, Qg=Qg, Kt=Kt, gC=gC,
+        g_cum=g_cum, A=A, A_qk=A_qk, Y=Y, U=U, Qg=Qg, Kt=Kt, gC=gC, g_err=g_err,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices,
         scale=scale, T=T,
         H=H, K=K, V=V,
         BT=BT, BC=config["BC"], BK=config["BK"], BV=config["BV"],
         SOLVE_PRECISION=config["SOLVE_PRECISION"],
         DIAG_INVERSE=config["DIAG_INVERSE"], LOG2_BC=config["BC"].bit_length() - 1,
+        DOT_PRECISION=_precision.dot_precision(k.dtype),
+        CHECK_G=g_err is not None,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
-        DOT_PRECISION=_precision.dot_precision(k.dtype),
     )
     return g_cum, A, A_qk, Y, U, Qg, Kt, gC

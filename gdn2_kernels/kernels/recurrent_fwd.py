@@ -3,7 +3,9 @@
 For each sequence and head, with the state S ``[K, V]`` held in fp32 registers, token by token:
 
     [q_t, k_t <- q_t / ||q_t||, k_t / ||k_t||]      (USE_QK_L2NORM: eps as in kernels/l2norm.py)
-    S   <- Diag(exp(g_t)) S
+    S   <- Diag(exp(g_t)) S                         (CHECK_G: a NaN, Inf or positive g_t makes
+                                                     g_t NaN, so S and o are NaN from token t
+                                                     on, and sets the error flag; _gate_check)
     r_t  = S^T (b_t (.) k_t)
     S   <- S + k_t (w_t (.) v_t - r_t)^T
     o_t  = S^T (scale * q_t)                        -> o   [B, T, H, V] (dtype of v)
@@ -32,6 +34,7 @@ import triton
 import triton.language as tl
 
 from gdn2_kernels import _launch, _parallel
+from gdn2_kernels.kernels import _prologue
 from gdn2_kernels.kernels.l2norm import L2NORM_EPS
 
 if TYPE_CHECKING:
@@ -49,6 +52,7 @@ def _recurrent_fwd_kernel(
     h0,
     o,
     ht,
+    g_err,
     cu_seqlens,
     scale,
     eps,
@@ -61,6 +65,7 @@ def _recurrent_fwd_kernel(
     USE_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
     USE_QK_L2NORM: tl.constexpr,
+    CHECK_G: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     tl.static_assert(KP >= K, "KP must cover K")
@@ -92,6 +97,7 @@ def _recurrent_fwd_kernel(
     p_v = v + (bos * H + i_h) * V + o_v
     p_w = w + (bos * H + i_h) * V + o_v
     p_o = o + (bos * H + i_h) * V + o_v
+    m_bad = o_k < 0                                    # [KP] channels that ever had a bad g
     for _ in range(T):
         b_q = tl.load(p_qk, mask=m_k, other=0.).to(tl.float32)                     # [KP]
         b_k = tl.load(p_kk, mask=m_k, other=0.).to(tl.float32)
@@ -103,6 +109,10 @@ def _recurrent_fwd_kernel(
             b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + eps)
             b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + eps)
 
+        if CHECK_G:
+            m_g = _prologue.valid_log_decay(b_g) | ~m_k
+            m_bad |= ~m_g
+            b_g = tl.where(m_g, b_g, float("nan"))
         b_S = b_S * tl.exp(b_g)[:, None]
         b_r = tl.sum(b_S * (b_b * b_k)[:, None], axis=0)                           # [BV]
         b_S = b_S + b_k[:, None] * (b_w * b_v - b_r)[None, :]
@@ -119,6 +129,9 @@ def _recurrent_fwd_kernel(
 
     if STORE_HT:
         tl.store(ht + p_S, b_S, mask=m_S)
+    if CHECK_G:
+        if tl.max(m_bad.to(tl.int32), 0) > 0:
+            tl.store(g_err, 1)
 
 
 def recurrent_fwd_grid(N: int, H: int, V: int, BV: int) -> tuple[int, int]:
@@ -138,8 +151,12 @@ def recurrent_fwd(
     use_qk_l2norm: bool,
     cu_seqlens: torch.Tensor | None,
     config: "KernelConfig",
+    g_err: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the token recurrence on contiguous inputs. Returns ``(o, ht or None)``."""
+    """Launch the token recurrence on contiguous inputs. Returns ``(o, ht or None)``.
+
+    ``g_err`` (int32[1], optional) turns on the in-kernel check of g (``_gate_check``).
+    """
     B, T, H, K = k.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -149,7 +166,7 @@ def recurrent_fwd(
           else None)
     _launch.launch(_recurrent_fwd_kernel, recurrent_fwd_grid(N, H, V, BV),
         q=q, k=k, v=v, g=g, b=b, w=w, h0=initial_state,
-        o=o, ht=ht,
+        o=o, ht=ht, g_err=g_err,
         cu_seqlens=cu_seqlens,
         scale=scale, eps=L2NORM_EPS, T=T,
         H=H, K=K, V=V,
@@ -157,6 +174,7 @@ def recurrent_fwd(
         USE_H0=initial_state is not None,
         STORE_HT=output_final_state,
         USE_QK_L2NORM=use_qk_l2norm,
+        CHECK_G=g_err is not None,
         IS_VARLEN=cu_seqlens is not None,
         **launch_options,
     )

@@ -15,8 +15,10 @@ def test_default_registry_as_data():
     r = default_registry()
     names = r.names()
     for n in ("gdn2", "gdn2-kda", "fla-gdn2", "fla-kda", "fla-gdn", "sdpa-flash", "sdpa-cudnn",
-              "mamba2"):
+              "mamba2", "cudnn-kda"):
         assert n in names
+    assert {n for n in names if r.get(n).long_context} == {"gdn2", "gdn2-kda", "cudnn-kda"}
+    assert r.get("cudnn-kda").baseline and r.get("cudnn-kda").family == "kda"
     ours = [r.get(n) for n in names if not r.get(n).baseline]
     assert {p.name for p in ours} == {"gdn2", "gdn2-kda", "gdn2-decode"}
     assert r.get("fla-gdn2-decode").fwd_only and not r.get("fla-gdn2").fwd_only
@@ -136,8 +138,34 @@ def test_mamba_decode_step_runs_the_real_state_update(monkeypatch):
     assert torch.allclose(y.double(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_our_ops_are_timed_without_the_per_call_gate_check():
-    """The g check syncs the device on every call; no baseline pays it, so the bench skips it
-    for the chunk op and for the decode op alike."""
-    assert providers._load_ours().keywords == {"validate_values": False}
-    assert providers._load_ours_decode().keywords == {"validate_values": False}
+def test_our_ops_are_timed_as_users_call_them():
+    """The bench times the default call (with its in-kernel g check), not a faster variant."""
+    from gdn2_kernels import ops
+
+    assert providers._load_ours() is ops.chunk_gdn2
+    assert providers._load_ours_decode() is ops.fused_recurrent_gdn2
+
+
+def test_cudnn_kda_declines_cleanly_without_the_package(monkeypatch):
+    """Without nvidia-cudnn-frontend the provider is listed with the reason, never dropped."""
+    def no_module(name, *a, **kw):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+    monkeypatch.setattr(providers.importlib, "import_module", no_module)
+    with pytest.raises(Unavailable, match=r"nvidia-cudnn-frontend \(cuDNN KDA\) not importable"):
+        providers._load_cudnn_kda()
+
+
+def test_cudnn_kda_step_passes_the_thd_layout():
+    """The step flattens the batch to tokens and passes cu_seqlens = [0, T, 2T, ...]."""
+    from bench.inputs import ProblemInputs
+    from bench.model import Shape
+
+    seen = {}
+
+    def fake_op(q, k, v, g, beta, cu):
+        seen.update(q=q.shape, g=g.shape, beta=beta.shape, cu=cu.tolist())
+        return v * 1.0, None
+    inp = ProblemInputs(Shape(2, 8, 2, 16, "float32"), "cpu")
+    step = providers._cudnn_kda_step(fake_op, inp, "fwd")
+    step()
+    assert seen == {"q": (16, 2, 16), "g": (16, 2, 16), "beta": (16, 2), "cu": [0, 8, 16]}

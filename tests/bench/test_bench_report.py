@@ -138,3 +138,18 @@ def test_resume_keeps_saved_rows_and_measures_the_rest(fake_measurer, fake_regis
     assert {r.T for r in rep.rows} == {1024, 8192}
     with pytest.raises(ValueError, match="H=16"):
         rows_from_json(path, BenchOptions(H=8))
+
+
+def test_long_shapes_run_only_for_long_context_providers(fake_measurer, fake_registry,
+                                                         fake_provenance):
+    import dataclasses
+
+    fake_registry.providers["ours"] = dataclasses.replace(fake_registry.get("ours"),
+                                                          long_context=True)
+    opts = BenchOptions(modes=("fwd",), shapes=((4, 1024),), long_shapes=((1, 4096),))
+    rep = run_bench(opts, measurer=fake_measurer, registry=fake_registry,
+                    provenance=fake_provenance)
+    assert _row(rep, "ours", "fwd", 4096).status == OK
+    skipped = _row(rep, "flaish", "fwd", 4096)
+    assert skipped.status == "skipped" and "linear in T" in skipped.reason
+    assert _row(rep, "flaish", "fwd", 1024).status == OK
