@@ -277,14 +277,15 @@ def _kda_step(op, inp: ProblemInputs, mode: str) -> Step:
 
 def _cudnn_kda_step(op, inp: ProblemInputs, mode: str) -> Step:
     """cuDNN's KDA on the THD layout: the batch flattened to ``[B*T, H, D]`` tokens with
-    ``cu_seqlens = [0, T, 2T, ...]``; beta ``[B*T, H]``."""
+    ``cu_seqlens = [0, T, 2T, ...]``; beta ``[B*T, H]`` in float32 (its Hopper backward engine
+    writes dBeta in float32 and declines a bf16 beta, whose gradient would be bf16)."""
     x = inp.kda(mode == "fwdbwd")
     B, T = inp.shape.B, inp.shape.T
     cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=x["q"].device)
 
     def fwd(t):
         q, k, v, g = (t[n].flatten(0, 1) for n in ("q", "k", "v", "g"))
-        return op(q, k, v, g, t["beta"].flatten(0, 1), cu)
+        return op(q, k, v, g, t["beta"].flatten(0, 1).float(), cu)
     return _step(mode, fwd, x)
 
 

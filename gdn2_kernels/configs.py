@@ -385,17 +385,21 @@ SM90_NO_ACC_TRANSPOSE = (
     "(issue 3). Transposed products are formed from loaded operands instead, so no config needs "
     "pruning for it. A state_bwd variant that loaded Q_gamma/K_tail (instead of forming them from "
     "q, k, g_cum) faulted on sm90 with Triton 3.6 (compute-sanitizer: out-of-range shared or local "
-    "address in the dS update, 255 registers with spills; 2026-11-26), so state_bwd keeps forming "
-    "them on chip; state_fwd reads them."
+    "address in the dS update, 255 registers with spills; 2026-11-26), when the loop also "
+    "recomputed R from h. state_bwd's OPERANDS chooses between the two (default formed); every "
+    "config is verified before use, so a faulting one is recorded and never chosen."
 )
 
 STATE_BWD = register(KernelSpec(
     name="state_bwd",
     direction="bwd",
-    doc="reverse state pass: dR, R and dS' per chunk, dh0 (serial over chunks, parallel over V)",
+    doc="reverse state pass: dR and dS' per chunk, dh0 (serial over chunks, parallel over V)",
     params=(
         BT,
         Param("BV", (16, 32, 64), 32, "value-axis tile of the state gradient" + _NARROWED),
+        Param("OPERANDS", ("formed", "loaded"), "formed",
+              "Q_gamma, K_tail, gamma_C formed from q, k, g_cum in the loop, or read from the "
+              "forward (no exponentials in the serial loop)", algorithm=True),
         _scan("reverse"),
         _warps(),
         _stages(1, (1, 2, 3)),

@@ -173,11 +173,15 @@ def _run_forward(q, k, v, g, b, w, initial_state, cu_seqlens, opts: GDN2Options,
 
 def _run_backward(s: _Saved, do, dht, opts: GDN2Options, pipe: dispatch.PipelineConfig,
                   need_dh0: bool) -> tuple[torch.Tensor, torch.Tensor, BwdResult]:
-    """Every backward launch of one call: ``(dq, dk, the other gradients)``, dq/dk fp32."""
+    """Every backward launch of one call: ``(dq, dk, the other gradients)`` in the inputs'
+    dtypes (dg fp32)."""
     f = s.fwd
+    # The in-op L2 norm's backward still reads dq and dk: keep them fp32 for it.
+    qk_dtype = torch.float32 if opts.use_qk_l2norm_in_kernel else s.q.dtype
     grads = chunk_gdn2_bwd(s.q, s.k, s.v, s.b, s.w, f.g_cum, f.A, f.A_qk, f.Y, f.U, f.Qg, f.Kt,
-                           f.gC, f.h, opts.scale, s.initial_state, do, dht, s.cu_seqlens,
-                           f.chunk_indices, f.chunk_offsets, pipe.as_dict(), need_dh0=need_dh0)
+                           f.gC, f.h, f.R, opts.scale, s.initial_state, do, dht, s.cu_seqlens,
+                           f.chunk_indices, f.chunk_offsets, pipe.as_dict(), need_dh0=need_dh0,
+                           grad_dtypes=(qk_dtype, qk_dtype, s.b.dtype))
     dq, dk = grads.dq, grads.dk
     if opts.use_qk_l2norm_in_kernel:
         dq = l2norm_bwd(s.q, s.q_rstd, dq, pipe["l2norm_bwd"])
@@ -256,7 +260,7 @@ class _ChunkGDN2Function(torch.autograd.Function):
                                          pipe)
         f = s.fwd
         ctx.save_for_backward(s.q, s.k, s.v, s.b, s.w, f.g_cum, f.A, f.A_qk, f.Y, f.U, f.Qg, f.Kt,
-                              f.gC, f.h, s.initial_state, s.cu_seqlens, f.chunk_indices,
+                              f.gC, f.h, f.R, s.initial_state, s.cu_seqlens, f.chunk_indices,
                               f.chunk_offsets, s.q_rstd, s.k_rstd)
         ctx.opts = opts
         ctx.pipe = pipe
@@ -265,10 +269,10 @@ class _ChunkGDN2Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        (q, k, v, b, w, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, h0, cu_seqlens, idx, offs,
+        (q, k, v, b, w, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, R, h0, cu_seqlens, idx, offs,
          q_rstd, k_rstd) = ctx.saved_tensors
         opts, pipe = ctx.opts, ctx.pipe
-        fwd = FwdResult(None, None, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, idx, offs)
+        fwd = FwdResult(None, None, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, R, idx, offs)
         saved = _Saved(q, k, v, b, w, fwd, h0, cu_seqlens, q_rstd, k_rstd)
         with _device.guard(q):
             dq, dk, grads = _run_backward(saved, do.contiguous(),

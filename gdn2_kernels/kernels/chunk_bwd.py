@@ -2,8 +2,9 @@
 
 Pipeline (MATH.md "Backward"):
 
-    [state_fwd]  recompute the chunk states h (unless the forward kept them: disable_recompute)
-    state_bwd    reverse pass over chunks -> R, dR, dh (per chunk), dh0
+    [state_fwd]  recompute the chunk states h and residuals R (unless the forward kept them:
+                 disable_recompute)
+    state_bwd    reverse pass over chunks -> dR, dh (per chunk), dh0
     intra_bwd    per chunk -> dq, dk, dv, dg, db, dw
     [l2norm_bwd] through the in-kernel q/k normalisation (done by the op)
 """
@@ -25,11 +26,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class BwdResult:
-    dq: torch.Tensor  # fp32
-    dk: torch.Tensor  # fp32
+    dq: torch.Tensor  # grad_dtypes[0]
+    dk: torch.Tensor  # grad_dtypes[1]
     dv: torch.Tensor
     dg: torch.Tensor  # fp32
-    db: torch.Tensor  # fp32
+    db: torch.Tensor  # grad_dtypes[2]
     dw: torch.Tensor
     dh0: torch.Tensor | None
 
@@ -49,6 +50,7 @@ def chunk_gdn2_bwd(
     Kt: torch.Tensor,
     gC: torch.Tensor,
     h: torch.Tensor | None,
+    R: torch.Tensor | None,
     scale: float,
     initial_state: torch.Tensor | None,
     do: torch.Tensor,
@@ -58,17 +60,19 @@ def chunk_gdn2_bwd(
     chunk_offsets: torch.Tensor | None,
     configs: Mapping[str, "KernelConfig"],
     need_dh0: bool,
+    grad_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype] | None = None,
 ) -> BwdResult:
-    """Gradients of every input from ``do`` (and ``dht``) and the forward's intermediates."""
+    """Gradients of every input from ``do`` (and ``dht``) and the forward's intermediates;
+    dq, dk, db in ``grad_dtypes`` (default fp32), dg fp32."""
     B, T = k.shape[:2]
     BT = configs["intra_bwd"]["BT"]
-    if h is None:
-        _, _, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, False, True, cu_seqlens,
-                            chunk_offsets, _varlen.num_chunks(T, B, chunk_indices, BT),
-                            configs["state_fwd"], store_o=False)
-    R, dR, dh, dh0 = state_bwd(q, k, g_cum, Y, U, A_qk, h, do, dht, scale, need_dh0,
-                               cu_seqlens, chunk_offsets, configs["state_bwd"])
+    if h is None or R is None:
+        _, _, h, R = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, False, True, cu_seqlens,
+                               chunk_offsets, _varlen.num_chunks(T, B, chunk_indices, BT),
+                               configs["state_fwd"], store_o=False, store_r=True)
+    dR, dh, dh0 = state_bwd(q, k, g_cum, Qg, Kt, gC, Y, A_qk, do, dht, scale, need_dh0,
+                            cu_seqlens, chunk_offsets, configs["state_bwd"])
     dq, dk, dv, dg, db, dw = intra_bwd(q, k, v, b, w, g_cum, A, h, dh, do, R, dR, scale,
                                        cu_seqlens, chunk_indices, chunk_offsets,
-                                       configs["intra_bwd"])
+                                       configs["intra_bwd"], grad_dtypes)
     return BwdResult(dq, dk, dv, dg, db, dw, dh0)

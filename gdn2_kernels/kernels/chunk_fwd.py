@@ -4,7 +4,7 @@ Pipeline (MATH.md "Chunkwise form"):
 
     [l2norm_fwd]  q, k -> normalised q, k                    (optional)
     intra_fwd     q, k, v, g, b, w -> g_cum, A, A_qk, Y, U, Qg, Kt, gC  (per chunk and head)
-    state_fwd     -> o, ht [, h]                              (serial over chunks, parallel over V)
+    state_fwd     -> o, ht [, h, R]                           (serial over chunks, parallel over V)
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ class FwdResult:
     Kt: torch.Tensor
     gC: torch.Tensor
     h: torch.Tensor | None
+    R: torch.Tensor | None
     chunk_indices: torch.Tensor | None
     chunk_offsets: torch.Tensor | None
 
@@ -56,7 +57,8 @@ def chunk_gdn2_fwd(
     g_err: torch.Tensor | None = None,
 ) -> FwdResult:
     """Run the forward kernels with the resolved ``configs`` (keys 'intra_fwd', 'state_fwd');
-    ``g_err`` turns on intra_fwd's check of g."""
+    ``store_h`` keeps the chunk states and residuals for the backward, ``g_err`` turns on
+    intra_fwd's check of g."""
     BT = configs["intra_fwd"]["BT"]
     B, T = k.shape[:2]
     idx = offs = None
@@ -65,7 +67,7 @@ def chunk_gdn2_fwd(
         offs = _varlen.chunk_offsets(cu_seqlens, BT)
     g_cum, A, A_qk, Y, U, Qg, Kt, gC = intra_fwd(q, k, v, g, b, w, scale, cu_seqlens, idx,
                                                  configs["intra_fwd"], g_err)
-    o, ht, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state, store_h,
-                         cu_seqlens, offs, _varlen.num_chunks(T, B, idx, BT),
-                         configs["state_fwd"])
-    return FwdResult(o, ht, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, idx, offs)
+    o, ht, h, R = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state, store_h,
+                            cu_seqlens, offs, _varlen.num_chunks(T, B, idx, BT),
+                            configs["state_fwd"], store_r=store_h)
+    return FwdResult(o, ht, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, R, idx, offs)

@@ -36,7 +36,11 @@ blocks become masked [BT, BT] x [BT, BK] dots) and writes each of dq, dk, db, dg
 trades a launch and a re-read of dT / dA_qk for K / BK times the programs in phase D, no
 partial-gradient round trips and fewer live registers in the main program.
 
-Outputs are fp32 ``[B, T, H, K]`` for dq, dk, db, dg and the input dtype for dv, dw.
+Outputs are ``[B, T, H, K]`` for dq, dk, db, dg and the input dtype for dv, dw. Partial sums of
+dq, dk, db, dg pass through fp32 scratch; the last update of each element of dq, db (phase D's
+row blocks) and dk (its column blocks) is written to the output in the dtype the caller asks
+for (the input dtypes, so no cast pass follows; fp32 when the in-op L2 norm's backward still
+needs dq, dk), and dg stays fp32.
 Grid: ``(number of chunks, B * H)``; with ``split``, then ``(number of chunks, B * H, K / BK)``.
 """
 from __future__ import annotations
@@ -78,6 +82,9 @@ def _intra_bwd_kernel(
     dg,
     dv,
     dw,
+    dq_out,
+    dk_out,
+    db_out,
     cu_seqlens,
     chunk_indices,
     chunk_offsets,
@@ -113,6 +120,9 @@ def _intra_bwd_kernel(
     dk += for_k
     db += for_k
     dg += for_k
+    dq_out += for_k
+    dk_out += for_k
+    db_out += for_k
     v += for_v
     w += for_v
     do += for_v
@@ -212,8 +222,8 @@ def _intra_bwd_kernel(
 
     # Phase D: pairwise VJPs, one key tile at a time (or in _intra_bwd_pairwise_kernel).
     if FUSED_D:
-        _phase_d_fused(q, k, b, g_cum, dT_buf, dAqk_buf, dq, dk, db, dg, T, t0, r_t, m_t,
-                       H, K, BT, BC, BK, SOLVE_PRECISION, DOT_PRECISION)
+        _phase_d_fused(q, k, b, g_cum, dT_buf, dAqk_buf, dq, dk, db, dg, dq_out, dk_out, db_out,
+                       T, t0, r_t, m_t, H, K, BT, BC, BK, SOLVE_PRECISION, DOT_PRECISION)
 
 
 @triton.jit
@@ -256,10 +266,13 @@ def _phase_b_elementwise(q, k, b, g_cum, A, dq, dk, db, dg, o_k, m_t, r_t, o_t, 
 
 
 @triton.jit
-def _phase_d_fused(q, k, b, g_cum, dT_buf, dAqk_buf, dq, dk, db, dg, T, t0, r_t, m_t,
+def _phase_d_fused(q, k, b, g_cum, dT_buf, dAqk_buf, dq, dk, db, dg, dq_out, dk_out, db_out,
+                   T, t0, r_t, m_t,
                    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                    BK: tl.constexpr, SOLVE_PRECISION: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Phase D inside the main program: sub-chunk blocks, partial gradients through memory."""
+    """Phase D inside the main program: sub-chunk blocks, partial gradients through memory
+    (fp32); each row's last update of dq, db (row blocks) and dk (column blocks) goes to the
+    ``*_out`` tensors, in their dtype."""
     o_t = t0 + tl.arange(0, BT)
     o_j = tl.arange(0, BT)
     o_c = tl.arange(0, BC)
@@ -320,8 +333,9 @@ def _phase_d_fused(q, k, b, g_cum, dT_buf, dAqk_buf, dq, dk, db, dg, T, t0, r_t,
                     b_dqp += b_w2[:, None] * b_kdec
             b_Er = b_br * b_kr
             b_dE = tl.load(db + p_r, mask=m_rk, other=0.) + b_dEp
-            tl.store(dq + p_r, tl.load(dq + p_r, mask=m_rk, other=0.) + b_dqp, mask=m_rk)
-            tl.store(db + p_r, b_dE * b_kr, mask=m_rk)
+            b_dqf = tl.load(dq + p_r, mask=m_rk, other=0.) + b_dqp
+            tl.store(dq_out + p_r, b_dqf.to(dq_out.dtype.element_ty), mask=m_rk)
+            tl.store(db_out + p_r, (b_dE * b_kr).to(db_out.dtype.element_ty), mask=m_rk)
             tl.store(dk + p_r, tl.load(dk + p_r, mask=m_rk, other=0.) + b_dE * b_br, mask=m_rk)
             tl.store(dg + p_r, tl.load(dg + p_r, mask=m_rk, other=0.) + b_Er * b_dEp + b_qr * b_dqp,
                      mask=m_rk)
@@ -369,7 +383,8 @@ def _phase_d_fused(q, k, b, g_cum, dT_buf, dAqk_buf, dq, dk, db, dg, T, t0, r_t,
                     b_w1 = tl.sum(tl.where((o_j == c0 + i)[:, None], b_W1c, 0.), 0)     # [BC]
                     b_w2 = tl.sum(tl.where((o_j == c0 + i)[:, None], b_W2c, 0.), 0)
                     b_dkp += (b_w1[:, None] * b_Ei[None, :] + b_w2[:, None] * b_qi[None, :]) * b_dec
-            tl.store(dk + p_s, tl.load(dk + p_s, mask=m_sk, other=0.) + b_dkp, mask=m_sk)
+            b_dkf = tl.load(dk + p_s, mask=m_sk, other=0.) + b_dkp
+            tl.store(dk_out + p_s, b_dkf.to(dk_out.dtype.element_ty), mask=m_sk)
             tl.store(dg + p_s, tl.load(dg + p_s, mask=m_sk, other=0.) - b_kc * b_dkp, mask=m_sk)
         tl.debug_barrier()
 
@@ -391,6 +406,9 @@ def _intra_bwd_pairwise_kernel(
     dk,
     db,
     dg,
+    dq_out,
+    dk_out,
+    db_out,
     cu_seqlens,
     chunk_indices,
     chunk_offsets,
@@ -430,6 +448,9 @@ def _intra_bwd_pairwise_kernel(
     dk += for_k
     db += for_k
     dg += for_k
+    dq_out += for_k
+    dk_out += for_k
+    db_out += for_k
     dT_buf += for_a
     dAqk_buf += for_a
 
@@ -488,10 +509,11 @@ def _intra_bwd_pairwise_kernel(
                 b_dqp += b_w2[:, None] * b_kdec
 
     # dq is final here; dE finishes db and feeds dk and dG (E = b (.) k).
-    tl.store(dq + p_t, tl.load(dq + p_t, mask=m_tk, other=0.) + b_dqp, mask=m_tk)
+    b_dqf = tl.load(dq + p_t, mask=m_tk, other=0.) + b_dqp
+    tl.store(dq_out + p_t, b_dqf.to(dq_out.dtype.element_ty), mask=m_tk)
     b_bs = tl.load(b + p_t, mask=m_tk, other=0.).to(tl.float32)
     b_dE = tl.load(db + p_t, mask=m_tk, other=0.) + b_dEp
-    tl.store(db + p_t, b_dE * b_ks, mask=m_tk)
+    tl.store(db_out + p_t, (b_dE * b_ks).to(db_out.dtype.element_ty), mask=m_tk)
     b_Es = b_bs * b_ks
     b_dk = tl.load(dk + p_t, mask=m_tk, other=0.) + b_dE * b_bs
     b_dG = tl.load(dg + p_t, mask=m_tk, other=0.) + b_Es * b_dEp + b_qs * b_dqp
@@ -538,7 +560,7 @@ def _intra_bwd_pairwise_kernel(
                 b_dkp += (b_w1[:, None] * b_Ei[None, :] + b_w2[:, None] * b_qi[None, :]) * b_dec
     b_dk += b_dkp
     b_dG -= b_ks * b_dkp
-    tl.store(dk + p_t, b_dk, mask=m_tk)
+    tl.store(dk_out + p_t, b_dk.to(dk_out.dtype.element_ty), mask=m_tk)
     # dg = reverse cumulative sum of dG inside the chunk.
     b_rev = tl.sum(b_dG, 0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
     tl.store(dg + p_t, b_rev, mask=m_tk)
@@ -566,8 +588,13 @@ def intra_bwd(
     chunk_indices: torch.Tensor | None,
     chunk_offsets: torch.Tensor | None,
     config: "KernelConfig",
+    grad_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the intra-chunk backward. Returns ``(dq, dk, dv, dg, db, dw)``; dq/dk/dg/db fp32."""
+    """Launch the intra-chunk backward. Returns ``(dq, dk, dv, dg, db, dw)``.
+
+    dg is fp32; dq, dk, db come out in ``grad_dtypes`` (default fp32), written by the kernel's
+    last update of each element, so no cast pass follows. Their partial sums live in fp32 scratch.
+    """
     B, T, H, K = k.shape
     V = v.shape[-1]
     BT = config["BT"]
@@ -575,6 +602,9 @@ def intra_bwd(
     dAqk_buf = _launch.empty_as(dT_buf)
     dq = torch.empty(B, T, H, K, dtype=torch.float32, device=k.device)
     dk, db, dg = _launch.empty_as(dq), _launch.empty_as(dq), _launch.empty_as(dq)
+    dq_out, dk_out, db_out = (
+        x if dt in (None, torch.float32) else torch.empty(x.shape, dtype=dt, device=x.device)
+        for x, dt in zip((dq, dk, db), grad_dtypes or (None, None, None)))
     dv = _launch.empty_as(v)
     dw = _launch.empty_as(w)
     num_chunks = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
@@ -582,6 +612,7 @@ def intra_bwd(
     _launch.launch(_intra_bwd_kernel, intra_bwd_grid(num_chunks, B, H),
         q=q, k=k, v=v, b=b, w=w, g_cum=g_cum, A=A, h=h, dh=dh, do=do, R=R, dR=dR,
         dT_buf=dT_buf, dAqk_buf=dAqk_buf, dq=dq, dk=dk, db=db, dg=dg, dv=dv, dw=dw,
+        dq_out=dq_out, dk_out=dk_out, db_out=db_out,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_offsets=chunk_offsets,
         scale=scale, T=T,
         H=H, K=K, V=V,
@@ -596,7 +627,7 @@ def intra_bwd(
         _launch.launch(
             _intra_bwd_pairwise_kernel, (num_chunks, B * H, triton.cdiv(K, config["BK"])),
             q=q, k=k, b=b, g_cum=g_cum, dT_buf=dT_buf, dAqk_buf=dAqk_buf,
-            dq=dq, dk=dk, db=db, dg=dg,
+            dq=dq, dk=dk, db=db, dg=dg, dq_out=dq_out, dk_out=dk_out, db_out=db_out,
             cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_offsets=chunk_offsets,
             T=T, H=H, K=K, BT=BT, BC=config["BC"], BK=config["BK"],
             SOLVE_PRECISION=config["SOLVE_PRECISION"],
@@ -604,4 +635,4 @@ def intra_bwd(
             IS_VARLEN=cu_seqlens is not None,
             **config.launch_options(),
         )
-    return dq, dk, dv, dg, db, dw
+    return dq_out, dk_out, dv, dg, db_out, dw

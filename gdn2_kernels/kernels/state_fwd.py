@@ -10,8 +10,9 @@ Q_gamma, K_tail (in the dtype of the dots) and gamma_C come from the intra-chunk
 serial step loads no fp32 decay tile and computes no exponentials.
 
 and finally ``ht = S`` ``[N, H, K, V]`` fp32. With ``STORE_H`` the state entering every chunk is
-also written to ``h`` ``[NT_total, H, K, V]`` (the backward reads it); ``STORE_O=False`` skips the
-output (the backward's recomputation of h).
+also written to ``h`` ``[NT_total, H, K, V]`` and with ``STORE_R`` the residuals to ``R``
+``[B, T, H, V]`` (the backward reads both: state_bwd takes R from here instead of recomputing it
+from h in its serial loop); ``STORE_O=False`` skips the output (the backward's recomputation).
 
 Grid: ``(V / BV, N * H)``; each program owns a ``[K, BV]`` slice of one head's state and walks
 that sequence's chunks serially. ``K`` is held whole (padded to a power of two, ``KP``); the
@@ -50,6 +51,7 @@ def _state_fwd_kernel(
     o,
     ht,
     h,
+    R,
     cu_seqlens,
     chunk_offsets,
     T,
@@ -63,6 +65,7 @@ def _state_fwd_kernel(
     STORE_HT: tl.constexpr,
     STORE_H: tl.constexpr,
     STORE_O: tl.constexpr,
+    STORE_R: tl.constexpr,
     HAS_U: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -79,6 +82,8 @@ def _state_fwd_kernel(
         U += (bos * H + i_h) * V
     if STORE_O:
         o += (bos * H + i_h) * V
+    if STORE_R:
+        R += (bos * H + i_h) * V
     A_qk += (bos * H + i_h) * BT
 
     o_k = tl.arange(0, KP)
@@ -113,6 +118,8 @@ def _state_fwd_kernel(
         if HAS_U:
             b_R += tl.load(U + p_tv, mask=m_tv, other=0.).to(tl.float32)
         b_Rd = b_R.to(dt)
+        if STORE_R:
+            tl.store(R + p_tv, b_R.to(R.dtype.element_ty), mask=m_tv)
         if STORE_O:
             b_Qg = tl.load(Qg + p_tk, mask=m_tk, other=0.)
             b_A = tl.load(A_qk + r_t[:, None] * (H * BT) + o_i[None, :], mask=m_t[:, None],
@@ -145,10 +152,13 @@ def state_fwd(
     num_chunks: int,
     config: "KernelConfig",
     store_o: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the fused state pass and output. Returns ``(o, ht, h)``, each None when not asked.
+    store_r: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    """Launch the fused state pass and output. Returns ``(o, ht, h, R)``, each None when not
+    asked.
 
-    ``store_o=False`` (with ``store_h``) is the backward's recomputation of the chunk states.
+    ``store_o=False`` with ``store_h`` and ``store_r`` is the backward's recomputation of the chunk
+    states and residuals.
     With ``SCAN="segmented"`` and too few programs to fill the GPU, the pass runs as a two-level
     scan (:func:`state_fwd_segmented`).
     """
@@ -158,24 +168,25 @@ def state_fwd(
     seg = _parallel.scan_segments(config, N, H, T, V, cu_seqlens, Y.device)
     if seg is not None:
         return state_fwd_segmented(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state,
-                                   store_h, num_chunks, config, seg, store_o)
+                                   store_h, num_chunks, config, seg, store_o, store_r)
     dev = Y.device
     o = torch.empty(B, T, H, V, dtype=Y.dtype, device=dev) if store_o else None
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=dev) if output_final_state else None
     h = torch.empty(num_chunks, H, K, V, dtype=Y.dtype, device=dev) if store_h else None
+    R = torch.empty(B, T, H, V, dtype=Y.dtype, device=dev) if store_r else None
     _launch_pass(Qg, Kt, gC, Y, U, A_qk, initial_state, o, ht, h, cu_seqlens, chunk_offsets, T,
-                 N, V, config)
-    return o, ht, h
+                 N, V, config, R)
+    return o, ht, h, R
 
 
 def _launch_pass(Qg, Kt, gC, Y, U, A_qk, h0, o, ht, h, cu_seqlens, chunk_offsets, T: int, N: int,
-                 V: int, config: "KernelConfig") -> None:
+                 V: int, config: "KernelConfig", R=None) -> None:
     """One launch of the kernel; ``U=None`` runs the homogeneous recurrence (R = -Y S)."""
     H, K = Y.shape[2], Y.shape[3]
     BV, launch_options = _parallel.serial_launch(config, N * H, V, Y.device)
     _launch.launch(_state_fwd_kernel, state_fwd_grid(N, H, V, BV),
         Qg=Qg, Kt=Kt, gC=gC, Y=Y, U=U, A_qk=A_qk, h0=h0,
-        o=o, ht=ht, h=h,
+        o=o, ht=ht, h=h, R=R,
         cu_seqlens=cu_seqlens, chunk_offsets=chunk_offsets,
         T=T,
         H=H, K=K, V=V,
@@ -184,6 +195,7 @@ def _launch_pass(Qg, Kt, gC, Y, U, A_qk, h0, o, ht, h, cu_seqlens, chunk_offsets
         STORE_HT=ht is not None,
         STORE_H=h is not None,
         STORE_O=o is not None,
+        STORE_R=R is not None,
         HAS_U=U is not None,
         IS_VARLEN=cu_seqlens is not None,
         **launch_options,
@@ -193,7 +205,7 @@ def _launch_pass(Qg, Kt, gC, Y, U, A_qk, h0, o, ht, h, cu_seqlens, chunk_offsets
 
 def state_fwd_segmented(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state: bool,
                         store_h: bool, num_chunks: int, config: "KernelConfig", L: int,
-                        store_o: bool = True):
+                        store_o: bool = True, store_r: bool = False):
     """The state pass as a two-level scan over segments of ``L`` chunks (same results as
     :func:`state_fwd` up to rounding; for few sequences x heads, where the serial pass leaves
     the GPU idle).
@@ -224,7 +236,8 @@ def state_fwd_segmented(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_stat
     starts = _segments.entering_states(end_states, initial_state, (B, S, H, K, V), False, dev)
 
     # Step 3: the serial pass over the segments as packed sequences, from their entering states.
-    o, ht_seg, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, starts, output_final_state, store_h, cu,
-                             firsts, num_chunks, config, store_o)
+    o, ht_seg, h, R = state_fwd(Qg, Kt, gC, Y, U, A_qk, starts, output_final_state, store_h, cu,
+                                firsts, num_chunks, config, store_o, store_r)
     ht = ht_seg.view(B, S, H, K, V)[:, -1].contiguous() if output_final_state else None
-    return (o.view(B, T, H, V) if store_o else None), ht, h
+    return (o.view(B, T, H, V) if store_o else None), ht, h, (R.view(B, T, H, V) if store_r
+                                                              else None)

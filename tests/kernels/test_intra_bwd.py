@@ -47,8 +47,10 @@ STRONG_PARTIAL_CASES = [
 ]
 
 
-def run_stage(case: IntraCase, g: torch.Tensor | None = None, phase_d: str = "fused"):
-    """(kernel outputs, reference gradients) for ``case``; ``g`` replaces the random log-decay."""
+def run_stage(case: IntraCase, g: torch.Tensor | None = None, phase_d: str = "fused",
+              grad_dtypes=None):
+    """(kernel outputs, reference gradients) for ``case``; ``g`` replaces the random log-decay;
+    ``grad_dtypes`` are the dtypes asked for dq, dk, db (default fp32)."""
     cu = list(case.cu_seqlens) if case.cu_seqlens else None
     x = make_inputs(case.B, case.T, case.H, case.K, case.V, case.dtype, decay=case.decay,
                     b_max=case.b_max, cu_seqlens=cu)
@@ -72,16 +74,17 @@ def run_stage(case: IntraCase, g: torch.Tensor | None = None, phase_d: str = "fu
                                         "BV": case.BV, "SOLVE_PRECISION": case.precision,
                                         "PHASE_D": phase_d})
     dq, dk, dv, dg, db, dw = intra_bwd(x.q, x.k, x.v, x.b, x.w, g_cum, A, h, dh, do, R, dR,
-                                       scale, x.cu_seqlens, idx, offs, cfg)
+                                       scale, x.cu_seqlens, idx, offs, cfg, grad_dtypes)
     outs = {"dq": dq, "dk": dk, "dv": dv, "dg": dg, "db": db, "dw": dw}
     refs = intra_bwd_reference(x.q, x.k, x.v, x.g, x.b, x.w, h, dh, do, scale, case.BT,
                                x.cu_seqlens)
     return outs, refs
 
 
-def _check(case: IntraCase, outs: dict, refs: dict) -> None:
-    for name in ("dq", "dk", "dg", "db"):
-        assert outs[name].dtype == torch.float32, name
+def _check(case: IntraCase, outs: dict, refs: dict, grad_dtype=torch.float32) -> None:
+    for name in ("dq", "dk", "db"):
+        assert outs[name].dtype == grad_dtype, name
+    assert outs["dg"].dtype == torch.float32
     assert outs["dv"].dtype == outs["dw"].dtype == case.dtype
     for name, out in outs.items():
         assert out.shape == refs[name].shape, name
@@ -93,6 +96,14 @@ def _check(case: IntraCase, outs: dict, refs: dict) -> None:
 @pytest.mark.parametrize("case", CASES)
 def test_intra_bwd_matches_stage_reference(case: IntraCase, phase_d: str):
     _check(case, *run_stage(case, phase_d=phase_d))
+
+
+@pytest.mark.parametrize("phase_d", ["fused", "split"])
+def test_intra_bwd_writes_dq_dk_db_in_the_asked_dtype(phase_d: str):
+    """The op asks for dq, dk, db in the inputs' dtype (no cast pass after the kernel)."""
+    case = next(c for c in CASES if c.dtype != torch.float32)
+    dts = (case.dtype,) * 3
+    _check(case, *run_stage(case, phase_d=phase_d, grad_dtypes=dts), grad_dtype=case.dtype)
 
 
 @pytest.mark.parametrize("phase_d", ["fused", "split"])

@@ -1,8 +1,8 @@
 """state_fwd (residuals, output, inter-chunk state) against its PyTorch stage reference.
 
 The kernel is fed the stage reference's own g_cum, Y, U and A_qk (cast to the storage dtypes the
-pipeline uses), so this test sees only the state pass: o, the final state ht and the per-chunk
-states h.
+pipeline uses), so this test sees only the state pass: o, the final state ht, the per-chunk
+states h and the residuals R (what the backward's recomputation stores).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from stage_refs import state_bwd_reference
 
 from gdn2_kernels import _varlen
 from gdn2_kernels._testing import compare, dtype_name, make_inputs, short_dtype_name
@@ -95,12 +96,18 @@ def _check_against_reference(case: StateCase, **config):
     idx = _varlen.chunk_indices(x.cu_seqlens, case.BT) if cu else None
     nc = _varlen.num_chunks(case.T, case.B, idx, case.BT)
     cfg = get_spec("state_fwd").config({"BT": case.BT, "BV": case.BV, **config})
-    o, ht, h = state_fwd(Qg, Kt, gC, Y, U, A_qk, x.h0, True, True, x.cu_seqlens, offs, nc, cfg)
+    o, ht, h, R = state_fwd(Qg, Kt, gC, Y, U, A_qk, x.h0, True, True, x.cu_seqlens, offs, nc,
+                            cfg, store_r=True)
     assert o.dtype == case.dtype and ht.dtype == torch.float32 and h.dtype == case.dtype
     assert o.shape == ref.o.shape and ht.shape == ref.final.shape and h.shape == ref.h.shape
+    assert R.dtype == case.dtype and R.shape == U.shape
     errs = compare({"o": o, "ht": ht}, {"o": ref.o, "ht": ref.final}, dtype_name(case.dtype))
     errs += [e.__class__("h", e.rel_rms, e.max_rel_err, e.tolerance)
              for e in compare({"ht": h}, {"ht": ref.h}, dtype_name(case.dtype))]
+    want_R = state_bwd_reference(Qg, Kt, gC, Y, U, A_qk, x.h0, torch.zeros_like(U), None, case.BT,
+                                 x.cu_seqlens).R
+    errs += [e.__class__("R", e.rel_rms, e.max_rel_err, e.tolerance)
+             for e in compare({"dv": R}, {"dv": want_R}, dtype_name(case.dtype))]
     bad = [e for e in errs if not e.ok]
     assert not bad, bad
 
@@ -109,9 +116,9 @@ def test_state_fwd_optional_outputs_are_none():
     x = make_inputs(1, 20, 1, 16, 16)
     ref = chunk_stages_fwd(x.q, x.k, x.v, x.g, x.b, x.w, chunk_size=16)
     cfg = get_spec("state_fwd").config({"BT": 16, "BV": 16})
-    o, ht, h = state_fwd(ref.Qg, ref.Kt, ref.gC, ref.Y, ref.U, ref.A_qk, None, False, False,
-                         None, None, 2, cfg)
-    assert ht is None and h is None
+    o, ht, h, R = state_fwd(ref.Qg, ref.Kt, ref.gC, ref.Y, ref.U, ref.A_qk, None, False, False,
+                            None, None, 2, cfg)
+    assert ht is None and h is None and R is None
     assert torch.isfinite(o).all()
 
 
