@@ -109,17 +109,7 @@ def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_v
 
     N = B
     if cu_seqlens is not None:
-        _require_tensor("cu_seqlens", cu_seqlens)
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the batch size must be 1 (sequences packed along T), "
-                             f"got B = {B}; flatten the batch: x.reshape(1, B * T, ...)")
-        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must be 1-D [N + 1] with N >= 1, got shape "
-                             f"{tuple(cu_seqlens.shape)}")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-        if cu_seqlens.device != dev:
-            raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {dev}")
+        N = _check_cu_seqlens_layout(cu_seqlens, B, dev)
         _check_cu_seqlens_cpu(cu_seqlens, cu_seqlens_cpu)
         # The host copy, when given, spares a device-to-host copy.
         bounds = (cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu).tolist()
@@ -145,6 +135,22 @@ def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_v
         if bool(bad.any()):
             raise ValueError("g (log-decay) has NaN, Inf or positive entries; it must be finite "
                              "and <= 0 (decay exp(g) in (0, 1]). Check the gate computation.")
+
+
+def _check_cu_seqlens_layout(cu_seqlens, B: int, dev: torch.device, prefix: str = "") -> int:
+    """Type, shape, dtype and device of ``cu_seqlens`` (no value is read); returns N."""
+    _require_tensor("cu_seqlens", cu_seqlens)
+    if B != 1:
+        raise ValueError(f"{prefix}with cu_seqlens the batch size must be 1 (sequences packed "
+                         f"along T), got B = {B}; flatten the batch: x.reshape(1, B * T, ...)")
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{prefix}cu_seqlens must be 1-D [N + 1] with N >= 1, got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{prefix}cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != dev:
+        raise ValueError(f"{prefix}cu_seqlens is on {cu_seqlens.device} but q is on {dev}")
+    return cu_seqlens.numel() - 1
 
 
 def _check_cu_seqlens_cpu(cu_seqlens: torch.Tensor, cu_seqlens_cpu) -> None:
@@ -602,19 +608,7 @@ def _check_serving(fn: str, q, v, initial_state, cu_seqlens, inplace_final_state
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     dev = q.device
-    N = B
-    if cu_seqlens is not None:
-        _require_tensor("cu_seqlens", cu_seqlens)
-        if B != 1:
-            raise ValueError(f"{fn}: with cu_seqlens the batch size must be 1 (sequences packed "
-                             f"along T), got B = {B}")
-        if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"{fn}: cu_seqlens must be 1-D [N + 1] with N >= 1, got shape "
-                             f"{tuple(cu_seqlens.shape)}")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.device != dev:
-            raise ValueError(f"{fn}: cu_seqlens must be int32/int64 on {dev}, got "
-                             f"{cu_seqlens.dtype} on {cu_seqlens.device}")
-        N = cu_seqlens.numel() - 1
+    N = B if cu_seqlens is None else _check_cu_seqlens_layout(cu_seqlens, B, dev, f"{fn}: ")
     state = (HV, V, K) if v_first else (HV, K, V)
     pooled = ssm_state_indices is not None
     if inplace_final_state and initial_state is None:
