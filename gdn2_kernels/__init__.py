@@ -10,7 +10,11 @@ if _env.enable_interpreter_without_gpu():
 
     _interpreter.apply()
 
-from gdn2_kernels.ops import chunk_gdn2, fused_recurrent_gdn2  # noqa: E402
+from gdn2_kernels.ops import (  # noqa: E402
+    chunk_gdn2,
+    fused_recurrent_gdn2,
+    fused_recurrent_gdn2_fwd,
+)
 from gdn2_kernels._gate_check import InvalidGateError  # noqa: E402
 from gdn2_kernels._gate_check import check as check_gates  # noqa: E402
 from gdn2_kernels.layer import GatedDeltaNet2, GDN2Cache  # noqa: E402
@@ -22,4 +26,10 @@ from gdn2_kernels.reference import (  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["GDN2Cache", "GatedDeltaNet2", "InvalidGateError", "check_gates", "chunk_gdn2", "fused_recurrent_gdn2", "load_exported", "naive_chunk_gdn2", "naive_recurrent_gdn2", "__version__"]
+if _env.fla_integration_requested():  # GDN2_FLA=1: route flash-linear-attention's GDN-2 ops here
+    from gdn2_kernels.integrations import fla as _fla_integration
+
+    _fla_integration.enable()
+
+__all__ = ["GDN2Cache", "GatedDeltaNet2", "InvalidGateError", "check_gates", "chunk_gdn2",
+           "fused_recurrent_gdn2", "fused_recurrent_gdn2_fwd", "load_exported", "naive_chunk_gdn2", "naive_recurrent_gdn2", "__version__"]

@@ -11,6 +11,7 @@ CACHE_DIR_VAR = "GDN2_CACHE_DIR"
 CONFIG_FILE_VAR = "GDN2_CONFIG_FILE"
 INTERPRET_VAR = "TRITON_INTERPRET"
 COMPILE_AHEAD_VAR = "GDN2_COMPILE_AHEAD"
+FLA_VAR = "GDN2_FLA"
 
 
 def interpreter_requested() -> bool:
@@ -52,3 +53,9 @@ def compile_ahead_enabled() -> bool:
     """Whether a first call compiles all its kernels ahead in parallel (``GDN2_COMPILE_AHEAD``,
     default on; ``0`` compiles each kernel at its first launch, one after another)."""
     return os.environ.get(COMPILE_AHEAD_VAR, "1").lower() not in ("0", "false", "no", "off")
+
+
+def fla_integration_requested() -> bool:
+    """Whether importing gdn2_kernels routes flash-linear-attention's GDN-2 ops to ours
+    (``GDN2_FLA=1``; default off: importing the package changes no other library)."""
+    return os.environ.get(FLA_VAR, "0").lower() in ("1", "true", "yes", "on")

@@ -17,6 +17,8 @@ _LOW_PRECISION = {
     "o": 5e-3, "ht": 5e-3,
     "dq": 1e-2, "dk": 1e-2, "dv": 1e-2, "dh0": 1e-2,
     "db": 2e-2, "dw": 2e-2, "dg": 2e-2,
+    # the in-kernel gate's parameters: sums of dg terms, held to dg's allowance
+    "dA_log": 2e-2, "ddt_bias": 2e-2,
     "g_cum": 1e-5, "A": 5e-3, "A_qk": 5e-3, "Y": 5e-3, "U": 5e-3, "qn": 5e-3,
     "Qg": 5e-3, "Kt": 5e-3, "gC": 1e-5,
 }

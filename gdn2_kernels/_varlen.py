@@ -4,9 +4,13 @@ from __future__ import annotations
 import torch
 
 
-def chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """``[num_chunks, 2]`` int32 pairs (sequence index, chunk index within it), flattened row-major."""
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+def chunk_indices(cu_seqlens: torch.Tensor, chunk_size: int,
+                  cu_seqlens_cpu: torch.Tensor | None = None) -> torch.Tensor:
+    """``[num_chunks, 2]`` int32 pairs (sequence index, chunk index within it), flattened row-major,
+    on ``cu_seqlens``' device. The pairs are built on the host: from ``cu_seqlens_cpu`` (a host
+    copy of the same boundaries) when given, else from ``cu_seqlens`` (a device-to-host copy)."""
+    src = cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens
+    lens = (src[1:] - src[:-1]).tolist()
     pairs = [(n, c) for n, L in enumerate(lens) for c in range(-(-L // chunk_size))]
     return torch.tensor(pairs, dtype=torch.int32, device=cu_seqlens.device).reshape(-1, 2)
 

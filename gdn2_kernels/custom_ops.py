@@ -47,7 +47,7 @@ def _fwd_fake(q, k, v, g, b, w, initial_state, cu_seqlens, scale, output_final_s
     if not output_final_state:
         return v.new_empty(v.shape), q.new_empty(0, dtype=torch.float32)
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return v.new_empty(v.shape), q.new_empty(N, q.shape[2], q.shape[3], v.shape[3],
+    return v.new_empty(v.shape), q.new_empty(N, v.shape[2], q.shape[3], v.shape[3],
                                              dtype=torch.float32)
 
 
@@ -192,9 +192,11 @@ def chunk_gdn2(
 def _fused_recurrent_gdn2_impl(q, k, v, g, b, w, initial_state, cu_seqlens, scale,
                                output_final_state, use_qk_l2norm_in_kernel, validate_values):
     with torch.no_grad():
-        o, ht = ops.fused_recurrent_gdn2(q, k, v, g, b, w, scale, initial_state,
-                                         output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
-                                         validate_values)
+        o, ht = ops.fused_recurrent_gdn2(q, k, v, g, b, w, scale=scale,
+                                         initial_state=initial_state,
+                                         output_final_state=output_final_state,
+                                         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                                         cu_seqlens=cu_seqlens, validate_values=validate_values)
     return o, _state_or_empty(ht, q)
 
 

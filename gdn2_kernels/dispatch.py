@@ -133,6 +133,25 @@ def _load_builtin_sources() -> None:
         config_store.register_sources()
 
 
+def with_chunk_size(pipe: PipelineConfig, chunk_size: int, key: ProblemKey) -> PipelineConfig:
+    """``pipe`` with every stage's ``BT`` pinned to ``chunk_size`` (a caller's ``chunk_size``).
+
+    Each stage keeps its resolved config with the new BT where its spec allows that config,
+    else takes the spec default at that chunk size (correct everywhere).
+    """
+    if pipe.chunk_size == chunk_size:
+        return pipe
+    cfgs = []
+    for name, cfg in pipe.configs:
+        spec = get_spec(name)
+        if any(p.name == "BT" for p in spec.params):
+            cfg = cfg.replace(BT=chunk_size)
+            if spec.check(cfg, key) is not None:
+                cfg = spec.default_config(BT=chunk_size)
+        cfgs.append((name, cfg))
+    return PipelineConfig(chunk_size, tuple(cfgs), f"{pipe.source}, BT pinned to {chunk_size}")
+
+
 def resolve(key: ProblemKey) -> PipelineConfig:
     """The pipeline config for ``key`` on the current device."""
     ov = getattr(_local, "override", None)

@@ -15,6 +15,16 @@ Two modes run the same math: ``chunk`` (``chunk_gdn2``: training and long prefil
 ``recurrent`` (``fused_recurrent_gdn2``: decoding, forward only). A :class:`GDN2Cache` carries
 the recurrent state and the last ``conv_size - 1`` inputs of each convolution between calls, so a
 prefill of T tokens followed by N one-token steps gives the outputs of one call over T + N tokens.
+
+The layer also keeps flash-linear-attention 0.6.0's contract for ``fla.layers.GatedDeltaNet2``:
+its constructor arguments in its order, and, when a call passes any of FLA's forward arguments
+(``attention_mask``, ``past_key_values``, ``use_cache``, ``output_attentions``, ``cu_seqlens``),
+FLA's forward: a 0/1 padding mask (left padding: padded tokens are kept out of the state, the
+convolutions and the output, which is zero there), FLA's cache object (``past_key_values[layer_idx]``
+read, ``past_key_values.update(...)`` written), and ``(o, None, past_key_values)`` returned. A
+call with only ``x`` (and our ``cache=`` / ``mode=``) returns the output tensor as before.
+Parameters are the paper's layer (MATH.md), not FLA's: checkpoints do not transfer (to run an FLA
+model on these kernels, see ``gdn2_kernels.integrations.fla``).
 While ``torch.compile`` traces the layer, the ops go through their ``torch.library``
 registrations (:mod:`gdn2_kernels.custom_ops`), so ``fullgraph=True`` holds.
 """
@@ -30,7 +40,22 @@ from torch import nn
 
 from gdn2_kernels import custom_ops, ops
 
-MODES = ("auto", "chunk", "recurrent")
+MODES = ("auto", "chunk", "recurrent", "fused_recurrent")  # fused_recurrent: FLA's name
+
+
+class _FlaDefault:
+    """The default of one of FLA's forward arguments; its presence means the caller did not pass
+    the argument (so a call without any of them keeps our contract)."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+_NO_MASK, _NO_CACHE, _NO_USE_CACHE, _NO_OUTPUT_ATTENTIONS = (
+    _FlaDefault(None), _FlaDefault(None), _FlaDefault(False), _FlaDefault(False))
 # "auto" decodes with the recurrent kernel up to this many tokens per call (when no grad is needed).
 RECURRENT_MAX_T = 64
 
@@ -88,44 +113,94 @@ def _causal_conv(x: torch.Tensor, conv: nn.Conv1d, tail: torch.Tensor | None,
     return y, new_tail.contiguous()
 
 
+def _causal_conv_varlen(x: torch.Tensor, conv: nn.Conv1d, cu_seqlens: torch.Tensor,
+                       tails: torch.Tensor | None, keep_tail: bool):
+    """:func:`_causal_conv` for sequences packed along T (``x`` ``[1, T, D]``, boundaries
+    ``cu_seqlens``), each continuing from its row of ``tails`` ``[N, W-1, D]`` (or zeros).
+
+    Returns the output ``[1, T, D]`` and, if ``keep_tail``, each sequence's new tail.
+    """
+    T, D = x.shape[1], x.shape[2]
+    W = conv.kernel_size[0]
+    N = cu_seqlens.shape[0] - 1
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    seq = torch.repeat_interleave(torch.arange(N, device=x.device), lens, output_size=T)
+    pos = torch.arange(T, device=x.device) - cu_seqlens[:-1].long()[seq]        # offset in its seq
+    hist = tails if tails is not None else x.new_zeros(N, max(W - 1, 1), D)
+    xs = x[0]
+    weight = conv.weight[:, 0, :]                                                # [D, W]
+
+    def at(lag: torch.Tensor | int, p: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Input ``lag`` tokens before offset ``p`` of sequence ``s``: from x or the history."""
+        src = p - lag
+        from_x = (src >= 0)[:, None]
+        xi = xs[(cu_seqlens[:-1].long()[s] + src.clamp(min=0)).clamp(max=max(T - 1, 0))]
+        hi = hist[s, (W - 1 + src).clamp(min=0, max=max(W - 2, 0))]
+        return torch.where(from_x, xi, hi if W > 1 else torch.zeros_like(xi))
+
+    y = sum(at(j, pos, seq) * weight[:, W - 1 - j] for j in range(W))
+    if conv.bias is not None:
+        y = y + conv.bias
+    if not keep_tail:
+        return y[None], None
+    ends = lens.long()                                                           # offset past end
+    idx = torch.arange(N, device=x.device)
+    new_tail = torch.stack([at(W - 1 - i, ends, idx) for i in range(W - 1)], 1) if W > 1 else hist
+    return y[None], new_tail.contiguous()
+
+
 class GatedDeltaNet2(nn.Module):
     """Gated DeltaNet-2 token mixer (MATH.md "Layer"); input and output ``[B, T, hidden_size]``.
 
-    Args:
+    Args (flash-linear-attention 0.6.0's, in its order, then ours keyword-only):
         hidden_size: model width d_model. Default 2048.
-        num_heads: key heads H. Default 16.
+        expand_v: d_v / d_k (``head_v_dim = head_dim * expand_v``, an integer). Default 1.0.
         head_dim: key head dim d_k. Default 128.
+        num_heads: key heads H. Default 16.
         num_v_heads: value heads H_v, a multiple of H (grouped value heads). Default H.
-        head_v_dim: value head dim d_v. Default d_k.
+        mode: 'auto' (recurrent kernel for calls of <= 64 tokens that need no grad, else chunk),
+            'chunk' or 'recurrent' (forward only; FLA's name 'fused_recurrent' is accepted).
+            Default 'auto'. ``forward`` can override it; FLA-style calls choose as FLA does.
+        use_short_conv: the short causal convolutions on q, k, v (else SiLU only). Default True.
+        allow_neg_eigval: erase gate in [0, 2] instead of [0, 1]. Default False.
         conv_size: taps of the short causal convolutions. Default 4.
         conv_bias: bias in the convolutions. Default False.
-        allow_neg_eigval: erase gate in [0, 2] instead of [0, 1]. Default False.
+        layer_idx: index in the model: the slot of FLA's cache object, and in error messages.
         norm_eps: epsilon of the output RMSNorm. Default 1e-5.
-        mode: 'auto' (recurrent kernel for calls of <= 64 tokens that need no grad, else chunk),
-            'chunk' or 'recurrent' (forward only). Default 'auto'. ``forward`` can override it.
-        layer_idx: index in the model, shown in error messages. Default None.
+        head_v_dim: value head dim d_v, instead of ``expand_v``. Default ``head_dim * expand_v``.
         device, dtype: of the parameters.
     """
 
     def __init__(
         self,
         hidden_size: int = 2048,
-        num_heads: int = 16,
+        expand_v: float = 1.0,
         head_dim: int = 128,
+        num_heads: int = 16,
         num_v_heads: int | None = None,
-        head_v_dim: int | None = None,
+        mode: str = "auto",
+        use_short_conv: bool = True,
+        allow_neg_eigval: bool = False,
         conv_size: int = 4,
         conv_bias: bool = False,
-        allow_neg_eigval: bool = False,
-        norm_eps: float = 1e-5,
-        mode: str = "auto",
         layer_idx: int | None = None,
+        norm_eps: float = 1e-5,
+        *,
+        head_v_dim: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         num_v_heads = num_heads if num_v_heads is None else num_v_heads
-        head_v_dim = head_dim if head_v_dim is None else head_v_dim
+        if head_v_dim is None:
+            head_v_dim = int(head_dim * expand_v)
+            if not math.isclose(head_dim * expand_v, head_v_dim, rel_tol=1e-5):
+                raise ValueError(f"GatedDeltaNet2: expand_v={expand_v} times head_dim={head_dim} "
+                                 "is not an integer value head dim; choose expand_v so it is, or "
+                                 "pass head_v_dim")
+        elif expand_v != 1.0 and head_v_dim != int(head_dim * expand_v):
+            raise ValueError(f"GatedDeltaNet2: head_v_dim={head_v_dim} contradicts "
+                             f"expand_v={expand_v} (head_dim={head_dim}); pass one of them")
         if num_v_heads % num_heads != 0:
             raise ValueError(f"num_v_heads ({num_v_heads}) must be a multiple of num_heads "
                              f"({num_heads}): each group of value heads shares one key head")
@@ -137,6 +212,8 @@ class GatedDeltaNet2(nn.Module):
         self.num_heads, self.head_dim = num_heads, head_dim
         self.num_v_heads, self.head_v_dim = num_v_heads, head_v_dim
         self.conv_size = conv_size
+        self.use_short_conv = bool(use_short_conv)
+        self.expand_v = head_v_dim / head_dim
         self.allow_neg_eigval = allow_neg_eigval
         self.norm_eps = norm_eps
         self.mode = mode
@@ -153,10 +230,13 @@ class GatedDeltaNet2(nn.Module):
         self.w_proj = nn.Linear(hidden_size, value_dim, bias=False, **kw)
         self.g_proj = nn.Linear(hidden_size, value_dim, bias=False, **kw)
         self.o_proj = nn.Linear(value_dim, hidden_size, bias=False, **kw)
-        self.q_conv1d = nn.Conv1d(key_dim, key_dim, conv_size, groups=key_dim, bias=conv_bias, **kw)
-        self.k_conv1d = nn.Conv1d(key_dim, key_dim, conv_size, groups=key_dim, bias=conv_bias, **kw)
-        self.v_conv1d = nn.Conv1d(value_dim, value_dim, conv_size, groups=value_dim,
-                                  bias=conv_bias, **kw)
+        if self.use_short_conv:
+            self.q_conv1d = nn.Conv1d(key_dim, key_dim, conv_size, groups=key_dim,
+                                      bias=conv_bias, **kw)
+            self.k_conv1d = nn.Conv1d(key_dim, key_dim, conv_size, groups=key_dim,
+                                      bias=conv_bias, **kw)
+            self.v_conv1d = nn.Conv1d(value_dim, value_dim, conv_size, groups=value_dim,
+                                      bias=conv_bias, **kw)
         self.A_log = nn.Parameter(torch.empty(num_heads, **kw))
         self.dt_bias = nn.Parameter(torch.empty(key_dim, **kw))
         self.o_norm_weight = nn.Parameter(torch.empty(head_v_dim, **kw))
@@ -170,7 +250,7 @@ class GatedDeltaNet2(nn.Module):
         for lin in (self.q_proj, self.k_proj, self.v_proj, self.f_proj, self.b_proj, self.w_proj,
                     self.g_proj, self.o_proj):
             nn.init.xavier_uniform_(lin.weight, gain=2 ** -2.5)
-        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+        for conv in self._convs():
             conv.reset_parameters()
         # A in [1, 16]; dt in [1e-3, 1e-1] log-uniformly, dt_bias = softplus^-1(dt).
         self.A_log.copy_(torch.empty_like(self.A_log, dtype=torch.float32).uniform_(1, 16).log())
@@ -179,10 +259,14 @@ class GatedDeltaNet2(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.o_norm_weight.fill_(1.0)
 
+    def _convs(self) -> tuple[nn.Conv1d, ...]:
+        return (self.q_conv1d, self.k_conv1d, self.v_conv1d) if self.use_short_conv else ()
+
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
                 f"head_dim={self.head_dim}, num_v_heads={self.num_v_heads}, "
-                f"head_v_dim={self.head_v_dim}, conv_size={self.conv_size}, "
+                f"head_v_dim={self.head_v_dim}, use_short_conv={self.use_short_conv}, "
+                f"conv_size={self.conv_size}, "
                 f"allow_neg_eigval={self.allow_neg_eigval}, mode={self.mode!r}")
 
     def _name(self) -> str:
@@ -198,15 +282,19 @@ class GatedDeltaNet2(nn.Module):
         return GDN2Cache(
             state=torch.zeros(batch_size, self.num_v_heads, self.head_dim, self.head_v_dim,
                               dtype=torch.float32, device=device),
-            conv_q=torch.zeros(batch_size, W, kd, dtype=w.dtype, device=device),
-            conv_k=torch.zeros(batch_size, W, kd, dtype=w.dtype, device=device),
-            conv_v=torch.zeros(batch_size, W, vd, dtype=w.dtype, device=device),
+            conv_q=self._zero_tail(batch_size, W, kd, w.dtype, device),
+            conv_k=self._zero_tail(batch_size, W, kd, w.dtype, device),
+            conv_v=self._zero_tail(batch_size, W, vd, w.dtype, device),
             layer_tag=self._tag,
         )
 
+    def _zero_tail(self, B: int, W: int, D: int, dtype, device) -> torch.Tensor | None:
+        return torch.zeros(B, W, D, dtype=dtype, device=device) if self.use_short_conv else None
+
     # --------------------------------------------------------------------------------------------
 
-    def _check(self, x: torch.Tensor, cache: GDN2Cache | None, mode: str) -> None:
+    def _check(self, x: torch.Tensor, cache: GDN2Cache | None, mode: str,
+               num_seqs: int | None = None) -> None:
         name = self._name()
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
@@ -232,7 +320,7 @@ class GatedDeltaNet2(nn.Module):
                              "one GDN2Cache per layer")
         if cache.state is None:
             return
-        B = x.shape[0]
+        B = x.shape[0] if num_seqs is None else num_seqs
         if cache.state.shape[0] != B:
             raise ValueError(f"{name}: the cache holds {cache.state.shape[0]} sequences but x has "
                              f"batch size {B}; use a new cache (or cache.reset()) for a new batch")
@@ -240,7 +328,7 @@ class GatedDeltaNet2(nn.Module):
         if tuple(cache.state.shape) != expect or cache.state.dtype != torch.float32:
             raise ValueError(f"{name}: cache.state must be float32 {expect}, got "
                              f"{cache.state.dtype} {tuple(cache.state.shape)}")
-        for tail in (cache.conv_q, cache.conv_k, cache.conv_v):
+        for tail in ((cache.conv_q, cache.conv_k, cache.conv_v) if self.use_short_conv else ()):
             if tail is None or tail.dtype != x.dtype or tail.device != x.device:
                 raise TypeError(f"{name}: the cache's conv tails must be {x.dtype} on {x.device} "
                                 "like x; was the cache filled at another dtype? Use a new cache")
@@ -249,18 +337,118 @@ class GatedDeltaNet2(nn.Module):
         return torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
-    def forward(self, x: torch.Tensor, cache: GDN2Cache | None = None,
-                mode: str | None = None) -> torch.Tensor:
-        """Mix ``x`` ``[B, T, hidden_size]``; returns ``[B, T, hidden_size]`` in x's dtype.
+    def forward(self, hidden_states: torch.Tensor, attention_mask=_NO_MASK,
+                past_key_values=_NO_CACHE, use_cache=_NO_USE_CACHE,
+                output_attentions=_NO_OUTPUT_ATTENTIONS, *, cache: GDN2Cache | None = None,
+                mode: str | None = None, **kwargs):
+        """Mix ``hidden_states`` ``[B, T, hidden_size]``.
+
+        Our contract (only ``hidden_states``, and ``cache`` / ``mode``): returns the output
+        ``[B, T, hidden_size]`` in the input's dtype.
+
+        FLA's contract (any of the arguments below passed): returns ``(o, None, past_key_values)``.
 
         Args:
-            x: input hidden states, in the parameters' dtype and device.
-            cache: a :class:`GDN2Cache` to continue from and update in place (decoding). Default
-                None: the sequence starts from a zero state and nothing is kept.
-            mode: 'auto', 'chunk' or 'recurrent'; default the layer's ``mode``.
+            hidden_states: input, in the parameters' dtype and device.
+            attention_mask: FLA's ``[B, T_total]`` 0/1 padding mask (its last T columns cover this
+                call); padded tokens leave the state and the convolutions untouched and give zero
+                output. Default None.
+            past_key_values: FLA's cache object (``len``, ``[layer_idx]`` giving a dict with
+                ``recurrent_state`` and ``conv_state``, ``update(..., layer_idx=, offset=)``), or
+                a :class:`GDN2Cache`. Needs ``layer_idx``. Default None.
+            use_cache: write the new state into ``past_key_values``. Default False.
+            output_attentions: accepted (FLA returns no attention weights either).
+            cache: our :class:`GDN2Cache`, continued from and updated in place. Default None.
+            mode: 'auto', 'chunk' or 'recurrent' ('fused_recurrent'); default the layer's.
+            **kwargs: FLA's pass-through keywords; ``cu_seqlens`` (``[N + 1]``, B == 1: packed
+                sequences) is honoured, others are ignored as FLA does.
         """
+        fla = (kwargs or any(not isinstance(a, _FlaDefault) for a in
+                             (attention_mask, past_key_values, use_cache, output_attentions)))
+        if not fla:
+            return self._mix(hidden_states, cache, mode)
+        if cache is not None:
+            raise TypeError(f"{self._name()}: pass either our cache= or FLA's past_key_values=, "
+                            "not both")
+        return self._forward_fla(
+            hidden_states,
+            None if isinstance(attention_mask, _FlaDefault) else attention_mask,
+            None if isinstance(past_key_values, _FlaDefault) else past_key_values,
+            bool(use_cache.value if isinstance(use_cache, _FlaDefault) else use_cache),
+            mode, kwargs.get("cu_seqlens"))
+
+    # --------------------------------------------------------------------------------------------
+    # FLA's contract
+    # --------------------------------------------------------------------------------------------
+
+    def _forward_fla(self, x, attention_mask, past_key_values, use_cache: bool, mode,
+                     cu_seqlens) -> tuple[torch.Tensor, None, object]:
+        name = self._name()
+        if isinstance(attention_mask, GDN2Cache):
+            raise TypeError(f"{name}: the second positional argument is FLA's attention_mask; "
+                            "pass our cache as cache=...")
+        T = x.shape[1] if isinstance(x, torch.Tensor) and x.ndim == 3 else 0
+        mask = None
+        if attention_mask is not None:
+            if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2 \
+                    or attention_mask.shape[0] != x.shape[0] or attention_mask.shape[1] < T:
+                raise ValueError(f"{name}: attention_mask must be a [batch, seq_len >= {T}] 0/1 "
+                                 "padding mask, got "
+                                 f"{getattr(attention_mask, 'shape', type(attention_mask))}")
+            if cu_seqlens is not None:
+                raise ValueError(f"{name}: pass attention_mask or cu_seqlens, not both")
+            mask = attention_mask[:, -T:] != 0
+        fla_cache = past_key_values is not None and not isinstance(past_key_values, GDN2Cache)
+        cache = past_key_values if isinstance(past_key_values, GDN2Cache) else None
+        if fla_cache:
+            if self.layer_idx is None:
+                raise ValueError(f"{name}: FLA's cache needs the layer's layer_idx (its slot); "
+                                 "construct the layer with layer_idx=...")
+            last = (past_key_values[self.layer_idx] if len(past_key_values) > self.layer_idx
+                    else None)
+            cache = self._cache_from_fla(last)
+        if cache is not None and not use_cache:
+            cache = GDN2Cache(cache.state, cache.conv_q, cache.conv_k, cache.conv_v,
+                              cache.layer_tag) if cache.state is not None else None
+        if mode is None:
+            # FLA's choice: chunk with gradients; the recurrent kernel for short inference calls.
+            if torch.is_grad_enabled():
+                mode = "chunk"
+            elif T <= RECURRENT_MAX_T and not self.training:
+                mode = "recurrent"
+            else:
+                mode = "chunk" if self.mode == "auto" else self.mode
+        o = self._mix(x, cache, mode, mask=mask, cu_seqlens=cu_seqlens)
+        if fla_cache and use_cache:
+            conv = ((cache.conv_q, cache.conv_k, cache.conv_v) if self.use_short_conv else None)
+            past_key_values.update(recurrent_state=cache.state, conv_state=conv,
+                                   layer_idx=self.layer_idx, offset=T)
+        return o, None, past_key_values
+
+    def _cache_from_fla(self, last) -> GDN2Cache:
+        """Our cache view of this layer's entry in FLA's cache (an empty one before the first)."""
+        if last is None or last.get("recurrent_state") is None:
+            return GDN2Cache(layer_tag=self._tag)
+        conv = last.get("conv_state") or (None, None, None)
+        return GDN2Cache(last["recurrent_state"], *conv, layer_tag=self._tag)
+
+    # --------------------------------------------------------------------------------------------
+
+    def _mix(self, x: torch.Tensor, cache: GDN2Cache | None, mode: str | None, *,
+             mask: torch.Tensor | None = None,
+             cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's math (our contract's forward); ``mask`` ``[B, T]`` (True = real token)
+        and ``cu_seqlens`` (packed sequences, B == 1) come from FLA-style calls."""
         mode = self.mode if mode is None else mode
-        self._check(x, cache, mode)
+        N = None
+        if cu_seqlens is not None:
+            if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1 \
+                    or cu_seqlens.numel() < 2:
+                raise ValueError(f"{self._name()}: cu_seqlens must be a 1-D [N + 1] tensor")
+            N = cu_seqlens.numel() - 1
+        self._check(x, cache, mode, N)
+        if mode == "fused_recurrent":
+            mode = "recurrent"
         B, T, _ = x.shape
         H, K, HV, V = self.num_heads, self.head_dim, self.num_v_heads, self.head_v_dim
         needs_grad = self._needs_grad(x)
@@ -271,23 +459,32 @@ class GatedDeltaNet2(nn.Module):
                              "gradients are required; use mode='chunk' to train, or run under "
                              "torch.no_grad() / torch.inference_mode()")
 
+        x_in = x
+        if mask is not None:
+            # Padded tokens: zero inputs (so zero convolution history) and, below, k = 0 and
+            # g = 0, which leave the state untouched: S <- Diag(1) S + 0.
+            x_in = x * mask[..., None].to(x.dtype)
         keep = cache is not None
         started = keep and cache.state is not None
         tails = (cache.conv_q, cache.conv_k, cache.conv_v) if started else (None, None, None)
-        q, tail_q = _causal_conv(self.q_proj(x), self.q_conv1d, tails[0], keep)
-        k, tail_k = _causal_conv(self.k_proj(x), self.k_conv1d, tails[1], keep)
-        v, tail_v = _causal_conv(self.v_proj(x), self.v_conv1d, tails[2], keep)
+        q, tail_q = self._short_conv(self.q_proj(x_in), "q_conv1d", tails[0], keep, cu_seqlens)
+        k, tail_k = self._short_conv(self.k_proj(x_in), "k_conv1d", tails[1], keep, cu_seqlens)
+        v, tail_v = self._short_conv(self.v_proj(x_in), "v_conv1d", tails[2], keep, cu_seqlens)
         # Views before the pointwise ops: the op inputs are then fresh tensors, not views (Inductor
         # cannot order the symbolic strides of saved views under dynamic shapes).
         q = F.silu(q.view(B, T, H, K))
         k = F.silu(k.view(B, T, H, K))
         v = F.silu(v.view(B, T, HV, V))
         g = -self.A_log.float().exp()[:, None] * F.softplus(
-            self.f_proj(x).float().view(B, T, H, K) + self.dt_bias.float().view(H, K))
-        b = torch.sigmoid(self.b_proj(x).view(B, T, H, K))
+            self.f_proj(x_in).float().view(B, T, H, K) + self.dt_bias.float().view(H, K))
+        if mask is not None:
+            m = mask[:, :, None, None]
+            k = k * m.to(k.dtype)
+            g = g * m.to(g.dtype)
+        b = torch.sigmoid(self.b_proj(x_in).view(B, T, H, K))
         if self.allow_neg_eigval:
             b = b * 2.0
-        w = torch.sigmoid(self.w_proj(x).view(B, T, HV, V))
+        w = torch.sigmoid(self.w_proj(x_in).view(B, T, HV, V))
         if HV != H:
             heads = torch.arange(HV, device=x.device) // (HV // H)   # value head j: key head j // G
             q, k, g, b = (t.index_select(2, heads) for t in (q, k, g, b))
@@ -297,15 +494,28 @@ class GatedDeltaNet2(nn.Module):
             op = custom_ops.chunk_gdn2 if compiling else ops.chunk_gdn2
         else:
             op = custom_ops.fused_recurrent_gdn2 if compiling else ops.fused_recurrent_gdn2
+        extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
         o, ht = op(q, k, v, g, b, w, initial_state=cache.state if started else None,
-                   output_final_state=keep, use_qk_l2norm_in_kernel=True)
+                   output_final_state=keep, use_qk_l2norm_in_kernel=True, **extra)
         if keep:
             cache.state, cache.conv_q, cache.conv_k, cache.conv_v = ht, tail_q, tail_k, tail_v
             cache.layer_tag = self._tag
 
         o = F.rms_norm(o.float(), (V,), self.o_norm_weight.float(), self.norm_eps).to(x.dtype)
         o = o * F.silu(self.g_proj(x).view(B, T, HV, V))
-        return self.o_proj(o.reshape(B, T, HV * V))
+        out = self.o_proj(o.reshape(B, T, HV * V))
+        if mask is not None:
+            out = out * mask[..., None].to(out.dtype)
+        return out
+
+    def _short_conv(self, x: torch.Tensor, name: str, tail: torch.Tensor | None, keep: bool,
+                    cu_seqlens: torch.Tensor | None):
+        if not self.use_short_conv:
+            return x, None
+        conv = getattr(self, name)
+        if cu_seqlens is not None:
+            return _causal_conv_varlen(x, conv, cu_seqlens, tail, keep)
+        return _causal_conv(x, conv, tail, keep)
 
 
 __all__ = ["GDN2Cache", "GatedDeltaNet2", "MODES", "RECURRENT_MAX_T"]

@@ -9,8 +9,11 @@
   the two special cases (scalar write strength; also scalar decay), used to check that tied gates
   reproduce them.
 
+* :func:`naive_gate` is the in-kernel gate activation (``use_gate_in_kernel``).
+
 All functions take FLA's layout: tensors ``[B, T, H, D]``, states ``[N, H, K, V]``, varlen as
-``B == 1`` plus ``cu_seqlens``. They are differentiable with autograd (no in-place updates of
+``B == 1`` plus ``cu_seqlens``; v, w, g, b may have HV = G * H heads (grouped value heads: q and
+k are repeated G times, value head j reads key head j // G). They are differentiable with autograd (no in-place updates of
 tensors that need grad), which the gradient tests use.
 """
 from __future__ import annotations
@@ -39,9 +42,41 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
+def naive_gate(g: Tensor, A_log: Tensor | None = None, dt_bias: Tensor | None = None,
+               lower_bound: float | None = None) -> Tensor:
+    """The in-kernel gate (``use_gate_in_kernel``): the log-decay from the raw gate input.
+
+    With x = g + dt_bias (``dt_bias`` ``[HV * K]``, one per head and key channel; ``A_log``
+    ``[HV]``, one per head; g ``[..., HV, K]``), as fla-core 0.6.0's ``naive_kda_gate`` and
+    ``naive_kda_lowerbound_gate``:
+
+        lower_bound None:  -exp(A_log) * softplus(x)
+        lower_bound set:   lower_bound * sigmoid(exp(A_log) * x)   (sigmoid(x) without A_log)
+
+    Computed in g's dtype promoted with the parameters' (float64 for tests); differentiable.
+    """
+    HV, K = g.shape[-2:]
+    dt = torch.promote_types(g.dtype, torch.float32)
+    for p in (A_log, dt_bias):
+        if p is not None:
+            dt = torch.promote_types(dt, p.dtype)
+    x = g.to(dt)
+    if dt_bias is not None:
+        x = x + dt_bias.to(dt).reshape(HV, K)
+    a = A_log.to(dt).reshape(HV, 1).exp() if A_log is not None else None
+    if lower_bound is None:
+        if a is None:
+            raise ValueError("naive_gate: the softplus gate needs A_log")
+        return -a * torch.nn.functional.softplus(x)
+    return lower_bound * torch.sigmoid(x if a is None else a * x)
+
+
 def _prepare(q, k, v, g, b, w, scale, use_qk_l2norm):
     dt = _compute_dtype(q, k, v, g, b, w)
     q, k, v, g, b, w = (x.to(dt) for x in (q, k, v, g, b, w))
+    G = v.shape[2] // q.shape[2]
+    if G > 1:  # grouped value heads: value head j reads key head j // G
+        q, k = q.repeat_interleave(G, dim=2), k.repeat_interleave(G, dim=2)
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     if scale is None:
@@ -273,6 +308,7 @@ __all__ = [
     "chunk_stages_fwd",
     "l2norm",
     "naive_chunk_gdn2",
+    "naive_gate",
     "naive_recurrent_gdn",
     "naive_recurrent_gdn2",
     "naive_recurrent_kda",

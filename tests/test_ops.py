@@ -187,8 +187,8 @@ BAD_INPUTS = [
     ("k-shape", dict(k=torch.zeros(B_, T_, H_, K_ + 1)), ValueError, r"^k must have q's shape"),
     ("g-shape", dict(g=torch.zeros(B_, T_ - 1, H_, K_)), ValueError, r"^g must have q's shape"),
     ("b-shape", dict(b=torch.zeros(B_, T_, H_ + 1, K_)), ValueError, r"^b must have q's shape"),
-    ("v-rank", dict(v=torch.zeros(B_, T_, H_ * V_)), ValueError, r"^v must be \[B, T, H, V\]"),
-    ("v-batch", dict(v=torch.zeros(B_ + 1, T_, H_, V_)), ValueError, r"^v must be \[B, T, H, V\]"),
+    ("v-rank", dict(v=torch.zeros(B_, T_, H_ * V_)), ValueError, r"^v must be \[B, T, HV, V\]"),
+    ("v-batch", dict(v=torch.zeros(B_ + 1, T_, H_, V_)), ValueError, r"^v must be \[B, T, HV, V\]"),
     ("w-shape", dict(w=torch.zeros(B_, T_, H_, V_ + 1)), ValueError, r"^w \(write gate\) must"),
     ("K-too-large", dict(q=_meta(1, 2, 1, MAX_HEAD_DIM + 1), k=_meta(1, 2, 1, MAX_HEAD_DIM + 1),
                          g=_meta(1, 2, 1, MAX_HEAD_DIM + 1), b=_meta(1, 2, 1, MAX_HEAD_DIM + 1),
@@ -217,7 +217,7 @@ BAD_INPUTS = [
     ("g-positive", dict(g=torch.full((B_, T_, H_, K_), 0.1)), ValueError, r"^chunk_gdn2: g \(log-decay\)"),
     ("g-inf", dict(g=torch.full((B_, T_, H_, K_), -float("inf"))), ValueError, r"^chunk_gdn2: g \(log-decay\)"),
     ("h0-shape", dict(initial_state=torch.zeros(B_, H_, V_, K_)), ValueError,
-     r"^initial_state must be \[N, H, K, V\]"),
+     r"^initial_state must be \[N, HV, K, V\]"),
     ("h0-bf16", dict(initial_state=torch.zeros(B_, H_, K_, V_, dtype=torch.bfloat16)), TypeError,
      r"^initial_state must be float32"),
     ("h0-other-device", dict(initial_state=_meta(B_, H_, K_, V_)), ValueError,
@@ -255,7 +255,7 @@ BAD_CU_SEQLENS = [
     ("non-monotone", {}, torch.tensor([0, 6, 4, 10]), ValueError, r"must be non-decreasing"),
     ("negative", {}, torch.tensor([0, -2, 10]), ValueError, r"must be non-decreasing"),
     ("h0-per-batch-not-sequence", dict(initial_state=torch.zeros(1, H_, K_, V_)),
-     torch.tensor([0, 4, 10]), ValueError, r"initial_state must be \[N, H, K, V\] = \(2,"),
+     torch.tensor([0, 4, 10]), ValueError, r"initial_state must be \[N, HV, K, V\] = \(2,"),
 ]
 
 

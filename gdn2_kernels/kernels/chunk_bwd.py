@@ -5,7 +5,8 @@ Pipeline (MATH.md "Backward"):
     [state_fwd]  recompute the chunk states h and residuals R (unless the forward kept them:
                  disable_recompute)
     state_bwd    reverse pass over chunks -> dR, dh (per chunk), dh0
-    intra_bwd    per chunk -> dq, dk, dv, dg, db, dw
+    intra_bwd    per chunk -> dq, dk, dv, dg, db, dw (with the in-kernel gate: dg of the raw
+                 input and per-chunk partials of dA_log, ddt_bias, summed here)
     [l2norm_bwd] through the in-kernel q/k normalisation (done by the op)
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 
 from gdn2_kernels import _varlen
+from gdn2_kernels.kernels import _gate
 from gdn2_kernels.kernels.intra_bwd import intra_bwd
 from gdn2_kernels.kernels.state_bwd import state_bwd
 from gdn2_kernels.kernels.state_fwd import state_fwd
@@ -33,6 +35,8 @@ class BwdResult:
     db: torch.Tensor  # grad_dtypes[2]
     dw: torch.Tensor
     dh0: torch.Tensor | None
+    dA_log: torch.Tensor | None = None    # fp32 [H], with the in-kernel gate
+    ddt_bias: torch.Tensor | None = None  # fp32 [H * K], with the in-kernel gate and a dt_bias
 
 
 def chunk_gdn2_bwd(
@@ -61,10 +65,14 @@ def chunk_gdn2_bwd(
     configs: Mapping[str, "KernelConfig"],
     need_dh0: bool,
     grad_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype] | None = None,
+    gate: _gate.GateArgs = _gate.NO_GATE,
 ) -> BwdResult:
     """Gradients of every input from ``do`` (and ``dht``) and the forward's intermediates;
-    dq, dk, db in ``grad_dtypes`` (default fp32), dg fp32."""
-    B, T = k.shape[:2]
+    dq, dk, db in ``grad_dtypes`` (default fp32), dg fp32.
+
+    With the in-kernel ``gate`` (its ``g_raw`` set), dg is the gradient of the raw gate input,
+    and the gradients of A_log and dt_bias come back too."""
+    B, T, H, K = k.shape
     BT = configs["intra_bwd"]["BT"]
     if h is None or R is None:
         _, _, h, R = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, False, True, cu_seqlens,
@@ -72,7 +80,16 @@ def chunk_gdn2_bwd(
                                configs["state_fwd"], store_o=False, store_r=True)
     dR, dh, dh0 = state_bwd(q, k, g_cum, Qg, Kt, gC, Y, A_qk, do, dht, scale, need_dh0,
                             cu_seqlens, chunk_offsets, configs["state_bwd"])
+    if gate.kind != _gate.GATE_NONE:
+        parts = (_varlen.num_chunks(T, B, chunk_indices, BT), H, K)
+        def partials(param):
+            return (None if param is None
+                    else torch.empty(parts, dtype=torch.float32, device=k.device))
+
+        gate = gate._replace(dA_log=partials(gate.A_log), ddt_bias=partials(gate.dt_bias))
     dq, dk, dv, dg, db, dw = intra_bwd(q, k, v, b, w, g_cum, A, h, dh, do, R, dR, scale,
                                        cu_seqlens, chunk_indices, chunk_offsets,
-                                       configs["intra_bwd"], grad_dtypes)
-    return BwdResult(dq, dk, dv, dg, db, dw, dh0)
+                                       configs["intra_bwd"], grad_dtypes, gate)
+    dA_log, ddt_bias = (_gate.reduce_partials(gate, H, K) if gate.kind != _gate.GATE_NONE
+                        else (None, None))
+    return BwdResult(dq, dk, dv, dg, db, dw, dh0, dA_log, ddt_bias)

@@ -3,7 +3,8 @@
 Pipeline (MATH.md "Chunkwise form"):
 
     [l2norm_fwd]  q, k -> normalised q, k                    (optional)
-    intra_fwd     q, k, v, g, b, w -> g_cum, A, A_qk, Y, U, Qg, Kt, gC  (per chunk and head)
+    intra_fwd     q, k, v, g, b, w -> g_cum, A, A_qk, Y, U, Qg, Kt, gC  (per chunk and head;
+                  the in-kernel gate, when asked, activates g where it is loaded)
     state_fwd     -> o, ht [, h, R]                           (serial over chunks, parallel over V)
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 
 from gdn2_kernels import _varlen
+from gdn2_kernels.kernels import _gate
 from gdn2_kernels.kernels.intra_fwd import intra_fwd
 from gdn2_kernels.kernels.state_fwd import state_fwd
 
@@ -55,18 +57,23 @@ def chunk_gdn2_fwd(
     configs: Mapping[str, "KernelConfig"],
     store_h: bool = False,
     g_err: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    gate: _gate.GateArgs = _gate.NO_GATE,
 ) -> FwdResult:
-    """Run the forward kernels with the resolved ``configs`` (keys 'intra_fwd', 'state_fwd');
-    ``store_h`` keeps the chunk states and residuals for the backward, ``g_err`` turns on
-    intra_fwd's check of g."""
+    """Run the forward kernels with the resolved ``configs`` (keys 'intra_fwd', 'state_fwd').
+
+    ``store_h`` keeps the chunk states and residuals for the backward; ``g_err`` turns on
+    intra_fwd's check of g; ``cu_seqlens_cpu``: a host copy of ``cu_seqlens`` (the chunk indices
+    are built from it, with no device-to-host copy); ``gate``: the in-kernel gate (``g`` is then
+    the raw gate input)."""
     BT = configs["intra_fwd"]["BT"]
     B, T = k.shape[:2]
     idx = offs = None
     if cu_seqlens is not None:
-        idx = _varlen.chunk_indices(cu_seqlens, BT)
+        idx = _varlen.chunk_indices(cu_seqlens, BT, cu_seqlens_cpu)
         offs = _varlen.chunk_offsets(cu_seqlens, BT)
     g_cum, A, A_qk, Y, U, Qg, Kt, gC = intra_fwd(q, k, v, g, b, w, scale, cu_seqlens, idx,
-                                                 configs["intra_fwd"], g_err)
+                                                 configs["intra_fwd"], g_err, gate)
     o, ht, h, R = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state, store_h,
                             cu_seqlens, offs, _varlen.num_chunks(T, B, idx, BT),
                             configs["state_fwd"], store_r=store_h)

@@ -14,7 +14,8 @@ state leaving it), R and dR from the reverse state pass, and the forward's A, A_
   phase D (key tiles BK)     pairwise VJP of T_rs = sum_c E_rc k_sc e^(G_rc - G_sc) and of
                              A_qk: row blocks give dE, dq (and dG += E dE + q dq), column blocks
                              give dk (and dG -= k dk); then db = dE (.) k, dk += dE (.) b and
-                             dg = reverse cumsum of dG inside the chunk.
+                             dg = reverse cumsum of dG inside the chunk (and, with the gate in
+                             the kernel, its chain rule to the raw gate input: ``_gate.py``).
 
 With a single key tile (BK >= K) phase B's state products run inside phase A's value loop, so
 dO, R and dR are read once instead of 1 + K / BK times.
@@ -52,7 +53,7 @@ import triton
 import triton.language as tl
 
 from gdn2_kernels import _launch, _precision
-from gdn2_kernels.kernels import _prologue
+from gdn2_kernels.kernels import _gate, _prologue
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -88,7 +89,13 @@ def _intra_bwd_kernel(
     cu_seqlens,
     chunk_indices,
     chunk_offsets,
+    g_raw,          # in-kernel gate (_gate.py): raw gate input, dA_log / ddt_bias partials
+    A_log,
+    dt_bias,
+    dA_log_part,
+    ddt_bias_part,
     scale,
+    lower_bound,    # in-kernel gate
     T,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -101,6 +108,9 @@ def _intra_bwd_kernel(
     DOT_PRECISION: tl.constexpr,
     FUSED_D: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    GATE: tl.constexpr,             # in-kernel gate
+    GATE_HAS_A: tl.constexpr,       # in-kernel gate
+    GATE_HAS_BIAS: tl.constexpr,    # in-kernel gate
 ):
     tl.static_assert(BT % BC == 0, "BC must divide BT")
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -224,6 +234,12 @@ def _intra_bwd_kernel(
     if FUSED_D:
         _phase_d_fused(q, k, b, g_cum, dT_buf, dAqk_buf, dq, dk, db, dg, dq_out, dk_out, db_out,
                        T, t0, r_t, m_t, H, K, BT, BC, BK, SOLVE_PRECISION, DOT_PRECISION)
+        # In-kernel gate: the chain rule on the final dg.
+        if GATE != 0:
+            tl.debug_barrier()
+        _gate.chain_rule_tiles(dg, g_raw, A_log, dt_bias, lower_bound, dA_log_part,
+                               ddt_bias_part, for_k, (i_ch * H + i_h) * K, i_h, r_t, m_t, H, K,
+                               BK, GATE, GATE_HAS_A, GATE_HAS_BIAS)
 
 
 @triton.jit
@@ -412,6 +428,12 @@ def _intra_bwd_pairwise_kernel(
     cu_seqlens,
     chunk_indices,
     chunk_offsets,
+    g_raw,          # in-kernel gate (_gate.py)
+    A_log,
+    dt_bias,
+    dA_log_part,
+    ddt_bias_part,
+    lower_bound,
     T,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -421,6 +443,9 @@ def _intra_bwd_pairwise_kernel(
     SOLVE_PRECISION: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    GATE: tl.constexpr,             # in-kernel gate
+    GATE_HAS_A: tl.constexpr,
+    GATE_HAS_BIAS: tl.constexpr,
 ):
     """Phase D in its own launch (``PHASE_D="split"``): one program per (chunk, head, key tile).
 
@@ -563,6 +588,9 @@ def _intra_bwd_pairwise_kernel(
     tl.store(dk_out + p_t, b_dk.to(dk_out.dtype.element_ty), mask=m_tk)
     # dg = reverse cumulative sum of dG inside the chunk.
     b_rev = tl.sum(b_dG, 0)[None, :] - tl.cumsum(b_dG, axis=0) + b_dG
+    b_rev = _gate.chain_rule(b_rev, g_raw, for_k + p_t, m_tk, A_log, dt_bias, lower_bound,  # gate
+                             dA_log_part, ddt_bias_part, (i_ch * H + i_h) * K, i_h, o_k, m_k, K,
+                             GATE, GATE_HAS_A, GATE_HAS_BIAS)
     tl.store(dg + p_t, b_rev, mask=m_tk)
 
 
@@ -589,11 +617,14 @@ def intra_bwd(
     chunk_offsets: torch.Tensor | None,
     config: "KernelConfig",
     grad_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype] | None = None,
+    gate: _gate.GateArgs = _gate.NO_GATE,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the intra-chunk backward. Returns ``(dq, dk, dv, dg, db, dw)``.
 
     dg is fp32; dq, dk, db come out in ``grad_dtypes`` (default fp32), written by the kernel's
     last update of each element, so no cast pass follows. Their partial sums live in fp32 scratch.
+    With ``gate`` (its ``g_raw`` and partials set) dg is the gradient of the raw gate input and
+    the dA_log / ddt_bias partials are written (``_gate.chain_rule``).
     """
     B, T, H, K = k.shape
     V = v.shape[-1]
@@ -622,6 +653,7 @@ def intra_bwd(
         FUSED_D=fused_d,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
+        **gate.backward_args(),
     )
     if not fused_d:
         _launch.launch(
@@ -634,5 +666,6 @@ def intra_bwd(
             DOT_PRECISION=_precision.dot_precision(k.dtype),
             IS_VARLEN=cu_seqlens is not None,
             **config.launch_options(),
+            **gate.backward_args(),
         )
     return dq_out, dk_out, dv, dg, db_out, dw

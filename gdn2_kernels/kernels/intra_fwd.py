@@ -3,6 +3,7 @@
 Computes, for each chunk of C = ``BT`` tokens and each head (MATH.md "Chunkwise form"):
 
     G_r   = sum_{i<=r} g_i                                   -> g_cum  [B, T, H, K] fp32
+            (g_i activated from the raw gate input first with GATE: ``_gate.activate``)
     T     = strict_lower(E_bar K_bar^T)                      (kept on chip)
     A     = (I + T)^-1                                       -> A      [B, T, H, BT] fp32
     A_qk  = scale * lower(Q K^T (.) exp(G_r - G_s))          -> A_qk   [B, T, H, BT] fp32
@@ -44,7 +45,7 @@ import triton
 import triton.language as tl
 
 from gdn2_kernels import _launch, _precision, _varlen
-from gdn2_kernels.kernels import _prologue
+from gdn2_kernels.kernels import _gate, _prologue
 
 if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
@@ -72,7 +73,10 @@ def _intra_fwd_kernel(
     g_err,
     cu_seqlens,
     chunk_indices,
+    A_log,          # in-kernel gate (_gate.py)
+    dt_bias,        # in-kernel gate
     scale,
+    lower_bound,    # in-kernel gate
     T,
     H: tl.constexpr,
     K: tl.constexpr,
@@ -87,6 +91,9 @@ def _intra_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     CHECK_G: tl.constexpr,
     IS_VARLEN: tl.constexpr,
+    GATE: tl.constexpr,             # in-kernel gate
+    GATE_HAS_A: tl.constexpr,       # in-kernel gate
+    GATE_HAS_BIAS: tl.constexpr,    # in-kernel gate
 ):
     tl.static_assert(BT % BC == 0, "BC must divide BT")
     tl.static_assert((1 << LOG2_BC) == BC, "BC must be a power of two")
@@ -134,6 +141,8 @@ def _intra_fwd_kernel(
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         p_k = r_t[:, None] * (H * K) + o_k[None, :]
         b_g = tl.load(g + p_k, mask=m_tk, other=0.).to(tl.float32)
+        b_g = _gate.activate(b_g, A_log, dt_bias, lower_bound, i_h, o_k, o_k < K, K,  # gate
+                             GATE, GATE_HAS_A, GATE_HAS_BIAS)
         if CHECK_G:
             n_bad += tl.sum(tl.sum((~_prologue.valid_log_decay(b_g)).to(tl.int32), 1), 0)
         tl.store(g_cum + p_k, tl.cumsum(b_g, axis=0), mask=m_tk)
@@ -291,11 +300,13 @@ def intra_fwd(
     chunk_indices: torch.Tensor | None,
     config: "KernelConfig",
     g_err: torch.Tensor | None = None,
+    gate: _gate.GateArgs = _gate.NO_GATE,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the intra-chunk forward. Returns ``(g_cum, A, A_qk, Y, U, Qg, Kt, gC)``.
 
-    ``g_err`` (int32[1], optional) turns on the in-kernel check of g (``_gate_check``).
-    """
+    ``g_err`` (int32[1], optional) turns on the in-kernel check of g (``_gate_check``); with
+    ``gate`` (``_gate.GateArgs``) ``g`` is the raw gate input, activated where it is loaded (and
+    checked after its activation)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
     BT = config["BT"]
@@ -322,5 +333,6 @@ def intra_fwd(
         CHECK_G=g_err is not None,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
+        **gate.forward_args(),
     )
     return g_cum, A, A_qk, Y, U, Qg, Kt, gC
