@@ -131,6 +131,13 @@ def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_v
                              "and <= 0 (decay exp(g) in (0, 1]). Check the gate computation.")
 
 
+def check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens,
+                 validate_values: bool) -> None:
+    """The boundary checks of :func:`chunk_gdn2` (TypeError / ValueError naming the argument and
+    the fix), also run on each rank's slice by ``gdn2_kernels.cp``."""
+    _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
+
+
 # ------------------------------------------------------------------------------------------------
 # Autograd
 # ------------------------------------------------------------------------------------------------
