@@ -28,7 +28,7 @@ from gdn2_kernels import chunk_gdn2, dispatch
 from gdn2_kernels._testing import TOLERANCES, dtype_name, make_inputs, rel_rms
 from gdn2_kernels.cp import build_cp_context
 
-H, K, V, T = 2, 16, 24, 64
+H, K, V, T = 1, 16, 24, 64      # one head: heads are covered by test_cp_summary.py
 DEADLINE_S = 600       # a whole world's run; reached only when something hangs
 
 CASES = {
@@ -44,8 +44,7 @@ CASES = {
     4: [
         dict(name="contig-varlen-h0-final", layout="contiguous", cu=[0, 5, 40, 44, 64],
              h0=True, final_state=True),
-        dict(name="zigzag-1seq-h0-final", layout="zigzag", cu=[0, 64], h0=True,
-             final_state=True),
+        dict(name="zigzag-1seq-h0", layout="zigzag", cu=[0, 64], h0=True),
     ],
 }
 ERRORS = {

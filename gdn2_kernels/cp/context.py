@@ -106,6 +106,29 @@ class CPContext:
         """This rank's tokens of a global tensor (``dim`` is the token axis of ``T_total``)."""
         return torch.cat([x.narrow(dim, a, b - a) for a, b in self.global_ranges()], dim)
 
+    def row_spans(self) -> list[tuple[int, int]]:
+        """``(start, end)`` on the global token axis of each local sequence."""
+        spans = []
+        for part, (a, _) in zip(self.parts, self.global_ranges()):
+            base = self.boundaries[part.first]
+            spans += [(a + self.boundaries[i] - base, a + self.boundaries[i + 1] - base)
+                      for i in range(part.first, part.last + 1)]
+        return spans
+
+    def local_initial_state(self, initial_state: torch.Tensor,
+                            cu_seqlens: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """``chunk_gdn2_cp``'s ``initial_state`` from the global one ``[N, H, K, V]`` (one state
+        per sequence of the global ``cu_seqlens``): each local sequence that starts a sequence
+        gets its state, one that continues a sequence gets zeros. Differentiable."""
+        bounds = [int(c) for c in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor)
+                                   else cu_seqlens)]
+        rows = []
+        for s, _ in self.row_spans():
+            n = bisect.bisect_right(bounds, s) - 1
+            rows.append(initial_state[n] if bounds[n] == s else
+                        torch.zeros_like(initial_state[0]))
+        return torch.stack(rows)
+
     def final_rows(self) -> list[int]:
         """Local sequences that end on this rank: the rows of the final state that are a global
         sequence's final state (the others are the state handed to the next slot)."""
