@@ -80,6 +80,21 @@ def test_summary_is_the_affine_map_of_the_entering_state(case: SpanCase):
     assert rel_rms(M.double().transpose(-1, -2) @ x64.h0, S_ref - H_ref) <= tol
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [SpanCase(1, 4096, 4, 128, 128, 64, torch.bfloat16,
+                                           cu_seqlens=(0, 1000, 4096)),
+                                  SpanCase(2, 2048, 2, 128, 128, 64, torch.float32)])
+def test_summary_on_gpu(case: SpanCase):
+    x, x64 = _inputs(case)
+    x, x64 = x.to(device="cuda"), x64.to(device="cuda")
+    Hs, M = chunk_gdn2_summary(x.k, x.v, x.g, x.b, x.w, cu_seqlens=x.cu_seqlens)
+    _, H_ref = _ref(x64, None, case)
+    _, S_ref = _ref(x64, x64.h0, case)
+    tol = TOLERANCES[dtype_name(case.dtype)]["ht"]
+    assert rel_rms(Hs, H_ref) <= tol
+    assert rel_rms(M.double().transpose(-1, -2) @ x64.h0, S_ref - H_ref) <= tol
+
+
 @pytest.mark.parametrize("case", SPAN_CASES)
 def test_backward_summary_is_the_gradient_of_the_entering_state(case: SpanCase):
     x, x64 = _inputs(case)
