@@ -113,8 +113,10 @@ def _run_case(case: dict, rank: int, world: int, out_dir: str) -> None:
     if case["h0"] is not None:
         h0 = local_initial_state(case["h0"], cu, spans).requires_grad_()
     with dispatch.override(dispatch.default_pipeline(case["chunk"])):
-        o, ht = chunk_gdn2_cp(*leaves, initial_state=h0, output_final_state=case["final_state"],
-                              use_qk_l2norm_in_kernel=case["l2norm"], cp_context=cp_context)
+        o, ht = chunk_gdn2_cp(*leaves, scale=case["scale"], initial_state=h0,
+                              output_final_state=case["final_state"],
+                              use_qk_l2norm_in_kernel=case["l2norm"],
+                              disable_recompute=case["disable_recompute"], cp_context=cp_context)
         loss = (o.float() * ctx.local_slice(case["do"]).float()).sum()
         if ht is not None:
             dht = torch.stack([case["dht"][f"{s}-{e}"] for s, e in spans])

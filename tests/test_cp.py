@@ -35,10 +35,10 @@ CASES = {
     2: [
         dict(name="contig-1seq-h0-final", layout="contiguous", cu=[0, 64], h0=True,
              final_state=True),
-        dict(name="zigzag-varlen-l2norm-bf16", layout="zigzag", cu=[0, 10, 50, 64],
-             dtype=torch.bfloat16, l2norm=True),
-        dict(name="fla-contig-varlen-h0-final", layout="contiguous", cu=[0, 10, 64], h0=True,
-             final_state=True, fla=True),
+        dict(name="zigzag-varlen-l2norm-bf16-keep-h", layout="zigzag", cu=[0, 10, 50, 64],
+             dtype=torch.bfloat16, l2norm=True, disable_recompute=True),
+        dict(name="fla-contig-varlen-h0-final-scale", layout="contiguous", cu=[0, 10, 64],
+             h0=True, final_state=True, fla=True, scale=0.3),
         dict(name="fla-zigzag-1seq", layout="zigzag", cu=[0, 64], fla=True),
     ],
     4: [
@@ -70,7 +70,7 @@ EXPECTED = {
     "contexts_disagree": "rebuild every rank's context",
 }
 DEFAULTS = dict(dtype=torch.float32, h0=False, final_state=False, l2norm=False, fla=False,
-                chunk=16)
+                chunk=16, scale=None, disable_recompute=False)
 
 
 def _spans_of_all_ranks(case: dict, world: int) -> list[tuple[int, int]]:
@@ -132,7 +132,8 @@ def _reference(case: dict) -> dict[str, torch.Tensor]:
     h0 = case["h0"].clone().requires_grad_() if case["h0"] is not None else None
     cu_t = torch.tensor(cu, dtype=torch.int32)
     with dispatch.override(dispatch.default_pipeline(case["chunk"])):
-        o, ht = chunk_gdn2(*leaves, initial_state=h0, output_final_state=True, cu_seqlens=cu_t,
+        o, ht = chunk_gdn2(*leaves, scale=case["scale"], initial_state=h0,
+                           output_final_state=True, cu_seqlens=cu_t,
                            use_qk_l2norm_in_kernel=case["l2norm"])
         loss = (o.float() * case["do"].float()).sum()
         states = {}
@@ -152,7 +153,8 @@ def _reference(case: dict) -> dict[str, torch.Tensor]:
                 bounds = [0]
                 for _, n, e in inner:
                     bounds.append(bounds[-1] + e - cu[n])
-                _, hp = chunk_gdn2(*packed, initial_state=h0[[n for _, n, _ in inner]]
+                _, hp = chunk_gdn2(*packed, scale=case["scale"],
+                                   initial_state=h0[[n for _, n, _ in inner]]
                                    if h0 is not None else None, output_final_state=True,
                                    cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
                                    use_qk_l2norm_in_kernel=case["l2norm"])

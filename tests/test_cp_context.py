@@ -148,3 +148,31 @@ def test_ieee_guard_restores_the_precision_setting():
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_op_errors_that_need_no_collective():
+    from gdn2_kernels._testing import make_inputs
+    from gdn2_kernels.cp import chunk_gdn2_cp
+
+    x = make_inputs(1, 32, 1, 16, 16)
+    args = (x.q, x.k, x.v, x.g, x.b, x.w)
+    with pytest.raises(TypeError, match="cp_context must be a gdn2_kernels.cp.CPContext"):
+        chunk_gdn2_cp(*args, cp_context={"group": None})
+    ctx = build_cp_context([0, 64], rank=0, world_size=2)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        chunk_gdn2_cp(*args, cp_context=ctx)
+
+
+def test_fla_context_without_group_is_the_local_op():
+    """FLA's "CP disabled" (group None): chunk_gdn2 on the slice with the context's boundaries."""
+    from gdn2_kernels import chunk_gdn2
+    from gdn2_kernels._testing import make_inputs
+    from gdn2_kernels.cp import chunk_gdn2_cp
+
+    ns = fla_context(None, [0, 10, 64], 0, 2, "contiguous")     # local boundaries [0, 10, 32]
+    x = make_inputs(1, 32, 1, 16, 16, cu_seqlens=[0, 10, 32], with_h0=True)
+    args = (x.q, x.k, x.v, x.g, x.b, x.w)
+    o, ht = chunk_gdn2_cp(*args, initial_state=x.h0, output_final_state=True, cp_context=ns)
+    o_ref, ht_ref = chunk_gdn2(*args, initial_state=x.h0, output_final_state=True,
+                               cu_seqlens=x.cu_seqlens)
+    assert torch.equal(o, o_ref) and torch.equal(ht, ht_ref)

@@ -87,13 +87,37 @@ def prepare(q, k, v, g, b, w, opts: GDN2Options, pipe: dispatch.PipelineConfig,
     return Local(q, k, v, b, w, q_rstd, k_rstd, fwd, layout)
 
 
+def _no_summaries(x: Local, ctx: CPContext) -> torch.Tensor:
+    """``[parts, H, K, V + K]`` fp32 zeros: what a rank sends for parts with nothing to send."""
+    H, K, V = x.k.shape[2], x.k.shape[3], x.v.shape[3]
+    return torch.zeros(len(ctx.parts), H, K, V + K, dtype=torch.float32, device=x.k.device)
+
+
+def _rows_replaced(base: torch.Tensor | None, rows: list[tuple[int, torch.Tensor | None]],
+                   x: Local, ctx: CPContext, add: bool) -> torch.Tensor | None:
+    """A per-local-sequence ``[N_local, H, K, V]`` fp32 tensor: ``base`` (None: zeros) with the
+    given rows set (or, with ``add``, added to); ``base`` itself when no row is given."""
+    rows = [(i, t) for i, t in rows if t is not None]
+    if not rows:
+        return base
+    out = (base.clone() if base is not None else
+           torch.zeros(ctx.num_seqs, *x.k.shape[2:], x.v.shape[-1], dtype=torch.float32,
+                       device=x.k.device))
+    for i, t in rows:
+        if add:
+            out[i] += t
+        else:
+            out[i] = t
+    return out
+
+
 def summarize_forward(x: Local, initial_state: torch.Tensor | None, ctx: CPContext,
                       pipe: dispatch.PipelineConfig) -> torch.Tensor:
     """``[parts, H, K, V + K]`` fp32: per part, ``H | M`` of its last local sequence when that
     goes on into later slots (chain.py), zeros otherwise."""
     f = x.fwd
-    H, K, V = x.k.shape[2], x.k.shape[3], x.v.shape[3]
-    out = torch.zeros(len(ctx.parts), H, K, V + K, dtype=torch.float32, device=x.k.device)
+    V = x.v.shape[-1]
+    out = _no_summaries(x, ctx)
     for i, part in enumerate(ctx.parts):
         if part.post == 0:
             continue
@@ -113,16 +137,9 @@ def finish_forward(x: Local, initial_state: torch.Tensor | None, gathered: torch
     """The true entering states from the all-gathered ``[world_size, parts, H, K, V + K]``
     summaries, then the ordinary state pass: fills ``x.fwd.o``, ``x.fwd.ht``, ``x.fwd.h`` (with
     ``disable_recompute``) and ``x.h0``."""
-    V = x.v.shape[-1]
-    entering = chain.entering_states(chain.slot_order(gathered, ctx), ctx, V)
-    h0 = initial_state
-    if any(s is not None for s in entering):
-        h0 = (initial_state.clone() if initial_state is not None else
-              torch.zeros(ctx.num_seqs, *x.k.shape[2:], V, dtype=torch.float32,
-                          device=x.k.device))
-        for part, S in zip(ctx.parts, entering):
-            if S is not None:
-                h0[part.first] = S
+    entering = chain.entering_states(chain.slot_order(gathered, ctx), ctx, x.v.shape[-1])
+    h0 = _rows_replaced(initial_state, [(p.first, S) for p, S in zip(ctx.parts, entering)], x,
+                        ctx, add=False)
     f, lay = x.fwd, x.layout
     f.o, f.ht, f.h = state_fwd(f.Qg, f.Kt, f.gC, f.Y, f.U, f.A_qk, h0, opts.output_final_state,
                                opts.disable_recompute, lay.cu_seqlens, lay.chunk_offsets,
@@ -138,14 +155,14 @@ def own_maps(summary: torch.Tensor, ctx: CPContext, V: int) -> torch.Tensor | No
     return summary[..., V:].contiguous()
 
 
-def summarize_backward(x: Local, maps: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None,
-                       ctx: CPContext, opts: GDN2Options,
+def summarize_backward(x: Local, maps: torch.Tensor | None, do: torch.Tensor,
+                       dht: torch.Tensor | None, ctx: CPContext, opts: GDN2Options,
                        pipe: dispatch.PipelineConfig) -> torch.Tensor:
     """``[parts, H, K, V + K]`` fp32: per part, ``G | M`` of its first local sequence when that
     continues an earlier slot (chain.py), zeros otherwise; ``maps`` from :func:`own_maps`."""
     f = x.fwd
-    H, K, V = x.k.shape[2], x.k.shape[3], x.v.shape[3]
-    out = torch.zeros(len(ctx.parts), H, K, V + K, dtype=torch.float32, device=x.k.device)
+    V = x.v.shape[-1]
+    out = _no_summaries(x, ctx)
     for i, part in enumerate(ctx.parts):
         if part.pre == 0:
             continue
@@ -165,15 +182,9 @@ def finish_backward(x: Local, do: torch.Tensor, dht: torch.Tensor | None, gather
     """Each leaving gradient from the all-gathered gradient summaries, then the ordinary backward
     once: ``(dq, dk, the other gradients)`` (dq, dk fp32; dh0 zero on the rows of sequences
     continued from earlier ranks, whose given initial state is unused)."""
-    V = x.v.shape[-1]
-    leaving = chain.leaving_gradients(chain.slot_order(gathered, ctx), ctx, V)
-    if any(D is not None for D in leaving):
-        dht = (dht.clone() if dht is not None else
-               torch.zeros(ctx.num_seqs, *x.k.shape[2:], V, dtype=torch.float32,
-                           device=x.k.device))
-        for part, D in zip(ctx.parts, leaving):
-            if D is not None:
-                dht[part.last] += D
+    leaving = chain.leaving_gradients(chain.slot_order(gathered, ctx), ctx, x.v.shape[-1])
+    dht = _rows_replaced(dht, [(p.last, D) for p, D in zip(ctx.parts, leaving)], x, ctx,
+                         add=True)
     f, lay = x.fwd, x.layout
     grads = chunk_gdn2_bwd(x.q, x.k, x.v, x.b, x.w, f.g_cum, f.A, f.A_qk, f.Y, f.U, f.Qg, f.Kt,
                            f.gC, f.h, opts.scale, x.h0, do, dht, lay.cu_seqlens,
