@@ -61,7 +61,8 @@ def timing(T: int) -> dict:
     x = make_inputs(1, T, H, D, D, torch.bfloat16, "cuda", seed=0)
     pipe = dispatch.resolve(ProblemKey(D, D, "bfloat16"))
     cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
-    idx, offs = _varlen.chunk_indices(cu, pipe.chunk_size), _varlen.chunk_offsets(cu, pipe.chunk_size)
+    idx = _varlen.chunk_indices(cu, pipe.chunk_size)
+    offs = _varlen.chunk_offsets(cu, pipe.chunk_size)
     scale = D ** -0.5
     row = {"T": T, "H": H, "K": D, "V": D, "dtype": "bfloat16", "chunk": pipe.chunk_size,
            "config_source": pipe.source, "state_fwd": pipe["state_fwd"].label(),

@@ -116,7 +116,8 @@ def _run(world: int) -> tuple[dict, dict, dict]:
     _spawn(world, workdir)
     results = {c["name"]: [torch.load(os.path.join(workdir, f"{c['name']}.rank{r}.pt"))
                            for r in range(world)]
-               for c in plan["cases"] if os.path.exists(os.path.join(workdir, f"{c['name']}.rank0.pt"))}
+               for c in plan["cases"]
+               if os.path.exists(os.path.join(workdir, f"{c['name']}.rank0.pt"))}
     errors = {}
     for r in range(world):
         with open(os.path.join(workdir, f"errors.rank{r}.json")) as f:

@@ -54,7 +54,7 @@ def test_fla_context_converts_to_the_same_context(layout, cu, world):
 
 def test_local_initial_state_gives_starting_rows_their_state():
     h0 = torch.randn(4, 2, 3, 5)
-    ctx = build_cp_context([0, 5, 40, 44, 64], rank=2, world_size=4)   # rows (32,40) (40,44) (44,48)
+    ctx = build_cp_context([0, 5, 40, 44, 64], rank=2, world_size=4)  # (32,40) (40,44) (44,48)
     rows = ctx.local_initial_state(h0, [0, 5, 40, 44, 64])
     assert torch.equal(rows[0], torch.zeros(2, 3, 5))
     assert torch.equal(rows[1], h0[2]) and torch.equal(rows[2], h0[3])

@@ -42,7 +42,8 @@ def ieee_fp32_matmuls() -> Iterator[None]:
 
 
 def slot_order(gathered: torch.Tensor, ctx: CPContext) -> torch.Tensor:
-    """``[num_slots, ...]``: the all-gathered ``[world_size, parts, ...]`` summaries in slot order."""
+    """``[num_slots, ...]``: the all-gathered ``[world_size, parts, ...]`` summaries in slot
+    order."""
     out = gathered.new_empty(ctx.num_slots, *gathered.shape[2:])
     for r in range(ctx.world_size):
         for i, slot in enumerate(slots_of_rank(r, ctx.world_size, ctx.layout)):

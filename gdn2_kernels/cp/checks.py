@@ -92,9 +92,11 @@ def cross_rank_problem(metas: list[list[int]], world_size: int) -> str | None:
                 "T_total / world_size tokens (cut the global batch with build_cp_context)")
     for index, what in ((1, "H"), (2, "K"), (3, "V"), (4, "dtype")):
         if _differs(metas, index):
-            return f"the ranks disagree on {what}; every rank must call with the same shapes and dtype"
+            return (f"the ranks disagree on {what}; every rank must call with the same shapes "
+                    "and dtype")
     if _differs(metas, 5) or _differs(metas, 6) or _differs(metas, 7):
-        return "the ranks' contexts disagree on the layout or the slot size; build every rank's context from the same cu_seqlens and layout"
+        return ("the ranks' contexts disagree on the layout or the slot size; build every rank's "
+                "context from the same cu_seqlens and layout")
     built_for = metas[0][8]
     if built_for != world_size:
         return (f"cp_context was built for {built_for} ranks but its group has {world_size}; build "
@@ -118,15 +120,18 @@ _REBUILD = "; rebuild every rank's context from the same global cu_seqlens"
 def _chain_problem(slots: list[tuple[int, int, int]]) -> str | None:
     """Whether the slots' (pre, post, local sequences) describe one consistent packed batch."""
     if slots[0][0] != 0 or slots[-1][1] != 0:
-        return "the contexts say a sequence continues before the first slot or after the last" + _REBUILD
+        return ("the contexts say a sequence continues before the first slot or after the last"
+                + _REBUILD)
     for s in range(len(slots) - 1):
         (pre, post, n), (pre_next, post_next, n_next) = slots[s], slots[s + 1]
         if (post > 0) != (pre_next > 0):
-            return (f"slot {s} says its last sequence {'goes on' if post else 'ends there'} but slot "
-                    f"{s + 1} says its first one {'continues' if pre_next else 'starts there'}"
-                    + _REBUILD)
+            return (f"slot {s} says its last sequence {'goes on' if post else 'ends there'} but "
+                    f"slot {s + 1} says its first one "
+                    f"{'continues' if pre_next else 'starts there'}" + _REBUILD)
         if post and pre_next != (pre + 1 if pre and n == 1 else 1):
-            return f"slots {s} and {s + 1} disagree on where their shared sequence starts" + _REBUILD
+            return (f"slots {s} and {s + 1} disagree on where their shared sequence starts"
+                    + _REBUILD)
         if post and post != (post_next + 1 if post_next and n_next == 1 else 1):
-            return f"slots {s} and {s + 1} disagree on where their shared sequence ends" + _REBUILD
+            return (f"slots {s} and {s + 1} disagree on where their shared sequence ends"
+                    + _REBUILD)
     return None

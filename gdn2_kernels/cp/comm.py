@@ -59,7 +59,8 @@ def agree(group: Any, error: str | None, meta: list[int], device: torch.device
     """All-gather each rank's error (None: its input passed its own checks) and its ``meta``
     integers (same length on every rank): ``(errors by rank, metas by rank)``."""
     text = (error or "").encode("utf-8")[:MESSAGE_BYTES]
-    row = [1 if error is not None else 0, len(text), *meta, *text, *([0] * (MESSAGE_BYTES - len(text)))]
+    row = [1 if error is not None else 0, len(text), *meta, *text,
+           *([0] * (MESSAGE_BYTES - len(text)))]
     dev = transport_device(group, device)
     rows = all_gather(torch.tensor(row, dtype=torch.int64, device=dev), group).tolist()
     errors: list[str | None] = []

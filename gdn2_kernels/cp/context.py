@@ -78,8 +78,9 @@ class CPContext:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if len(self.parts) != (1 if self.layout == "contiguous" else 2):
-            raise ValueError(f"a {self.layout} context holds {1 if self.layout == 'contiguous' else 2}"
-                             f" part(s) per rank, got {len(self.parts)}")
+            want = 1 if self.layout == "contiguous" else 2
+            raise ValueError(f"a {self.layout} context holds {want} part(s) per rank, got "
+                             f"{len(self.parts)}")
 
     @property
     def num_slots(self) -> int:
@@ -247,8 +248,9 @@ def build_cp_context(
     bounds = [int(c) for c in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor)
                                else cu_seqlens)]
     if len(bounds) < 2 or bounds[0] != 0 or any(b1 < b0 for b0, b1 in zip(bounds, bounds[1:])):
+        shown = f"{bounds[:8]}{'...' if len(bounds) > 8 else ''}"
         raise ValueError("build_cp_context: cu_seqlens must be the non-decreasing global "
-                         f"boundaries [0, ..., T_total], got {bounds[:8]}{'...' if len(bounds) > 8 else ''}")
+                         f"boundaries [0, ..., T_total], got {shown}")
     slots = slots_of_rank(rank, world_size, layout)
     num_slots = world_size * len(slots)
     total = bounds[-1]
