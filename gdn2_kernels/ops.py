@@ -34,6 +34,16 @@ class GDN2Options:
     is_varlen: bool
     disable_recompute: bool
 
+    @classmethod
+    def of_call(cls, q, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                is_varlen: bool, disable_recompute) -> "GDN2Options":
+        """The options of a call with these arguments (``scale`` None: ``K ** -0.5``)."""
+        return cls(scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,
+                   output_final_state=bool(output_final_state),
+                   use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel),
+                   has_initial_state=initial_state is not None, is_varlen=is_varlen,
+                   disable_recompute=bool(disable_recompute))
+
 
 # ------------------------------------------------------------------------------------------------
 # Input checks
@@ -320,14 +330,8 @@ def chunk_gdn2(
         devices, head dims over 256, bad ``cu_seqlens`` or gates.
     """
     _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
-    opts = GDN2Options(
-        scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,
-        output_final_state=bool(output_final_state),
-        use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel),
-        has_initial_state=initial_state is not None,
-        is_varlen=cu_seqlens is not None,
-        disable_recompute=bool(disable_recompute),
-    )
+    opts = GDN2Options.of_call(q, scale, initial_state, output_final_state,
+                               use_qk_l2norm_in_kernel, cu_seqlens is not None, disable_recompute)
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     if initial_state is not None:
         initial_state = initial_state.contiguous()

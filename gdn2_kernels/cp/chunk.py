@@ -171,14 +171,8 @@ def chunk_gdn2_cp(
         _agree(group, world, ctx, problem, q, v)
     elif problem is not None:
         raise ValueError(f"chunk_gdn2_cp (rank {rank} of {world}): {problem}")
-    opts = GDN2Options(
-        scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,
-        output_final_state=bool(output_final_state),
-        use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel),
-        has_initial_state=initial_state is not None,
-        is_varlen=True,
-        disable_recompute=bool(disable_recompute),
-    )
+    opts = GDN2Options.of_call(q, scale, initial_state, output_final_state,
+                               use_qk_l2norm_in_kernel, True, disable_recompute)
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     if initial_state is not None:
         initial_state = initial_state.contiguous()

@@ -52,10 +52,8 @@ def emulate_cp(q, k, v, g, b, w, cu_seqlens: Sequence[int], world_size: int,
     bounds = [int(c) for c in cu_seqlens]
     ctxs = [build_cp_context(bounds, layout=layout, rank=r, world_size=world_size)
             for r in range(world_size)]
-    opts = GDN2Options(scale=float(scale) if scale is not None else K ** -0.5,
-                       output_final_state=True, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-                       has_initial_state=initial_state is not None, is_varlen=True,
-                       disable_recompute=False)
+    opts = GDN2Options.of_call(q, scale, initial_state, True, use_qk_l2norm_in_kernel, True,
+                               False)
     with _device.guard(q):
         pipe = dispatch.resolve(ProblemKey(K, V, dtype_name(q.dtype)))
         ranks = []
