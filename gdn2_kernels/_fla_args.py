@@ -4,8 +4,9 @@ translation into what our kernels take (``ops.py`` calls these; each names the o
 * the in-kernel gate (``use_gate_in_kernel``, ``A_log``, ``dt_bias``, ``lower_bound``,
   ``safe_gate``) -> a :class:`~gdn2_kernels.kernels._gate.GateArgs`;
 * the state layout (``state_v_first`` and its deprecated name ``transpose_state_layout``);
-* ``chunk_size`` (one of our chunk sizes, ``configs.CHUNK_SIZES``) and ``cp_context`` (not
-  supported yet: refused with a clear error rather than ignored).
+* ``chunk_size`` (one of our chunk sizes, ``configs.CHUNK_SIZES``), and what ``cp_context``
+  (context parallelism, ``gdn2_kernels.cp``) does not cover yet: refused with a clear error
+  rather than ignored.
 
 Checks read shapes, dtypes and devices only; the values of the gate input and its parameters are
 checked inside the forward kernels, after the activation (``_gate_check``).
@@ -41,11 +42,15 @@ def state_layout(fn: str, state_v_first: bool, transpose_state_layout: bool | No
     return bool(transpose_state_layout)
 
 
-def refuse_cp_context(fn: str, cp_context) -> None:
-    if cp_context is not None:
+def cp_unsupported(fn: str, **given) -> None:
+    """Context parallelism (``cp_context``) runs ``gdn2_kernels.cp.chunk_gdn2_cp``, which covers
+    chunk_gdn2's core arguments: refuse the others when they are set, rather than ignore them."""
+    bad = [name for name, value in given.items() if value]
+    if bad:
         raise NotImplementedError(
-            f"{fn}: cp_context (context parallelism across devices) is not supported by "
-            "gdn2_kernels yet; call without it, or keep FLA's op for context-parallel training")
+            f"{fn}: with cp_context, {', '.join(bad)} is not supported yet (context parallelism "
+            "covers q, k, v, g, b, w, scale, initial_state, output_final_state, "
+            "use_qk_l2norm_in_kernel, cu_seqlens and disable_recompute); call without it")
 
 
 def chunk_size(fn: str, size, return_intermediate_states: bool) -> int | None:
@@ -130,4 +135,4 @@ def state_out(state: torch.Tensor | None, v_first: bool) -> torch.Tensor | None:
 
 
 __all__ = ["FLA_CHUNK_SIZE", "LOWER_BOUND_MIN", "chunk_size", "gate_args",
-           "refuse_cp_context", "state_kv", "state_layout", "state_out"]
+           "cp_unsupported", "state_kv", "state_layout", "state_out"]

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-_MESSAGE = ("g (log-decay) has NaN, Inf or positive entries; it must be finite and <= 0 (decay "
-            "exp(g) in (0, 1]). The outputs of the affected sequences and heads are NaN from the "
-            "chunk (chunk_gdn2) or token (fused_recurrent_gdn2) holding the bad entry on. Check "
-            "the gate computation.")
+MESSAGE = ("g (log-decay) has NaN, Inf or positive entries; it must be finite and <= 0 (decay "
+           "exp(g) in (0, 1]). Check the gate computation.")
+_POISONED = (" The outputs of the affected sequences and heads are NaN from the chunk (chunk_gdn2) "
+             "or token (fused_recurrent_gdn2) holding the bad entry on.")
 
 
 class InvalidGateError(ValueError):
@@ -74,7 +74,7 @@ def flag(device: torch.device) -> torch.Tensor:
 
 
 def _raise(op: str) -> None:
-    raise InvalidGateError(f"{op}: {_MESSAGE}")
+    raise InvalidGateError(f"{op}: {MESSAGE}{_POISONED}")
 
 
 def _read_and_clear(device: torch.device) -> bool:

@@ -43,6 +43,16 @@ class GDN2Options:
     return_intermediate_states: bool = False
     check_g: bool = True                   # the in-kernel check of g (``_gate_check``)
 
+    @classmethod
+    def of_call(cls, q, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                is_varlen: bool, disable_recompute) -> "GDN2Options":
+        """The options of a call with these arguments (``scale`` None: ``K ** -0.5``)."""
+        return cls(scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,
+                   output_final_state=bool(output_final_state),
+                   use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel),
+                   has_initial_state=initial_state is not None, is_varlen=is_varlen,
+                   disable_recompute=bool(disable_recompute))
+
 
 # ------------------------------------------------------------------------------------------------
 # Input checks
@@ -177,6 +187,17 @@ def gate_checked(device: torch.device, validate_values, op: str):
 def _g_err(device: torch.device, validate_values) -> torch.Tensor | None:
     """The error flag the forward kernels set on a bad g, or None without the check."""
     return _gate_check.flag(device) if validate_values is not False else None
+
+
+def check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens,
+                 validate_values: bool) -> None:
+    """The boundary checks of :func:`chunk_gdn2` (TypeError / ValueError naming the argument and
+    the fix), also run on each rank's slice by ``gdn2_kernels.cp``. With ``validate_values`` g's
+    values are read here, on the host: a context-parallel call synchronises its ranks anyway, and
+    its kernels run without the in-kernel check of :func:`chunk_gdn2`."""
+    _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens)
+    if validate_values and bool((~torch.isfinite(g) | (g > 0)).any()):
+        raise _gate_check.InvalidGateError(f"chunk_gdn2_cp: {_gate_check.MESSAGE}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,7 +462,11 @@ def chunk_gdn2(
             of all sequences). Only under ``torch.inference_mode()``. Default False.
         state_v_first: states (initial, final, intermediate) in ``[.., V, K]`` layout. Default
             False.
-        cp_context: context parallelism; not supported yet (NotImplementedError when set).
+        cp_context: context parallelism: this rank's slice of a token axis split across the
+            ranks of a ``torch.distributed`` group, FLA's ``FLACPContext`` or ours
+            (``gdn2_kernels.cp.build_cp_context``); runs ``gdn2_kernels.cp.chunk_gdn2_cp``
+            (docs/context_parallel.md). The in-kernel gate, ``return_intermediate_states``,
+            ``state_v_first``, ``chunk_size`` and grouped value heads are refused with it.
         A_log: ``[HV]`` (any shape with HV values) decay rate of the in-kernel gate.
         dt_bias: ``[HV * K]`` bias of the in-kernel gate (optional).
         chunk_size: pin the chunk size to one of ``configs.CHUNK_SIZES`` (default: the tuned one).
@@ -462,11 +487,25 @@ def chunk_gdn2(
     Raises:
         TypeError / ValueError naming the offending argument, for wrong types, shapes, dtypes,
         devices, head dims over 256, bad ``cu_seqlens``, gates, gate parameters or chunk sizes;
-        TypeError for unknown keywords; NotImplementedError for ``cp_context``.
+        TypeError for unknown keywords; NotImplementedError for what ``cp_context`` does not
+        cover.
     """
     fn = "chunk_gdn2"
     v_first = _fla_args.state_layout(fn, state_v_first, transpose_state_layout)
-    _fla_args.refuse_cp_context(fn, cp_context)
+    if cp_context is not None:
+        _fla_args.cp_unsupported(
+            fn, use_gate_in_kernel=use_gate_in_kernel, cu_seqlens_cpu=cu_seqlens_cpu is not None,
+            safe_gate=safe_gate, lower_bound=lower_bound is not None,
+            return_intermediate_states=return_intermediate_states, state_v_first=v_first,
+            A_log=A_log is not None, dt_bias=dt_bias is not None,
+            chunk_size=chunk_size is not None,
+            grouped_value_heads=isinstance(v, torch.Tensor) and isinstance(q, torch.Tensor)
+            and v.ndim == 4 and q.ndim == 4 and v.shape[2] != q.shape[2])
+        from gdn2_kernels.cp import chunk_gdn2_cp  # gdn2_kernels.cp imports this module
+
+        return chunk_gdn2_cp(q, k, v, g, b, w, scale, initial_state, output_final_state,
+                             use_qk_l2norm_in_kernel, cu_seqlens, disable_recompute,
+                             validate_values is not False, cp_context=cp_context)
     pinned = _fla_args.chunk_size(fn, chunk_size, return_intermediate_states)
     if return_intermediate_states and not torch.is_inference_mode_enabled():
         raise ValueError(f"{fn}: return_intermediate_states=True only runs under "

@@ -155,10 +155,32 @@ def test_state_v_first_gradient_of_initial_state():
     assert compare({"dh0": h0.grad.transpose(-1, -2)}, {"dh0": h0r.grad}, "float32")[0].ok
 
 
-def test_cp_context_is_refused():
+def test_cp_context_runs_the_context_parallel_op(monkeypatch: pytest.MonkeyPatch):
+    """cp_context routes to gdn2_kernels.cp.chunk_gdn2_cp (tested across gloo ranks in
+    tests/test_cp.py) with chunk_gdn2's core arguments."""
+    import gdn2_kernels.cp as cp
+
     x = _x(1, 4)
-    with pytest.raises(NotImplementedError, match="cp_context"):
-        ops.chunk_gdn2(x.q, x.k, x.v, x.g, x.b, x.w, cp_context=object())
+    seen = {}
+
+    def fake(*args, cp_context):
+        seen.update(n_args=len(args), ctx=cp_context, scale=args[6], validate=args[12])
+        return "routed"
+    monkeypatch.setattr(cp, "chunk_gdn2_cp", fake)
+    ctx = object()
+    assert ops.chunk_gdn2(x.q, x.k, x.v, x.g, x.b, x.w, 0.5, cp_context=ctx) == "routed"
+    assert seen == {"n_args": 13, "ctx": ctx, "scale": 0.5, "validate": True}
+
+
+@pytest.mark.parametrize("kw,name", [
+    (dict(use_gate_in_kernel=True, A_log=torch.zeros(2)), "use_gate_in_kernel"),
+    (dict(chunk_size=32), "chunk_size"),
+    (dict(state_v_first=True), "state_v_first"),
+])
+def test_cp_context_refuses_what_it_does_not_cover(kw, name):
+    x = _x(1, 4)
+    with pytest.raises(NotImplementedError, match=rf"chunk_gdn2: with cp_context, .*{name}"):
+        ops.chunk_gdn2(x.q, x.k, x.v, x.g, x.b, x.w, cp_context=object(), **kw)
 
 
 @pytest.mark.parametrize("size", CHUNK_SIZES)

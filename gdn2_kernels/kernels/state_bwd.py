@@ -251,3 +251,22 @@ def state_bwd_segmented(ops, do, dht, scale: float, store_dh0: bool, config: "Ke
     dR, dh, dh0_seg = state_bwd(*ops, do, entering, scale, store_dh0, cu, firsts, config)
     dh0 = dh0_seg.view(B, S, H, K, V)[:, 0].contiguous() if store_dh0 else None
     return dR.view(B, T, H, V), dh, dh0
+
+
+def state_bwd_start_gradients(q, k, g_cum, Qg, Kt, gC, Y, A_qk, do, dht, scale: float, cu_seqlens,
+                              chunk_offsets, config: "KernelConfig") -> torch.Tensor:
+    """Only the gradient of the state entering each sequence, ``[N, H, K, D]`` fp32, from ``dht``
+    ``[N, H, K, D]`` at its end (None: zeros): one launch, no dR, dh.
+
+    With ``do`` (D = V) this is the reverse pass itself. With ``do=None`` it is the homogeneous
+    one, dS = M_c^T dS' per chunk, so from identities (D = K) the result is the product of the
+    transposed chunk transitions, first chunk leftmost: the transpose of what
+    ``state_fwd_end_states`` gives with ``U=None``.
+    """
+    B, T, H, K = k.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    D = do.shape[-1] if do is not None else dht.shape[-1]
+    dh0 = torch.empty(N, H, K, D, dtype=torch.float32, device=k.device)
+    _launch_pass((q, k, g_cum, Qg, Kt, gC, Y, A_qk), do, dht, None, None, dh0, cu_seqlens,
+                 chunk_offsets, scale, T, N, D, config)
+    return dh0

@@ -241,3 +241,21 @@ def state_fwd_segmented(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_stat
     ht = ht_seg.view(B, S, H, K, V)[:, -1].contiguous() if output_final_state else None
     return (o.view(B, T, H, V) if store_o else None), ht, h, (R.view(B, T, H, V) if store_r
                                                               else None)
+
+
+def state_fwd_end_states(Qg, Kt, gC, Y, U, A_qk, start, cu_seqlens, chunk_offsets,
+                         config: "KernelConfig") -> torch.Tensor:
+    """Only the state after each sequence, ``[N, H, K, D]`` fp32, from ``start`` ``[N, H, K, D]``
+    (None: zeros): one launch, no o, no h.
+
+    With ``U`` (D = V) this is the recurrence itself. With ``U=None`` it is the homogeneous one,
+    S' = M_c S with M_c = Diag(gamma_C) - K_tail^T Y per chunk (R = -Y S), so from identities
+    (D = K) the result is the product of the sequence's chunk transitions, last chunk leftmost.
+    """
+    B, T, H, K = Y.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    D = U.shape[-1] if U is not None else start.shape[-1]
+    out = torch.empty(N, H, K, D, dtype=torch.float32, device=Y.device)
+    _launch_pass(Qg, Kt, gC, Y, U, A_qk, start, None, out, None, cu_seqlens, chunk_offsets, T, N,
+                 D, config)
+    return out
