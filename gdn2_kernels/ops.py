@@ -6,6 +6,7 @@ The API follows FLA's ``fla.ops.gdn2.chunk_gdn2`` so it can be swapped in: tenso
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -45,7 +46,35 @@ def _require_tensor(name: str, x) -> torch.Tensor:
     return x
 
 
-def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values: bool):
+def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values: bool,
+                  fn: str = "chunk_gdn2"):
+    """Check every argument; a failure's message starts with ``fn``, the public op called."""
+    try:
+        _check_arguments(fn, q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
+    except (TypeError, ValueError) as exc:
+        if type(exc) not in (TypeError, ValueError):
+            raise
+        raise type(exc)(f"{fn}: {exc}") from None
+
+
+def _cast_hint(name: str, dtype: torch.dtype, to: str) -> str:
+    if dtype == torch.float64:
+        return f"cast float64 to float32: {name}.float()"
+    return f"a {dtype} {name} is not a real-valued input: cast it with {name}.to({to})"
+
+
+def _check_finite(fn: str, named: tuple[tuple[str, torch.Tensor | None], ...]) -> None:
+    """``check_finite``: one isfinite reduction per tensor and a single host sync for all."""
+    named = tuple((n, x) for n, x in named if x is not None)
+    flags = torch.stack([torch.isfinite(x).all() for _, x in named]).tolist()
+    bad = [n for (n, _), ok in zip(named, flags) if not ok]
+    if bad:
+        raise ValueError(f"{fn}: {', '.join(bad)} contain(s) NaN or Inf (check_finite=True); "
+                         "find where they first appear, e.g. with torch.autograd.detect_anomaly()")
+
+
+def _check_arguments(fn, q, k, v, g, b, w, scale, initial_state, cu_seqlens,
+                     validate_values: bool):
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("b", b), ("w", w)):
         _require_tensor(name, x)
     if q.ndim != 4:
@@ -69,16 +98,19 @@ def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_v
                              f"{MAX_HEAD_DIM}; split larger heads into several heads")
     for name, x in (("q", q), ("k", k), ("v", v), ("b", b), ("w", w)):
         if x.dtype not in _INPUT_DTYPES:
-            raise TypeError(f"{name} has dtype {x.dtype}; chunk_gdn2 takes float32, bfloat16 or "
-                            "float16 inputs (cast float64 to float32)")
+            to = "torch.bfloat16" if name == "q" else "q.dtype"
+            raise TypeError(f"{name} has dtype {x.dtype}; {fn} takes float32, bfloat16 or "
+                            f"float16 inputs ({_cast_hint(name, x.dtype, to)})")
     for name, x in (("k", k), ("v", v), ("b", b), ("w", w)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; q, k, v, b, w must "
                             "share one dtype (cast them before the call)")
     if g.dtype not in _GATE_DTYPES:
         raise TypeError(f"g has dtype {g.dtype}; the log-decay must be float32 (bfloat16/float16 "
-                        "are accepted and upcast exactly); a float64 g is not representable in "
-                        "float32: cast it with g.float() if that is intended")
+                        "are accepted and upcast exactly); " + (
+                            "a float64 g is not representable in float32: cast it with g.float() "
+                            "if that is intended" if g.dtype == torch.float64
+                            else _cast_hint("g", g.dtype, "torch.float32")))
     dev = q.device
     for name, x in (("k", k), ("v", v), ("g", g), ("b", b), ("w", w)):
         if x.device != dev:
@@ -88,10 +120,12 @@ def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_v
         raise ValueError("inputs are on the CPU but Triton's interpreter is off; move them to a "
                          "CUDA device, or set TRITON_INTERPRET=1 before importing gdn2_kernels")
     if dev.type not in ("cuda", "cpu"):
-        raise ValueError(f"inputs are on {dev}; chunk_gdn2 runs on CUDA devices (or the CPU "
+        raise ValueError(f"inputs are on {dev}; {fn} runs on CUDA devices (or the CPU "
                          "through Triton's interpreter)")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive number or None (for K**-0.5), got {scale!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None (for K**-0.5), got "
+                         f"{scale!r}")
 
     N = B
     if cu_seqlens is not None:
@@ -285,6 +319,8 @@ def chunk_gdn2(
     cu_seqlens: torch.Tensor | None = None,
     disable_recompute: bool = False,
     validate_values: bool = True,
+    *,
+    check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunkwise Gated Delta Rule-2 (MATH.md), FLA-compatible.
 
@@ -303,6 +339,9 @@ def chunk_gdn2(
         disable_recompute: keep the per-chunk states from the forward for the backward (more
             memory, less time). Default False.
         validate_values: check g for NaN/Inf/positive entries (one device sync). Default True.
+        check_finite: keyword-only; also refuse NaN/Inf in q, k, v, b, w and initial_state
+            (``ValueError`` naming them). Costs one isfinite reduction over each of those
+            tensors and one host sync per call. Default False.
 
     Returns:
         o: ``[B, T, H, V]`` in q's dtype.
@@ -313,6 +352,9 @@ def chunk_gdn2(
         devices, head dims over 256, bad ``cu_seqlens`` or gates.
     """
     _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
+    if check_finite:
+        _check_finite("chunk_gdn2", (("q", q), ("k", k), ("v", v), ("b", b), ("w", w),
+                                     ("initial_state", initial_state)))
     opts = GDN2Options(
         scale=float(scale) if scale is not None else q.shape[-1] ** -0.5,
         output_final_state=bool(output_final_state),
@@ -357,6 +399,8 @@ def fused_recurrent_gdn2(
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     validate_values: bool = True,
+    *,
+    check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token Gated Delta Rule-2 (MATH.md "Recurrence") for decoding; forward only.
 
@@ -374,6 +418,8 @@ def fused_recurrent_gdn2(
         cu_seqlens: ``[N + 1]`` int32/int64 boundaries of packed sequences (needs B == 1).
         validate_values: check g for NaN/Inf/positive entries (one device sync per call; pass
             False in a decode loop whose gates are correct by construction). Default True.
+        check_finite: keyword-only; also refuse NaN/Inf in q, k, v, b, w and initial_state
+            (one isfinite reduction over each and one host sync per call). Default False.
 
     Returns:
         o: ``[B, T, H, V]`` in q's dtype.
@@ -383,8 +429,12 @@ def fused_recurrent_gdn2(
         TypeError / ValueError as :func:`chunk_gdn2`, and ValueError when an input requires grad
         (this op has no backward: call it under ``torch.no_grad()`` or use ``chunk_gdn2``).
     """
-    _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values)
+    fn = "fused_recurrent_gdn2"
+    _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_values, fn)
     _check_no_grad(q, k, v, g, b, w, initial_state)
+    if check_finite:
+        _check_finite(fn, (("q", q), ("k", k), ("v", v), ("b", b), ("w", w),
+                           ("initial_state", initial_state)))
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
