@@ -254,13 +254,11 @@ def profile(
 def _library_errors():
     """Typed library errors -> one red line and exit code 1 (also under typer's CliRunner)."""
     from gdn2_kernels.config_store import CacheError
-    from tuner.options import OptionError
     from tuner.tune import TuneError
 
     try:
-        yield
-    except OptionError as exc:
-        raise typer.BadParameter(exc.detail, param_hint=f"'{exc.option}'") from None
+        with _usage_errors():  # an option found bad late is still a usage error
+            yield
     except (TuneError, CacheError, FileNotFoundError, ValueError, KeyError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         err_console.print(f"[red]error:[/red] {escape(str(msg))}")
