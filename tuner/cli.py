@@ -489,6 +489,8 @@ def tune(
                     live.update(Group(bar, _best_table(ev.bests)))
 
                 result = run_tune(opts, progress)
+            if not out.is_terminal:  # rich ends a live display with a newline on terminals only
+                out.line()
         results.append(result)
         if not as_json:
             _render_tune(result)

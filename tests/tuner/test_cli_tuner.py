@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -61,6 +62,15 @@ def test_tune_runs_on_the_interpreter_and_says_so(tmp_path):
     data = json.loads(res.stdout)
     assert data["ok"] and data["written"] == [] and "interpreter" in data["note"]
     assert res.stderr.lstrip().startswith("No CUDA GPU")  # said before the tune, on stderr
+    res = _run("tune", "-k", "l2norm_fwd", "-H", "1", "-K", "16", "-V", "16", "-T", "32",
+               "--strategy", "random", "-o", "n=1", "--max-configs", "1",
+               "--log", str(tmp_path / "log.jsonl"))
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("No CUDA GPU")
+    # The progress ended at its total, and the result tables start on lines of their own.
+    assert any(re.match(r"done .* (\d+)/\1 ", line) for line in lines), res.stdout
+    assert any(line.strip().startswith("tune of B1-T32-H1-K16-V16-float32") for line in lines)
 
 
 def test_advice_without_a_cache_names_a_shipped_profile(isolated_cache):
