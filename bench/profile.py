@@ -13,6 +13,7 @@ Compute on one stage's kernel in a child process.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import pkgutil
@@ -32,7 +33,7 @@ import torch
 from bench import model
 from bench.inputs import ProblemInputs
 from bench.model import Shape
-from tuner.options import integer, one_of
+from tuner.options import OptionError, integer, one_of
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 
@@ -220,6 +221,26 @@ CPU_SHAPE, CPU_REPS = Shape(1, 64, 1, 32, "float32"), 2
 def default_problem(interpreter: bool) -> tuple[Shape, int]:
     """``(shape, reps)`` of a profile nobody sized: small under the interpreter."""
     return (CPU_SHAPE, CPU_REPS) if interpreter else (GPU_SHAPE, GPU_REPS)
+
+
+def problem_from_options(shape: str | None, heads: int | None, dim: int | None,
+                         dtype: str | None, reps: int | None,
+                         interpreter: bool) -> tuple[Shape, int]:
+    """``(shape, reps)`` of ``gdn2 profile``: the options given over :func:`default_problem`,
+    checked (:class:`OptionError`)."""
+    from bench.runner import parse_shapes
+
+    base, base_reps = default_problem(interpreter)
+    if shape is not None:
+        shapes = parse_shapes(shape, "--shape")
+        if len(shapes) != 1:
+            raise OptionError("--shape", f"give one BxT (e.g. 2x8192), got {shape!r}")
+        base = dataclasses.replace(base, B=shapes[0][0], T=shapes[0][1])
+    given = {"H": heads, "D": dim, "dtype": dtype}
+    problem = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    reps = base_reps if reps is None else reps
+    check_options(problem, reps)
+    return problem, reps
 
 
 def check_options(shape: Shape, reps: int) -> None:

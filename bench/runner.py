@@ -102,8 +102,9 @@ class BenchReport:
         return sum(r.status == OK for r in self.rows)
 
 
-def check_options(options: BenchOptions) -> None:
-    """Refuse options that cannot work, before any work starts (:class:`OptionError`)."""
+def check_options(options: BenchOptions, registry: Registry | None = None) -> None:
+    """Refuse options that cannot work, before any work starts (:class:`OptionError`), the
+    providers asked for included (:func:`select_providers` on ``registry``, default all)."""
     if not options.modes:
         raise OptionError("-m/--mode", f"give at least one of {', '.join(model.MODES)}")
     for mode in options.modes:
@@ -123,6 +124,7 @@ def check_options(options: BenchOptions) -> None:
     integer(options.decode_context, "--decode-context")
     integer(options.rep_ms, "--rep-ms")
     integer(options.warmup_ms, "warmup_ms", 0)
+    select_providers(options, registry or default_registry())
 
 
 def select_providers(options: BenchOptions,
@@ -233,8 +235,8 @@ def run_bench(options: BenchOptions = BenchOptions(), measurer: Measurer | None 
     """
     from bench.provenance import collect
 
-    check_options(options)
     registry = registry or default_registry()
+    check_options(options, registry)
     providers, notes = select_providers(options, registry)
     set_mamba_source(options.mamba_src)
     measurer = measurer or CudaMeasurer(options.warmup_ms, options.rep_ms)
@@ -302,28 +304,28 @@ def rows_from_json(path: str | os.PathLike, options: BenchOptions) -> list[Bench
     return [BenchRow(**{k: v for k, v in r.items() if k in names}) for r in data.get("rows", [])]
 
 
-def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
-    """'8x2048,4x4096' -> ((8, 2048), (4, 4096))."""
+def parse_shapes(text: str, option: str = "--shapes") -> tuple[tuple[int, int], ...]:
+    """'8x2048,4x4096' -> ((8, 2048), (4, 4096)); :class:`OptionError` naming ``option``."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
             b, t = (int(x) for x in part.lower().split("x"))
         except ValueError:
-            raise ValueError(f"shape {part!r} is not BxT (e.g. 4x4096)") from None
+            raise OptionError(option, f"shape {part!r} is not BxT (e.g. 4x4096)") from None
         if b < 1 or t < 1:
-            raise ValueError(f"shape {part!r}: B and T must be positive")
+            raise OptionError(option, f"shape {part!r}: B and T must be positive")
         out.append((b, t))
     if not out:
-        raise ValueError("no shapes given; use e.g. --shapes 8x2048,1x16384")
+        raise OptionError(option, "no shapes given; use e.g. 8x2048,1x16384")
     return tuple(out)
 
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
-    """'1,8,32' -> (1, 8, 32), all positive."""
+    """'1,8,32' -> (1, 8, 32), all positive; :class:`OptionError` naming the option ``what``."""
     try:
         vals = tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise OptionError(what, f"must be comma-separated integers, got {text!r}") from None
     if not vals or min(vals) < 1:
-        raise ValueError(f"{what} must be positive integers, got {text!r}")
+        raise OptionError(what, f"must be positive integers, got {text!r}")
     return vals

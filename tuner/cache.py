@@ -82,5 +82,5 @@ def clear(gpu_name: str | None = None) -> list[str]:
     return [str(p) for p in config_store.clear(gpu_name=gpu_name or _device.gpu_name())]
 
 
-__all__ = ["CachePaths", "CacheSummary", "clear", "list_caches", "paths", "shipped_profiles", "show",
-           "summarize", "where_configs_come_from"]
+__all__ = ["CachePaths", "CacheSummary", "clear", "list_caches", "paths", "shipped_profiles",
+           "show", "summarize", "where_configs_come_from"]

@@ -161,26 +161,17 @@ def bench(
 ) -> None:
     """Time chunk_gdn2 against FLA, SDPA (flash, cuDNN) and Mamba-2 on the same inputs."""
     from bench import report as render
-    from bench.providers import default_registry
     from bench.runner import (BenchOptions, check_options, parse_ints, parse_shapes,
-                              rows_from_json, run_bench, select_providers)
-    from tuner.options import OptionError
+                              rows_from_json, run_bench)
 
     with _usage_errors():
-        try:
-            parsed_shapes = parse_shapes(shapes)
-        except ValueError as exc:
-            raise OptionError("--shapes", str(exc)) from None
-        try:
-            batches = parse_ints(decode_batches, "--decode-batches")
-        except ValueError as exc:
-            raise OptionError("--decode-batches", str(exc)) from None
-        opts = BenchOptions(modes=tuple(mode), shapes=parsed_shapes, H=heads, D=dim, dtype=dtype,
-                            decode_batches=batches, decode_context=decode_context,
+        opts = BenchOptions(modes=tuple(mode), shapes=parse_shapes(shapes), H=heads, D=dim,
+                            dtype=dtype, decode_batches=parse_ints(decode_batches,
+                                                                   "--decode-batches"),
+                            decode_context=decode_context,
                             providers=tuple(provider or ()) or None, rep_ms=rep_ms,
                             mamba_src=mamba_src)
         check_options(opts)
-        select_providers(opts, default_registry())
     kept = []
     if resume:
         if not save:
@@ -217,24 +208,13 @@ def profile(
 ) -> None:
     """Per-stage time, share, GB/s and TFLOP/s of our forward and backward."""
     from bench import report as render
-    from bench.profile import check_options, default_problem
+    from bench.profile import problem_from_options
     from bench.profile import profile as run_profile
-    from bench.runner import parse_shapes
     from gdn2_kernels import _device
-    from tuner.options import OptionError
 
-    base, base_reps = default_problem(_device.interpreter_active())
     with _usage_errors():
-        if shape is not None:
-            try:
-                (b, t), = parse_shapes(shape)
-            except ValueError as exc:
-                raise OptionError("--shape", f"{exc} (one BxT, e.g. 2x8192)") from None
-            base = dataclasses.replace(base, B=b, T=t)
-        given = {"H": heads, "D": dim, "dtype": dtype}
-        problem = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
-        reps = base_reps if reps is None else reps
-        check_options(problem, reps)
+        problem, reps = problem_from_options(shape, heads, dim, dtype, reps,
+                                             _device.interpreter_active())
     _announce_interpreter(as_json, f"Profiling {problem.label()} H{problem.H} D{problem.D} "
                                    f"{problem.dtype}, {reps} passes.")
     report = run_profile(problem, backward=backward, reps=reps, ncu_stage=ncu, ncu_out=ncu_out)

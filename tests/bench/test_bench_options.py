@@ -37,7 +37,8 @@ BAD_BENCH = [
 ]
 
 
-@pytest.mark.parametrize("args, option, message", BAD_BENCH, ids=[" ".join(b[0]) for b in BAD_BENCH])
+@pytest.mark.parametrize("args, option, message", BAD_BENCH,
+                         ids=[" ".join(b[0]) for b in BAD_BENCH])
 def test_bad_bench_options_exit_2(tmp_path, args, option, message):
     save = tmp_path / "r.json"
     res = runner.invoke(app, ["bench", "--save", str(save), *args])
@@ -106,7 +107,7 @@ def test_profile_on_a_cpu_shrinks_its_default_problem():
 
 BAD_PROFILE = [
     (["--shape", "0x64"], "--shape", "B and T must be positive"),
-    (["--shape", "2x64,1x128"], "--shape", "one BxT"),
+    (["--shape", "2x64,1x128"], "--shape", "give one BxT (e.g. 2x8192), got "),
     (["--heads", "0"], "--heads", "must be >= 1, got 0"),
     (["--dim", "300"], "--dim", "must be between 1 and 256, got 300"),
     (["--dtype", "float64"], "--dtype", "got 'float64'"),
