@@ -13,6 +13,7 @@ Compute on one stage's kernel in a child process.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import pkgutil
@@ -32,6 +33,7 @@ import torch
 from bench import model
 from bench.inputs import ProblemInputs
 from bench.model import Shape
+from tuner.options import OptionError, integer, one_of
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 
@@ -210,18 +212,63 @@ def _summarize(records: list[_Record], clock: _Clock, shape: Shape, C: int,
     return sorted(stats, key=lambda s: (order.get(s.phase, 2), -s.ms))
 
 
-def profile(shape: Shape = Shape(2, 8192), backward: bool = True, reps: int = 20,
+# The default problem: the paper's layer on a GPU; under the interpreter (no GPU) one that a CPU
+# runs in seconds (the GPU one would take hours there).
+GPU_SHAPE, GPU_REPS = Shape(2, 8192), 20
+CPU_SHAPE, CPU_REPS = Shape(1, 64, 1, 32, "float32"), 2
+
+
+def default_problem(interpreter: bool) -> tuple[Shape, int]:
+    """``(shape, reps)`` of a profile nobody sized: small under the interpreter."""
+    return (CPU_SHAPE, CPU_REPS) if interpreter else (GPU_SHAPE, GPU_REPS)
+
+
+def problem_from_options(shape: str | None, heads: int | None, dim: int | None,
+                         dtype: str | None, reps: int | None,
+                         interpreter: bool) -> tuple[Shape, int]:
+    """``(shape, reps)`` of ``gdn2 profile``: the options given over :func:`default_problem`,
+    checked (:class:`OptionError`)."""
+    from bench.runner import parse_shapes
+
+    base, base_reps = default_problem(interpreter)
+    if shape is not None:
+        shapes = parse_shapes(shape, "--shape")
+        if len(shapes) != 1:
+            raise OptionError("--shape", f"give one BxT (e.g. 2x8192), got {shape!r}")
+        base = dataclasses.replace(base, B=shapes[0][0], T=shapes[0][1])
+    given = {"H": heads, "D": dim, "dtype": dtype}
+    problem = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    reps = base_reps if reps is None else reps
+    check_options(problem, reps)
+    return problem, reps
+
+
+def check_options(shape: Shape, reps: int) -> None:
+    """Refuse a problem that cannot run, before any work (:class:`OptionError`)."""
+    from gdn2_kernels.configs import KEY_DTYPES, MAX_HEAD_DIM
+
+    integer(shape.B, "--shape (B)")
+    integer(shape.T, "--shape (T)")
+    integer(shape.H, "--heads")
+    integer(shape.D, "--dim", 1, MAX_HEAD_DIM)
+    one_of(shape.dtype, KEY_DTYPES, "--dtype")
+    integer(reps, "--reps")
+
+
+def profile(shape: Shape = GPU_SHAPE, backward: bool = True, reps: int = GPU_REPS,
             seed: int = 0, end_to_end: Callable[[Callable], tuple[float, float]] | None = None,
             ncu_stage: str | None = None, ncu_out: str | Path = "ncu") -> ProfileReport:
     """Per-stage breakdown of ``chunk_gdn2`` at ``shape`` (and its backward when it exists).
 
     ``end_to_end`` times a whole call (median, iqr); default: ``CudaMeasurer`` on a GPU, none
     under the interpreter. ``ncu_stage``: also run Nsight Compute on that stage's kernel, the
-    report going to ``ncu_out``.
+    report going to ``ncu_out``. The CLI takes :func:`default_problem` when no shape is given.
     """
     from gdn2_kernels import _device, dispatch
     from gdn2_kernels.configs import ProblemKey
     from gdn2_kernels.ops import chunk_gdn2
+
+    check_options(shape, reps)
 
     device = _device.default_device()
     cuda = device.type == "cuda"

@@ -21,8 +21,10 @@ from bench import model
 from bench.inputs import ProblemInputs
 from bench.model import Ceilings, Shape
 from bench.providers import Registry, default_registry, load_provider, set_mamba_source
-from bench.providers import ProviderStatus
+from bench.providers import Provider, ProviderStatus
 from bench.timing import CudaMeasurer, Measurer
+from gdn2_kernels.configs import KEY_DTYPES, MAX_HEAD_DIM
+from tuner.options import OptionError, integer, one_of
 
 SCHEMA_VERSION = 1
 DEFAULT_SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384))
@@ -97,9 +99,78 @@ class BenchReport:
     ceilings: Ceilings | None
     providers: list[ProviderStatus]
     rows: list[BenchRow]
+    notes: list[str] = field(default_factory=list)  # how the providers asked for were mapped
 
     def rows_for(self, mode: str) -> list[BenchRow]:
         return [r for r in self.rows if r.mode == mode]
+
+    @property
+    def timed(self) -> int:
+        """Rows that were measured (kept from a resumed report included)."""
+        return sum(r.status == OK for r in self.rows)
+
+
+def check_options(options: BenchOptions, registry: Registry | None = None) -> None:
+    """Refuse options that cannot work, before any work starts (:class:`OptionError`), the
+    providers asked for included (:func:`select_providers` on ``registry``, default all)."""
+    if not options.modes:
+        raise OptionError("-m/--mode", f"give at least one of {', '.join(model.MODES)}")
+    for mode in options.modes:
+        one_of(mode, model.MODES, "-m/--mode")
+    integer(options.H, "--heads")
+    integer(options.D, "--dim", 1, MAX_HEAD_DIM)
+    one_of(options.dtype, KEY_DTYPES, "--dtype")
+    if not options.shapes:
+        raise OptionError("--shapes", "give at least one BxT shape, e.g. 8x2048")
+    for b, t in options.shapes:
+        integer(b, "--shapes (B)")
+        integer(t, "--shapes (T)")
+    if not options.decode_batches:
+        raise OptionError("--decode-batches", "give at least one batch size")
+    for b in options.decode_batches:
+        integer(b, "--decode-batches")
+    integer(options.decode_context, "--decode-context")
+    integer(options.rep_ms, "--rep-ms")
+    integer(options.warmup_ms, "warmup_ms", 0)
+    select_providers(options, registry or default_registry())
+
+
+def select_providers(options: BenchOptions,
+                     registry: Registry) -> tuple[list[Provider], list[str]]:
+    """The providers to run and notes on how the asked names were mapped.
+
+    Without ``options.providers``, every registered provider. A named provider without one of
+    the selected modes is replaced in that mode by ``<name>-<mode>`` when that is registered
+    (``-p gdn2 -m decode`` times ``gdn2-decode``), else the note says it has no rows there.
+    Raises :class:`OptionError` for an unknown name, or when no selected provider runs in one of
+    the selected modes.
+    """
+    if not options.providers:
+        return [registry.get(n) for n in registry.names()], []
+    chosen: dict[str, Provider] = {}
+    notes = []
+    for name in options.providers:
+        if name not in registry.names():
+            raise OptionError("-p/--provider", f"unknown provider {name!r}; available: "
+                                               f"{', '.join(registry.names())}")
+        p = registry.get(name)
+        for mode in dict.fromkeys(options.modes):
+            if mode in p.modes:
+                chosen.setdefault(p.name, p)
+                continue
+            alias = f"{name}-{mode}"
+            if alias in registry.names() and mode in registry.get(alias).modes:
+                chosen.setdefault(alias, registry.get(alias))
+                notes.append(f"{name} has no {mode} mode: its {mode} rows time {alias} "
+                             f"({registry.get(alias).label})")
+            else:
+                notes.append(f"{name} has no {mode} mode (it runs in {', '.join(p.modes)}): no "
+                             f"{mode} rows for it")
+    for mode in dict.fromkeys(options.modes):
+        if not any(mode in p.modes for p in chosen.values()):
+            raise OptionError("-p/--provider", f"no provider asked for runs in {mode} mode: "
+                                               + "; ".join(notes))
+    return list(chosen.values()), notes
 
 
 def fill_metrics(row: BenchRow, family: str, shape: Shape, ceilings: Ceilings | None) -> None:
@@ -172,13 +243,10 @@ def run_bench(options: BenchOptions = BenchOptions(), measurer: Measurer | None 
     """
     from bench.provenance import collect
 
-    for mode in options.modes:
-        if mode not in model.MODES:
-            raise ValueError(f"mode must be one of {model.MODES}, got {mode!r}")
     registry = registry or default_registry()
+    check_options(options, registry)
+    providers, notes = select_providers(options, registry)
     set_mamba_source(options.mamba_src)
-    names = list(options.providers) if options.providers else registry.names()
-    providers = [registry.get(n) for n in names]
     measurer = measurer or CudaMeasurer(options.warmup_ms, options.rep_ms)
     ops = {p.name: load_provider(p) for p in providers}
     statuses = [ProviderStatus(p.name, p.label, p.family, p.baseline, p.fwd_only, list(p.modes),
@@ -195,7 +263,7 @@ def run_bench(options: BenchOptions = BenchOptions(), measurer: Measurer | None 
         fill_speedups(finished, {p.name for p in providers if p.baseline})
         created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         return BenchReport(SCHEMA_VERSION, created, options, prov, ceilings, statuses,
-                           list(finished))
+                           list(finished), list(notes))
 
     done = {(r.provider, r.key): r for r in resume}
     rows: list[BenchRow] = []
@@ -246,28 +314,28 @@ def rows_from_json(path: str | os.PathLike, options: BenchOptions) -> list[Bench
     return [BenchRow(**{k: v for k, v in r.items() if k in names}) for r in data.get("rows", [])]
 
 
-def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
-    """'8x2048,4x4096' -> ((8, 2048), (4, 4096))."""
+def parse_shapes(text: str, option: str = "--shapes") -> tuple[tuple[int, int], ...]:
+    """'8x2048,4x4096' -> ((8, 2048), (4, 4096)); :class:`OptionError` naming ``option``."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
             b, t = (int(x) for x in part.lower().split("x"))
         except ValueError:
-            raise ValueError(f"shape {part!r} is not BxT (e.g. 4x4096)") from None
+            raise OptionError(option, f"shape {part!r} is not BxT (e.g. 4x4096)") from None
         if b < 1 or t < 1:
-            raise ValueError(f"shape {part!r}: B and T must be positive")
+            raise OptionError(option, f"shape {part!r}: B and T must be positive")
         out.append((b, t))
     if not out:
-        raise ValueError("no shapes given; use e.g. --shapes 8x2048,1x16384")
+        raise OptionError(option, "no shapes given; use e.g. 8x2048,1x16384")
     return tuple(out)
 
 
 def parse_ints(text: str, what: str) -> tuple[int, ...]:
-    """'1,8,32' -> (1, 8, 32), all positive."""
+    """'1,8,32' -> (1, 8, 32), all positive; :class:`OptionError` naming the option ``what``."""
     try:
         vals = tuple(int(p) for p in text.split(",") if p.strip())
     except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+        raise OptionError(what, f"must be comma-separated integers, got {text!r}") from None
     if not vals or min(vals) < 1:
-        raise ValueError(f"{what} must be positive integers, got {text!r}")
+        raise OptionError(what, f"must be positive integers, got {text!r}")
     return vals

@@ -34,8 +34,8 @@ import torch
 
 MESSAGE = ("g (log-decay) has NaN, Inf or positive entries; it must be finite and <= 0 (decay "
            "exp(g) in (0, 1]). Check the gate computation.")
-_POISONED = (" The outputs of the affected sequences and heads are NaN from the chunk (chunk_gdn2) "
-             "or token (fused_recurrent_gdn2) holding the bad entry on.")
+_POISONED = (" The outputs of the affected sequences and heads are NaN from the {unit} holding the "
+             "bad entry on.")
 
 
 class InvalidGateError(ValueError):
@@ -74,7 +74,8 @@ def flag(device: torch.device) -> torch.Tensor:
 
 
 def _raise(op: str) -> None:
-    raise InvalidGateError(f"{op}: {MESSAGE}{_POISONED}")
+    unit = "token" if "recurrent" in op else "chunk"
+    raise InvalidGateError(f"{op}: {MESSAGE}{_POISONED.format(unit=unit)}")
 
 
 def _read_and_clear(device: torch.device) -> bool:

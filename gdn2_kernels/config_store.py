@@ -13,10 +13,13 @@ One schema serves the user cache (written by ``gdn2 tune``), the shipped profile
 
 Rules (STYLE 19):
 
-- A file is validated when it is read. A corrupt file, another schema version, unknown kernels,
-  parameter names that differ from the registered spec, values outside the spec, a GPU other than
-  the one running, or software that is not compatible is reported (``warnings`` + log, once per
-  file and reason) and skipped as a whole: it is never used and never merged.
+- A file is read and validated by :mod:`gdn2_kernels.config_schema` (regular files only, bounded
+  size and depth, every field's type and range). A corrupt file, another schema version, unknown
+  kernels, parameter names that differ from the registered spec, values outside the spec, a GPU
+  other than the one running, or software that is not compatible is reported (``warnings`` +
+  log, once per file and reason) and skipped as a whole: it is never used and never merged, and
+  the lookup goes on with the next source. A ``$GDN2_CONFIG_FILE`` that does not exist is an
+  error (:class:`CacheError` from every lookup): the user named a file that is not there.
 - Software is compatible when Triton and gdn2_kernels agree on major.minor. The torch and CUDA
   versions are recorded as provenance only: configs are Triton launch parameters, and Triton's
   code generation is what a different version can break.
@@ -48,19 +51,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from gdn2_kernels import _device, _env, dispatch
+from gdn2_kernels import _device, _env, config_schema, dispatch
+from gdn2_kernels.config_schema import SCHEMA_VERSION, CacheError
 from gdn2_kernels.configs import KernelConfig, ProblemKey, version_tuple, get_spec
 
 log = logging.getLogger("gdn2_kernels.config_store")
 
-SCHEMA_VERSION = 1
-_KEY_FIELDS = ("K", "V", "dtype")
-_SOFTWARE_FIELDS = ("torch", "triton", "cuda", "gdn2_kernels")
 _COMPATIBLE_SOFTWARE = ("triton", "gdn2_kernels")  # must agree on major.minor
-
-
-class CacheError(ValueError):
-    """A config file that cannot be used: unreadable, wrong schema, or for another GPU/software."""
 
 
 @dataclass(frozen=True)
@@ -168,96 +165,24 @@ def gpu_mismatch(recorded: Mapping[str, Any], gpu_name: str) -> str | None:
 # Parsing and validation
 # ------------------------------------------------------------------------------------------------
 
-def _finite_or_none(value: Any, what: str) -> float | None:
-    if value is None:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise CacheError(f"{what} must be a finite number or null, got {value!r}")
-    return float(value)
-
-
-def _parse_entry(raw: Any, where: str) -> CacheEntry:
-    if not isinstance(raw, Mapping):
-        raise CacheError(f"{where} is not an object")
-    missing = {"kernel", "key", "config"} - set(raw)
-    if missing:
-        raise CacheError(f"{where} lacks {sorted(missing)}")
-    try:
-        spec = get_spec(str(raw["kernel"]))
-    except KeyError as exc:
-        raise CacheError(f"{where}: {exc.args[0]}") from None
-    key, config = raw["key"], raw["config"]
-    if not isinstance(key, Mapping) or set(key) != set(_KEY_FIELDS):
-        raise CacheError(f"{where}: key must have exactly {list(_KEY_FIELDS)}, got {key!r}")
-    if not isinstance(config, Mapping):
-        raise CacheError(f"{where}: config is not an object")
-    names = [p.name for p in spec.params]
-    unknown = sorted(set(config) - set(names))
-    if unknown:
-        raise CacheError(f"{where}: {spec.name} has no parameters {unknown} (it has "
-                         f"{sorted(names)})")
-    # A parameter added after the file was written takes its default: that is the behaviour the
-    # file's configs were tuned and verified with (a new parameter's default keeps the old kernel).
-    config = {**{p.name: p.default for p in spec.params}, **config}
-    for p in spec.params:
-        if config[p.name] not in p.values:
-            raise CacheError(f"{where}: {spec.name}.{p.name}={config[p.name]!r} is not one of "
-                             f"{p.values}")
-    verified = raw.get("verified") or {}
-    if not isinstance(verified, Mapping) or not all(isinstance(v, Mapping) for v in verified.values()):
-        raise CacheError(f"{where}: verified must map tensor names to error objects")
-    hint = raw.get("hint")
-    if hint is not None and not isinstance(hint, Mapping):
-        raise CacheError(f"{where}: hint must be an object or absent")
-    return CacheEntry(
-        kernel=spec.name,
-        key={"K": int(key["K"]), "V": int(key["V"]), "dtype": str(key["dtype"])},
-        config={n: config[n] for n in names},
-        median_ms=_finite_or_none(raw.get("median_ms"), f"{where}.median_ms"),
-        iqr_ms=_finite_or_none(raw.get("iqr_ms"), f"{where}.iqr_ms"),
-        verified={str(t): {str(m): float(x) for m, x in errs.items()} for t, errs in verified.items()},
-        hint=dict(hint) if hint is not None else None,
-    )
+def _entry(checked: Mapping[str, Any]) -> CacheEntry:
+    return CacheEntry(checked["kernel"], dict(checked["key"]), dict(checked["config"]),
+                      checked["median_ms"], checked["iqr_ms"], dict(checked["verified"]),
+                      checked["hint"])
 
 
 def parse(data: Any, path: str | None = None) -> CacheFile:
-    """Validate a decoded JSON document against the schema; raises :class:`CacheError`."""
-    if not isinstance(data, Mapping):
-        raise CacheError("top level is not a JSON object")
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise CacheError(f"schema_version is {version!r}; this gdn2_kernels reads {SCHEMA_VERSION}")
-    for name in ("gpu", "software", "created", "entries"):
-        if name not in data:
-            raise CacheError(f"missing field {name!r}")
-    gpu, software, entries = data["gpu"], data["software"], data["entries"]
-    if not isinstance(gpu, Mapping) or not gpu.get("name"):
-        raise CacheError("gpu must be an object with a name")
-    if not isinstance(software, Mapping) or set(_SOFTWARE_FIELDS) - set(software):
-        raise CacheError(f"software must record {list(_SOFTWARE_FIELDS)}")
-    if not isinstance(entries, list):
-        raise CacheError("entries must be a list")
-    parsed = [_parse_entry(e, f"entries[{i}]") for i, e in enumerate(entries)]
-    by_key: dict[ProblemKey, set[int]] = {}
-    for e in parsed:
-        if "BT" in e.config:
-            by_key.setdefault(e.problem_key(), set()).add(e.config["BT"])
-    for k, bts in by_key.items():
-        if len(bts) > 1:
-            raise CacheError(f"entries for {k.as_dict()} disagree on the chunk size BT: {sorted(bts)}")
-    return CacheFile(dict(gpu), dict(software), str(data["created"]), parsed, version, path)
+    """Validate a decoded JSON document against the schema (:func:`config_schema.check_document`);
+    raises :class:`CacheError` naming the field."""
+    doc = config_schema.check_document(data)
+    return CacheFile(doc["gpu"], doc["software"], doc["created"],
+                     [_entry(e) for e in doc["entries"]], doc["schema_version"], path)
 
 
 def read(path: str | os.PathLike) -> CacheFile:
-    """Read and validate one file; raises :class:`CacheError` (also for unreadable JSON)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CacheError(f"cannot read: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise CacheError(f"not valid JSON ({exc})") from None
-    return parse(data, str(path))
+    """Read (bounded, regular files only) and validate one file; raises :class:`CacheError`
+    (``FileNotFoundError`` when there is no file)."""
+    return parse(config_schema.read_json(path), str(path))
 
 
 _warned: set[tuple[str, str]] = set()
@@ -300,6 +225,8 @@ def load(path: str | os.PathLike, gpu_name: str,
     else:
         try:
             cache = read(path)
+        except FileNotFoundError:  # removed since the stat
+            return None
         except CacheError as exc:
             _report(path, str(exc))
             cache = None
@@ -425,17 +352,36 @@ def describe_sources(gpu_name: str | None = None) -> list[SourceInfo]:
             out.append(SourceInfo(name, None, False, False, f"${_env.CONFIG_FILE_VAR} not set"))
             continue
         if not os.path.exists(path):
-            out.append(SourceInfo(name, path, False, False, "no file"))
+            note = "error: no such file" if name == "config_file" else "no file"
+            out.append(SourceInfo(name, path, False, False, note))
             continue
         try:
             cache = read(path)
-            reason = check_usable(cache, gpu_name)
-        except CacheError as exc:
-            cache, reason = None, str(exc)
+        except (CacheError, OSError) as exc:
+            out.append(SourceInfo(name, path, True, False, f"rejected: {exc}"))
+            continue
+        reason = check_usable(cache, gpu_name)
         note = reason or f"{len(cache.entries)} entries for {len(cache.keys())} keys"
         out.append(SourceInfo(name, path, True, reason is None, note))
     out.append(SourceInfo("default", None, True, True, "each KernelSpec's default"))
     return out
+
+
+def missing_config_file() -> str | None:
+    """Why ``$GDN2_CONFIG_FILE`` cannot be used because nothing is there; None when it is unset or
+    names an existing path (whose content :func:`load` judges)."""
+    path = _env.config_file()
+    if path is None or os.path.exists(path):
+        return None
+    return (f"${_env.CONFIG_FILE_VAR}={path}: no such file. Point it at a cache-schema JSON file "
+            f"(gdn2 export --format portable writes one), or unset {_env.CONFIG_FILE_VAR}")
+
+
+def _config_file_path(gpu_name: str) -> str | None:
+    missing = missing_config_file()
+    if missing:
+        raise CacheError(missing)
+    return _env.config_file()
 
 
 def _file_source(name: str, path_of):
@@ -454,7 +400,7 @@ def _file_source(name: str, path_of):
 
 
 _SOURCES = (
-    ("config_file", _file_source("config_file", lambda gpu: _env.config_file())),
+    ("config_file", _file_source("config_file", _config_file_path)),
     ("user_cache", _file_source("user_cache", user_cache_path)),
     ("shipped_profile", _file_source("shipped_profile", shipped_profile_path)),
 )
@@ -586,6 +532,7 @@ __all__ = [
     "gpu_mismatch",
     "load",
     "locked",
+    "missing_config_file",
     "parse",
     "pipeline_for",
     "profile_filename",

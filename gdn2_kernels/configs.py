@@ -20,6 +20,8 @@ from gdn2_kernels._parallel import NARROW_MAX_WARPS
 from gdn2_kernels._testing import TOLERANCES
 
 MAX_HEAD_DIM = 256
+# The input dtypes a problem key (and so a tuned config) can have, as torch names them.
+KEY_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def next_pow2(n: int) -> int:
@@ -457,6 +459,7 @@ __all__ = [
     "Constraint",
     "KernelConfig",
     "KernelSpec",
+    "KEY_DTYPES",
     "MAX_HEAD_DIM",
     "Param",
     "ProblemKey",

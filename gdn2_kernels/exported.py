@@ -14,19 +14,37 @@ nearest to its token count. Our own dispatch does not read these files (it reads
 """
 from __future__ import annotations
 
-import json
+import operator
 import os
 from pathlib import Path
 from typing import Any
 
-from gdn2_kernels import _device
+from gdn2_kernels import _device, config_schema
+from gdn2_kernels.configs import get_spec
 
 
 def vllm_filename(kernel: str, K: int, V: int, dtype: str, device_name: str) -> str:
-    """``kernel=<kernel>,K=<K>,V=<V>,dtype=<dtype>,device_name=<sanitised GPU name>.json``."""
-    dtype = str(dtype).removeprefix("torch.")
-    return (f"kernel={kernel},K={int(K)},V={int(V)},dtype={dtype},"
-            f"device_name={_device.sanitize_gpu_name(device_name)}.json")
+    """``kernel=<kernel>,K=<K>,V=<V>,dtype=<dtype>,device_name=<sanitised GPU name>.json``.
+
+    Every part is checked (a registered kernel, dims in range, a known dtype) or sanitised (the
+    GPU name), so the name never leaves the folder it is joined to; raises ``ValueError``.
+    """
+    get_spec(str(kernel))  # KeyError naming the registered kernels
+    key = config_schema.check_key({"K": _index(K), "V": _index(V),
+                                   "dtype": str(dtype).removeprefix("torch.")}, "vllm_filename")
+    return (f"kernel={kernel},K={key['K']},V={key['V']},dtype={key['dtype']},"
+            f"device_name={_device.sanitize_gpu_name(str(device_name))}.json")
+
+
+def _index(x: Any) -> Any:
+    """An integer-like value (numpy or torch integer) as an int; anything else unchanged, for
+    :func:`config_schema.check_key` to refuse (a bool stays a bool)."""
+    if isinstance(x, bool):
+        return x
+    try:
+        return operator.index(x)
+    except TypeError:
+        return x
 
 
 def nearest_bucket(buckets: Any, num_tokens: int) -> int:
@@ -51,15 +69,18 @@ def load_exported(path_or_dir: str | os.PathLike, kernel: str, K: int, V: int, d
 
     Returns:
         The config (parameter name -> value), or None when there is no file for this kernel,
-        problem and device. A file that is not a bucket -> config object raises ``ValueError``.
+        problem and device. A file that is not a bucket -> config object (or not a regular file,
+        or too large) raises ``ValueError``.
     """
     path = Path(path_or_dir)
     if path.is_dir():
         path = path / vllm_filename(kernel, K, V, dtype, device_name or _device.gpu_name())
-    if not path.is_file():
+    if not path.exists():
         return None
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    try:
+        data = config_schema.read_json(path)  # bounded, regular files only
+    except config_schema.CacheError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     if not isinstance(data, dict) or not all(
             str(b).isdigit() and isinstance(c, dict) for b, c in data.items()):
         raise ValueError(f"{path}: expected an object mapping token counts to configs")

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gdn2_kernels import custom_ops, ops
+from gdn2_kernels.configs import MAX_HEAD_DIM
 
 MODES = ("auto", "chunk", "recurrent", "fused_recurrent")  # fused_recurrent: FLA's name
 
@@ -149,6 +150,28 @@ def _causal_conv_varlen(x: torch.Tensor, conv: nn.Conv1d, cu_seqlens: torch.Tens
     return y[None], new_tail.contiguous()
 
 
+def _check_arguments(**args) -> None:
+    """The constructor's sizes are positive ints (head dims up to the ops' MAX_HEAD_DIM), its
+    flags bools and norm_eps a positive finite number; errors name GatedDeltaNet2 and the
+    argument."""
+    for name in ("hidden_size", "num_heads", "head_dim", "num_v_heads", "head_v_dim",
+                 "conv_size"):
+        value = args[name]
+        high = MAX_HEAD_DIM if name in ("head_dim", "head_v_dim") else None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"GatedDeltaNet2: {name} must be an int, got {value!r}")
+        if value < 1 or (high is not None and value > high):
+            bound = f"between 1 and {high}" if high else ">= 1"
+            raise ValueError(f"GatedDeltaNet2: {name} must be {bound}, got {value}")
+    for name in ("conv_bias", "allow_neg_eigval"):
+        if not isinstance(args[name], bool):
+            raise TypeError(f"GatedDeltaNet2: {name} must be True or False, got {args[name]!r}")
+    eps = args["norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) \
+            or eps <= 0:
+        raise ValueError(f"GatedDeltaNet2: norm_eps must be a positive finite number, got {eps!r}")
+
+
 class GatedDeltaNet2(nn.Module):
     """Gated DeltaNet-2 token mixer (MATH.md "Layer"); input and output ``[B, T, hidden_size]``.
 
@@ -192,6 +215,11 @@ class GatedDeltaNet2(nn.Module):
     ) -> None:
         super().__init__()
         num_v_heads = num_heads if num_v_heads is None else num_v_heads
+        _check_arguments(hidden_size=hidden_size, num_heads=num_heads, head_dim=head_dim,
+                         num_v_heads=num_v_heads,
+                         head_v_dim=head_dim if head_v_dim is None else head_v_dim,
+                         conv_size=conv_size, conv_bias=conv_bias,
+                         allow_neg_eigval=allow_neg_eigval, norm_eps=norm_eps)
         if head_v_dim is None:
             head_v_dim = int(head_dim * expand_v)
             if not math.isclose(head_dim * expand_v, head_v_dim, rel_tol=1e-5):
@@ -206,8 +234,6 @@ class GatedDeltaNet2(nn.Module):
                              f"({num_heads}): each group of value heads shares one key head")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if conv_size < 1:
-            raise ValueError(f"conv_size must be >= 1, got {conv_size}")
         self.hidden_size = hidden_size
         self.num_heads, self.head_dim = num_heads, head_dim
         self.num_v_heads, self.head_v_dim = num_v_heads, head_v_dim

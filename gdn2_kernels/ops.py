@@ -9,6 +9,7 @@ for grouped value heads), states ``[N, HV, K, V]`` fp32, varlen as ``B == 1`` pl
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -64,7 +65,34 @@ def _require_tensor(name: str, x) -> torch.Tensor:
     return x
 
 
-def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, cu_seqlens_cpu=None):
+def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, cu_seqlens_cpu=None,
+                  fn: str = "chunk_gdn2"):
+    """Check every argument; a failure's message starts with ``fn``, the public op called."""
+    try:
+        _check_arguments(fn, q, k, v, g, b, w, scale, initial_state, cu_seqlens, cu_seqlens_cpu)
+    except (TypeError, ValueError) as exc:
+        if type(exc) not in (TypeError, ValueError):
+            raise
+        raise type(exc)(f"{fn}: {exc}") from None
+
+
+def _cast_hint(name: str, dtype: torch.dtype, to: str) -> str:
+    if dtype == torch.float64:
+        return f"cast float64 to float32: {name}.float()"
+    return f"a {dtype} {name} is not a real-valued input: cast it with {name}.to({to})"
+
+
+def _check_finite(fn: str, named: tuple[tuple[str, torch.Tensor | None], ...]) -> None:
+    """``check_finite``: one isfinite reduction per tensor and a single host sync for all."""
+    named = tuple((n, x) for n, x in named if x is not None)
+    flags = torch.stack([torch.isfinite(x).all() for _, x in named]).tolist()
+    bad = [n for (n, _), ok in zip(named, flags) if not ok]
+    if bad:
+        raise ValueError(f"{fn}: {', '.join(bad)} contain(s) NaN or Inf (check_finite=True); "
+                         "find where they first appear, e.g. with torch.autograd.detect_anomaly()")
+
+
+def _check_arguments(fn, q, k, v, g, b, w, scale, initial_state, cu_seqlens, cu_seqlens_cpu):
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("b", b), ("w", w)):
         _require_tensor(name, x)
     if q.ndim != 4:
@@ -93,16 +121,19 @@ def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, cu_seqlens
                              f"{MAX_HEAD_DIM}; split larger heads into several heads")
     for name, x in (("q", q), ("k", k), ("v", v), ("b", b), ("w", w)):
         if x.dtype not in _INPUT_DTYPES:
-            raise TypeError(f"{name} has dtype {x.dtype}; chunk_gdn2 takes float32, bfloat16 or "
-                            "float16 inputs (cast float64 to float32)")
+            to = "torch.bfloat16" if name == "q" else "q.dtype"
+            raise TypeError(f"{name} has dtype {x.dtype}; {fn} takes float32, bfloat16 or "
+                            f"float16 inputs ({_cast_hint(name, x.dtype, to)})")
     for name, x in (("k", k), ("v", v), ("b", b), ("w", w)):
         if x.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}; q, k, v, b, w must "
                             "share one dtype (cast them before the call)")
     if g.dtype not in _GATE_DTYPES:
         raise TypeError(f"g has dtype {g.dtype}; the log-decay must be float32 (bfloat16/float16 "
-                        "are accepted and upcast exactly); a float64 g is not representable in "
-                        "float32: cast it with g.float() if that is intended")
+                        "are accepted and upcast exactly); " + (
+                            "a float64 g is not representable in float32: cast it with g.float() "
+                            "if that is intended" if g.dtype == torch.float64
+                            else _cast_hint("g", g.dtype, "torch.float32")))
     dev = q.device
     for name, x in (("k", k), ("v", v), ("g", g), ("b", b), ("w", w)):
         if x.device != dev:
@@ -112,10 +143,12 @@ def _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, cu_seqlens
         raise ValueError("inputs are on the CPU but Triton's interpreter is off; move them to a "
                          "CUDA device, or set TRITON_INTERPRET=1 before importing gdn2_kernels")
     if dev.type not in ("cuda", "cpu"):
-        raise ValueError(f"inputs are on {dev}; chunk_gdn2 runs on CUDA devices (or the CPU "
+        raise ValueError(f"inputs are on {dev}; {fn} runs on CUDA devices (or the CPU "
                          "through Triton's interpreter)")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale must be a positive number or None (for K**-0.5), got {scale!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number or None (for K**-0.5), got "
+                         f"{scale!r}")
 
     N = B
     if cu_seqlens is not None:
@@ -192,12 +225,13 @@ def _g_err(device: torch.device, validate_values) -> torch.Tensor | None:
 def check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens,
                  validate_values: bool) -> None:
     """The boundary checks of :func:`chunk_gdn2` (TypeError / ValueError naming the argument and
-    the fix), also run on each rank's slice by ``gdn2_kernels.cp``. With ``validate_values`` g's
+    the fix; the caller prefixes the op's name), run on each rank's slice by ``gdn2_kernels.cp``.
+    With ``validate_values`` g's
     values are read here, on the host: a context-parallel call synchronises its ranks anyway, and
     its kernels run without the in-kernel check of :func:`chunk_gdn2`."""
-    _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens)
+    _check_arguments("chunk_gdn2_cp", q, k, v, g, b, w, scale, initial_state, cu_seqlens, None)
     if validate_values and bool((~torch.isfinite(g) | (g > 0)).any()):
-        raise _gate_check.InvalidGateError(f"chunk_gdn2_cp: {_gate_check.MESSAGE}")
+        raise _gate_check.InvalidGateError(_gate_check.MESSAGE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -425,6 +459,7 @@ def chunk_gdn2(
     chunk_size: int | None = None,
     transpose_state_layout: bool | None = None,
     validate_values: bool | str = True,
+    check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None,
                                                       torch.Tensor]:
     """Chunkwise Gated Delta Rule-2 (MATH.md), with fla-core 0.6.0's signature.
@@ -478,6 +513,9 @@ def chunk_gdn2(
             asynchronously, at a later call or at ``gdn2_kernels.check_gates()``; on the CPU at
             once. ``"sync"`` raises in this call (one device sync); ``False`` skips the check.
             Default True. Keyword-only.
+        check_finite: keyword-only; also refuse NaN/Inf in q, k, v, b, w and initial_state
+            (``ValueError`` naming them). Costs one isfinite reduction over each of those
+            tensors and one host sync per call. Default False.
 
     Returns:
         o: ``[B, T, HV, V]`` in q's dtype.
@@ -513,6 +551,9 @@ def chunk_gdn2(
     initial_state = _fla_args.state_kv(fn, initial_state, v_first)
     _check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens,
                   cu_seqlens_cpu=cu_seqlens_cpu)
+    if check_finite:
+        _check_finite(fn, (("q", q), ("k", k), ("v", v), ("b", b), ("w", w),
+                           ("initial_state", initial_state)))
     validate_values = _gate_check.mode(validate_values)
     gate = _fla_args.gate_args(fn, use_gate_in_kernel, A_log, dt_bias, lower_bound, safe_gate, q,
                                v)
@@ -598,6 +639,7 @@ def fused_recurrent_gdn2(
     *,
     transpose_state_layout: bool | None = None,
     validate_values: bool | str = True,
+    check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Token-by-token Gated Delta Rule-2 (MATH.md "Recurrence") for decoding, with fla-core
     0.6.0's signature; forward only.
@@ -626,6 +668,8 @@ def fused_recurrent_gdn2(
         validate_values: as :func:`chunk_gdn2` (in-kernel, no host sync: CUDA-graph
             capturable); a bad entry makes that sequence and head's outputs NaN from its token
             on. Default True. Keyword-only.
+        check_finite: keyword-only; also refuse NaN/Inf in q, k, v, b, w and initial_state
+            (one isfinite reduction over each and one host sync per call). Default False.
 
     Returns:
         o: ``[B, T, HV, V]`` in v's dtype.
@@ -639,7 +683,10 @@ def fused_recurrent_gdn2(
     fn = "fused_recurrent_gdn2"
     v_first = _fla_args.state_layout(fn, state_v_first, transpose_state_layout)
     _check_inputs(q, k, v, g, b, w, scale, _fla_args.state_kv(fn, initial_state, v_first),
-                  cu_seqlens)
+                  cu_seqlens, fn=fn)
+    if check_finite:
+        _check_finite(fn, (("q", q), ("k", k), ("v", v), ("b", b), ("w", w),
+                           ("initial_state", initial_state)))
     validate_values = _gate_check.mode(validate_values)
     gate = _fla_args.gate_args(fn, use_gate_in_kernel, A_log, dt_bias, lower_bound, False, q, v)
     _check_no_grad(q, k, v, g, b, w, initial_state, fn=fn, A_log=A_log, dt_bias=dt_bias)
@@ -784,7 +831,7 @@ def fused_recurrent_gdn2_fwd(
             else None.
     """
     fn = "fused_recurrent_gdn2_fwd"
-    _check_inputs(q, k, v, g, b, w, scale, None, None)
+    _check_inputs(q, k, v, g, b, w, scale, None, None, fn=fn)
     _check_serving(fn, q, v, initial_state, cu_seqlens, inplace_final_state,
                    output_final_state, ssm_state_indices, num_accepted_tokens, out,
                    bool(state_v_first))

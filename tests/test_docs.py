@@ -32,3 +32,21 @@ def test_stale_pages_are_found_and_rewritten(tmp_path):
     assert docs.stale_pages(tmp_path) == ["tuning.md", "cli.md"]
     docs.write_pages(tmp_path)
     assert docs.stale_pages(tmp_path) == []
+
+
+def test_ci_runs_the_readmes_two_commands():
+    """.ci/run runs the README's main job (in a fresh venv) and its test command, verbatim."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    fenced = re.findall(r"```bash\n(.*?)\n```", (root / "README.md").read_text(), re.S)
+    main_job, test_command = fenced[:2]
+    assert main_job.endswith("gdn2 tune") and "[test]" not in main_job
+    assert test_command.endswith('python -m pytest -q -m "not gpu"')
+    ci = (root / ".ci" / "run").read_text()
+    assert f"main_job={shlex.quote(main_job)}\n" in ci
+    assert f"test_command={shlex.quote(test_command)}\n" in ci
+    assert 'python -m venv "$fresh/venv"' in ci and 'eval "$main_job"' in ci
+    assert ci.index('eval "$main_job"') < ci.index('eval "$test_command"')

@@ -298,6 +298,37 @@ def test_errors_bad_input():
         GatedDeltaNet2(hidden_size=32, num_heads=2, head_dim=16, num_v_heads=3)
 
 
+BAD_LAYER_ARGS = [
+    (dict(num_heads=0), ValueError, "GatedDeltaNet2: num_heads must be >= 1, got 0"),
+    (dict(num_heads=-2), ValueError, "GatedDeltaNet2: num_heads must be >= 1, got -2"),
+    (dict(num_heads=2.0), TypeError, "GatedDeltaNet2: num_heads must be an int, got 2.0"),
+    (dict(num_heads=True), TypeError, "GatedDeltaNet2: num_heads must be an int, got True"),
+    (dict(hidden_size=0), ValueError, "GatedDeltaNet2: hidden_size must be >= 1, got 0"),
+    (dict(head_dim=0), ValueError, "GatedDeltaNet2: head_dim must be between 1 and 256, got 0"),
+    (dict(head_dim=512), ValueError, "GatedDeltaNet2: head_dim must be between 1 and 256"),
+    (dict(num_v_heads=0), ValueError, "GatedDeltaNet2: num_v_heads must be >= 1, got 0"),
+    (dict(head_v_dim=300), ValueError, "GatedDeltaNet2: head_v_dim must be between 1 and 256"),
+    (dict(head_v_dim="64"), TypeError, "GatedDeltaNet2: head_v_dim must be an int, got '64'"),
+    (dict(conv_size=0), ValueError, "GatedDeltaNet2: conv_size must be >= 1, got 0"),
+    (dict(norm_eps=0.0), ValueError, "GatedDeltaNet2: norm_eps must be a positive finite"),
+    (dict(norm_eps=float("nan")), ValueError, "GatedDeltaNet2: norm_eps must be a positive"),
+    (dict(allow_neg_eigval="False"), TypeError,
+     "GatedDeltaNet2: allow_neg_eigval must be True or False, got 'False'"),
+    (dict(conv_bias=1), TypeError, "GatedDeltaNet2: conv_bias must be True or False, got 1"),
+]
+
+
+@pytest.mark.parametrize("changes, exc, message", BAD_LAYER_ARGS,
+                         ids=[",".join(f"{k}={v!r}" for k, v in c[0].items())
+                              for c in BAD_LAYER_ARGS])
+def test_constructor_arguments_are_checked(changes, exc, message):
+    args = dict(hidden_size=32, num_heads=2, head_dim=16)
+    args.update(changes)
+    with pytest.raises(exc) as info:
+        GatedDeltaNet2(**args)
+    assert str(info.value).startswith(message)
+
+
 @torch.no_grad()
 def test_errors_bad_cache():
     layer, other = CASES[0].build(), CASES[0].build()

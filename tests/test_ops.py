@@ -8,12 +8,13 @@ inputs from ``_testing.make_inputs``; errors are compared per named tensor with 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from gdn2_kernels import _device, chunk_gdn2, dispatch
+from gdn2_kernels import _device, chunk_gdn2, dispatch, fused_recurrent_gdn2
 from gdn2_kernels._testing import (GDN2Inputs, compare, dtype_name, make_inputs,
                                    short_dtype_name)
 from gdn2_kernels.configs import CHUNK_SIZES, MAX_HEAD_DIM
@@ -211,11 +212,11 @@ BAD_INPUTS = [
     ("g-int", dict(g=torch.zeros(B_, T_, H_, K_, dtype=torch.int32)), TypeError, r"^g has dtype"),
     ("k-other-device", dict(k=_meta(B_, T_, H_, K_)), ValueError, r"^k is on meta but q is on"),
     ("g-other-device", dict(g=_meta(B_, T_, H_, K_)), ValueError, r"^g is on meta"),
-    ("scale-negative", dict(scale=-1.0), ValueError, r"^scale must be a positive number"),
+    ("scale-negative", dict(scale=-1.0), ValueError, r"^scale must be a positive finite number"),
     ("scale-string", dict(scale="0.5"), ValueError, r"^scale must be"),
-    ("g-nan", dict(g=torch.full((B_, T_, H_, K_), float("nan"))), ValueError, r"^chunk_gdn2: g \(log-decay\)"),
-    ("g-positive", dict(g=torch.full((B_, T_, H_, K_), 0.1)), ValueError, r"^chunk_gdn2: g \(log-decay\)"),
-    ("g-inf", dict(g=torch.full((B_, T_, H_, K_), -float("inf"))), ValueError, r"^chunk_gdn2: g \(log-decay\)"),
+    ("g-nan", dict(g=torch.full((B_, T_, H_, K_), float("nan"))), ValueError, r"^g \(log-decay\)"),
+    ("g-positive", dict(g=torch.full((B_, T_, H_, K_), 0.1)), ValueError, r"^g \(log-decay\)"),
+    ("g-inf", dict(g=torch.full((B_, T_, H_, K_), -float("inf"))), ValueError, r"^g \(log-decay\)"),
     ("h0-shape", dict(initial_state=torch.zeros(B_, H_, V_, K_)), ValueError,
      r"^initial_state must be \[N, HV, K, V\]"),
     ("h0-bf16", dict(initial_state=torch.zeros(B_, H_, K_, V_, dtype=torch.bfloat16)), TypeError,
@@ -226,11 +227,72 @@ BAD_INPUTS = [
 ]
 
 
+OPS = {"chunk": chunk_gdn2, "recurrent": fused_recurrent_gdn2}
+
+
+def _named(op, pattern: str) -> str:
+    """Every input error starts with the public function that was called."""
+    return pattern.replace("^", f"^{op.__name__}: ", 1) if pattern.startswith("^") else pattern
+
+
+@pytest.mark.parametrize("op", OPS.values(), ids=OPS.keys())
 @pytest.mark.parametrize("changes,exc,pattern", [c[1:] for c in BAD_INPUTS],
                          ids=[c[0] for c in BAD_INPUTS])
-def test_invalid_inputs_raise(changes: dict, exc: type, pattern: str):
-    with pytest.raises(exc, match=pattern):
-        chunk_gdn2(**_args(**changes))
+def test_invalid_inputs_raise(op, changes: dict, exc: type, pattern: str):
+    with pytest.raises(exc, match=_named(op, pattern)) as info:
+        op(**_args(**changes))
+    assert str(info.value).startswith(f"{op.__name__}: ")
+    assert op is chunk_gdn2 or "chunk_gdn2" not in str(info.value)
+
+
+@pytest.mark.parametrize("op", OPS.values(), ids=OPS.keys())
+@pytest.mark.parametrize("scale", [float("inf"), -float("inf"), float("nan"), 0.0, -0.5, True])
+def test_non_finite_or_non_positive_scale_is_refused(op, scale):
+    with pytest.raises(ValueError, match=rf"^{op.__name__}: scale must be a positive finite "
+                                         rf"number or None \(for K\*\*-0.5\), got "):
+        op(**_args(scale=scale))
+
+
+@pytest.mark.parametrize("op", OPS.values(), ids=OPS.keys())
+@pytest.mark.parametrize("name", ["b", "q"])
+def test_a_bool_input_is_told_to_cast_to_a_real_dtype(op, name):
+    shape = (B_, T_, H_, K_)
+    with pytest.raises(TypeError) as info:
+        op(**_args(**{name: torch.ones(shape, dtype=torch.bool)}))
+    msg = str(info.value)
+    assert msg.startswith(f"{op.__name__}: {name} has dtype torch.bool; {op.__name__} takes "
+                          "float32, bfloat16 or float16 inputs")
+    to = "torch.bfloat16" if name == "q" else "q.dtype"
+    assert f"cast it with {name}.to({to})" in msg and "float64" not in msg
+
+
+def test_a_bool_g_is_told_to_cast_to_float32():
+    with pytest.raises(TypeError, match=r"^chunk_gdn2: g has dtype torch.bool; .*cast it with "
+                                        r"g.to\(torch.float32\)"):
+        chunk_gdn2(**_args(g=torch.zeros(B_, T_, H_, K_, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("op", OPS.values(), ids=OPS.keys())
+@pytest.mark.parametrize("name", ["q", "k", "v", "b", "w", "initial_state"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_check_finite_names_the_tensor_holding_nan_or_inf(op, name, value):
+    args = _args()
+    bad = args[name].clone()
+    bad.view(-1)[bad.numel() // 2] = value
+    args[name] = bad
+    with pytest.raises(ValueError, match=rf"^{op.__name__}: {name} contain\(s\) NaN or Inf "
+                                         r"\(check_finite=True\)"):
+        op(**args, check_finite=True)
+
+
+@pytest.mark.parametrize("op", OPS.values(), ids=OPS.keys())
+def test_check_finite_passes_finite_inputs_and_changes_nothing(op):
+    args = _args()
+    o, ht = op(**args, output_final_state=True, check_finite=True)
+    o2, ht2 = op(**args, output_final_state=True)
+    assert torch.equal(o, o2) and torch.equal(ht, ht2)
+    # keyword-only: after FLA's positional arguments
+    assert inspect.signature(op).parameters["check_finite"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 def _varlen_args(cu, B: int = 1, **changes) -> dict:
@@ -262,14 +324,17 @@ BAD_CU_SEQLENS = [
 @pytest.mark.parametrize("changes,cu,exc,pattern", [c[1:] for c in BAD_CU_SEQLENS],
                          ids=[c[0] for c in BAD_CU_SEQLENS])
 def test_invalid_cu_seqlens_raise(changes: dict, cu, exc: type, pattern: str):
-    with pytest.raises(exc, match=pattern):
+    with pytest.raises(exc, match=_named(chunk_gdn2, pattern)):
         chunk_gdn2(**_varlen_args(cu, **changes))
 
 
 def test_all_inputs_on_unsupported_device_raise():
     args = {n: _meta(*t.shape, dtype=t.dtype) for n, t in _args().items()}
-    with pytest.raises(ValueError, match=r"^inputs are on meta"):
+    with pytest.raises(ValueError, match=r"^chunk_gdn2: inputs are on meta"):
         chunk_gdn2(**args)
+    with pytest.raises(ValueError, match=r"^fused_recurrent_gdn2: inputs are on meta; "
+                                         r"fused_recurrent_gdn2 runs on CUDA"):
+        fused_recurrent_gdn2(**args)
 
 
 def test_cpu_inputs_without_interpreter_raise(monkeypatch: pytest.MonkeyPatch):

@@ -16,6 +16,7 @@ class CacheSummary:
     created: str | None
     usable_here: bool
     problem: str | None  # why the file is unusable (corrupt, other GPU/software), else None
+    rejected: bool = False  # the file itself is invalid (``problem`` says why), not just foreign
 
 
 @dataclass
@@ -35,11 +36,26 @@ def paths() -> CachePaths:
 def summarize(path: str | Path) -> CacheSummary:
     try:
         c = config_store.read(path)
-    except config_store.CacheError as exc:
-        return CacheSummary(str(path), None, 0, [], None, False, str(exc))
+    except (config_store.CacheError, OSError) as exc:
+        return CacheSummary(str(path), None, 0, [], None, False, f"rejected: {exc}", True)
     problem = config_store.check_usable(c, _device.gpu_name())
     return CacheSummary(str(path), c.gpu.get("name"), len(c.entries),
                         [k.as_dict() for k in c.keys()], c.created, problem is None, problem)
+
+
+def shipped_profiles() -> list[Path]:
+    """The shipped profiles (one per GPU model), for advice that works without a GPU."""
+    return sorted(config_store.profiles_dir().glob("*.json"))
+
+
+def where_configs_come_from(option: str) -> str:
+    """Advice for a machine without tuned configs: on a GPU, ``gdn2 tune``; without one (the
+    interpreter writes no cache), ``option`` naming a shipped profile."""
+    shipped = " or ".join(f"{option} {p}" for p in shipped_profiles()) or f"{option} FILE"
+    if _device.interpreter_active():
+        return (f"no CUDA GPU here, so `gdn2 tune` writes no cache; use a shipped profile: "
+                f"{shipped}")
+    return f"run `gdn2 tune` on this GPU, or use a shipped profile: {shipped}"
 
 
 def list_caches() -> list[CacheSummary]:
@@ -54,7 +70,8 @@ def show(target: str | None = None) -> config_store.CacheFile:
     else:
         path = config_store.user_cache_path(target or _device.gpu_name())
     if not path.exists():
-        raise FileNotFoundError(f"no cache file {path} (run `gdn2 tune` to create it)")
+        raise FileNotFoundError(f"no cache file {path}; "
+                                + where_configs_come_from("gdn2 cache show"))
     return config_store.read(path)
 
 
@@ -65,4 +82,5 @@ def clear(gpu_name: str | None = None) -> list[str]:
     return [str(p) for p in config_store.clear(gpu_name=gpu_name or _device.gpu_name())]
 
 
-__all__ = ["CachePaths", "CacheSummary", "clear", "list_caches", "paths", "show", "summarize"]
+__all__ = ["CachePaths", "CacheSummary", "clear", "list_caches", "paths", "shipped_profiles",
+           "show", "summarize", "where_configs_come_from"]

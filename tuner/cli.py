@@ -14,6 +14,7 @@ import warnings
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 with warnings.catch_warnings():
@@ -54,10 +55,34 @@ def print_json(obj) -> None:
     typer.echo(json.dumps(_to_jsonable(obj), indent=2, default=str))
 
 
+_INTERPRETER_NOTE = ("[yellow]No CUDA GPU: kernels run through Triton's interpreter on the CPU "
+                     "(small shapes; timings are not GPU timings).[/yellow]")
+
+
 def _interpreter_note(interpreter: bool) -> None:
     if interpreter:
-        console.print("[yellow]No CUDA GPU: kernels run through Triton's interpreter on the CPU "
-                      "(small shapes; timings are not GPU timings).[/yellow]")
+        console.print(_INTERPRETER_NOTE)
+
+
+def _announce_interpreter(as_json: bool, extra: str = "") -> None:
+    """Before a command runs kernels: say that they run in the interpreter (stderr with --json,
+    so stdout stays JSON)."""
+    from gdn2_kernels import _device
+
+    if _device.interpreter_active():
+        (err_console if as_json else console).print(
+            _INTERPRETER_NOTE + (f" [yellow]{extra}[/yellow]" if extra else ""))
+
+
+@contextlib.contextmanager
+def _usage_errors():
+    """An option the library refuses (``OptionError``) -> a usage error, exit code 2."""
+    from tuner.options import OptionError
+
+    try:
+        yield
+    except OptionError as exc:
+        raise typer.BadParameter(exc.detail, param_hint=f"'{exc.option}'") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -65,7 +90,6 @@ def _interpreter_note(interpreter: bool) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def _render_verify(report) -> None:
-    _interpreter_note(report.interpreter)
     table = Table(title=f"chunk_gdn2 vs fp64 recurrence on {report.device}")
     for col in ("case", "tensor", "rel RMS", "max rel", "tolerance", "ok"):
         table.add_column(col)
@@ -89,6 +113,7 @@ def verify(
     """Run chunk_gdn2 with this GPU's configs against the fp64 reference; exit 1 on failure."""
     from tuner.verify import verify as run_verify
 
+    _announce_interpreter(as_json)
     report = run_verify(backward=backward)
     print_json(report) if as_json else _render_verify(report)
     if not report.ok:
@@ -102,13 +127,15 @@ def verify(
 def _render_bench(report) -> None:
     from bench import report as render
 
+    for note in report.notes:
+        console.print(f"[yellow]note[/yellow] {escape(note)}")
     for line in render.unavailable_lines(report):
-        console.print(f"[yellow]unavailable[/yellow] {line}")
+        console.print(f"[yellow]unavailable[/yellow] {escape(line)}")
     console.print(render.ceilings_line(report))
     for table in render.tables(report):
         console.print(table)
     for line in render.failure_lines(report):
-        console.print(f"[yellow]not timed[/yellow] {line}")
+        console.print(f"[yellow]not timed[/yellow] {escape(line)}")
 
 
 @app.command()
@@ -137,14 +164,18 @@ def bench(
     """Time chunk_gdn2 against FLA, cuDNN (KDA, attention), SDPA flash and Mamba-2 on the same
     inputs."""
     from bench import report as render
-    from bench.runner import (LONG_SHAPES, BenchOptions, parse_ints, parse_shapes, rows_from_json,
-                              run_bench)
+    from bench.runner import (LONG_SHAPES, BenchOptions, check_options, parse_ints, parse_shapes,
+                              rows_from_json, run_bench)
 
-    opts = BenchOptions(modes=tuple(mode), shapes=parse_shapes(shapes),
-                        long_shapes=LONG_SHAPES if long else (), H=heads, D=dim,
-                        dtype=dtype, decode_batches=parse_ints(decode_batches, "--decode-batches"),
-                        decode_context=decode_context, providers=tuple(provider or ()) or None,
-                        rep_ms=rep_ms, mamba_src=mamba_src)
+    with _usage_errors():
+        opts = BenchOptions(modes=tuple(mode), shapes=parse_shapes(shapes),
+                            long_shapes=LONG_SHAPES if long else (), H=heads, D=dim,
+                            dtype=dtype, decode_batches=parse_ints(decode_batches,
+                                                                   "--decode-batches"),
+                            decode_context=decode_context,
+                            providers=tuple(provider or ()) or None, rep_ms=rep_ms,
+                            mamba_src=mamba_src)
+        check_options(opts)
     kept = []
     if resume:
         if not save:
@@ -157,33 +188,40 @@ def bench(
                        resume=kept)
     if save:
         render.save_json(report, save)
-    if plot:
+    if plot and report.timed:
         render.plot(report, plot)
     typer.echo(render.to_json(report)) if as_json else _render_bench(report)
+    if not report.timed:
+        err_console.print("[red]error:[/red] no row was timed (every provider asked for was "
+                          "unavailable or failed; see above)")
+        raise typer.Exit(1)
 
 
 @app.command()
 def profile(
-    shape: str = typer.Option("2x8192", help="BxT"),
-    heads: int = typer.Option(16, help="H"),
-    dim: int = typer.Option(128, help="head dim D (K = V = D)"),
-    dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32"),
+    shape: str = typer.Option(None, help="BxT [GPU 2x8192, CPU 1x64]"),
+    heads: int = typer.Option(None, help="H [GPU 16, CPU 1]"),
+    dim: int = typer.Option(None, help="head dim D (K = V = D) [GPU 128, CPU 32]"),
+    dtype: str = typer.Option(None, help="bfloat16, float16 or float32 [GPU bfloat16, CPU float32]"),
     backward: bool = typer.Option(True, "--backward/--forward-only",
                                   help="also profile the backward (when it exists)"),
-    reps: int = typer.Option(20, help="passes; each stage's median is reported"),
+    reps: int = typer.Option(None, help="passes; each stage's median is reported [GPU 20, CPU 2]"),
     ncu: str = typer.Option(None, help="run Nsight Compute on this stage (e.g. intra_fwd)"),
     ncu_out: str = typer.Option("ncu", help="folder for the Nsight Compute report"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Per-stage time, share, GB/s and TFLOP/s of our forward and backward."""
     from bench import report as render
-    from bench.model import Shape
+    from bench.profile import problem_from_options
     from bench.profile import profile as run_profile
-    from bench.runner import parse_shapes
+    from gdn2_kernels import _device
 
-    (b, t), = parse_shapes(shape)
-    report = run_profile(Shape(b, t, heads, dim, dtype), backward=backward, reps=reps,
-                         ncu_stage=ncu, ncu_out=ncu_out)
+    with _usage_errors():
+        problem, reps = problem_from_options(shape, heads, dim, dtype, reps,
+                                             _device.interpreter_active())
+    _announce_interpreter(as_json, f"Profiling {problem.label()} H{problem.H} D{problem.D} "
+                                   f"{problem.dtype}, {reps} passes.")
+    report = run_profile(problem, backward=backward, reps=reps, ncu_stage=ncu, ncu_out=ncu_out)
     if as_json:
         print_json(report)
         return
@@ -203,10 +241,11 @@ def _library_errors():
     from tuner.tune import TuneError
 
     try:
-        yield
+        with _usage_errors():  # an option found bad late is still a usage error
+            yield
     except (TuneError, CacheError, FileNotFoundError, ValueError, KeyError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        err_console.print(f"[red]error:[/red] {msg}")
+        err_console.print(f"[red]error:[/red] {escape(str(msg))}")
         raise typer.Exit(1) from None
 
 
@@ -228,9 +267,10 @@ def _render_info(report) -> None:
         table.add_column(col)
     for s in report.sources:
         state = ("[green]in use if it has the key[/green] " if s.usable else "[dim]unused[/dim] ")
-        table.add_row(s.name, s.path or "-", state + s.note)
+        table.add_row(s.name, escape(s.path or "-"), state + escape(s.note))
     console.print(table)
-    console.print(f"configs for {report.key} come from: [bold]{report.resolved_source}[/bold]")
+    console.print(f"configs for {report.key} come from: "
+                  f"[bold]{escape(report.resolved_source)}[/bold]")
     table = Table(title=f"registered kernels (space for {report.key} on {report.arch})")
     for col in ("kernel", "dir", "workload", "valid/total", "pruned by rule"):
         table.add_column(col)
@@ -258,7 +298,6 @@ def info(as_json: bool = typer.Option(False, "--json", help="print the report as
 
 
 def _render_plan(plan) -> None:
-    _interpreter_note(plan.interpreter)
     console.print(f"problem {plan.problem.label()} key {plan.key} on {plan.device} ({plan.arch}), "
                   f"devices {plan.devices}; strategy {plan.strategy} {plan.strategy_options}; "
                   f"budget {plan.max_minutes} min, {plan.max_configs or 'no'} config limit")
@@ -287,7 +326,6 @@ def _render_tune(result) -> None:
     from tuner.tune import pipeline_score
 
     plan = result.plan
-    _interpreter_note(plan.interpreter)
     table = Table(title=f"tune of {plan.problem.label()} on {plan.device}")
     for col in ("search", "trials", "statuses", "best config", "median ms", "IQR ms"):
         table.add_column(col)
@@ -343,19 +381,28 @@ def _render_tune(result) -> None:
 def _tune_options(batch, seqlen, heads, head_k, head_v, dtype, kernel, chunk_size, forward_only,
                   strategy, option, max_minutes, max_configs, devices, log, output, no_cache,
                   fresh, timeout, long_check=True):
+    """The TuneOptions of one dtype, checked (OptionError before any work starts)."""
     from tuner.gpu import gpu_available
-    from tuner.strategies import parse_options
-    from tuner.tune import CPU_PROBLEM, GPU_PROBLEM, TuneOptions
+    from tuner.options import OptionError, one_of
+    from tuner.strategies import STRATEGIES, parse_options
+    from tuner.tune import CPU_PROBLEM, GPU_PROBLEM, TuneOptions, check_options
 
     base = GPU_PROBLEM if gpu_available() else CPU_PROBLEM
     given = {"B": batch, "T": seqlen, "H": heads, "K": head_k, "V": head_v, "dtype": dtype}
     problem = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
-    return TuneOptions(problem=problem, kernels=tuple(kernel or ()) or None,
+    one_of(strategy, sorted(STRATEGIES), "--strategy")
+    try:
+        strategy_options = parse_options(strategy, list(option))
+    except ValueError as exc:
+        raise OptionError("-o/--option", str(exc)) from None
+    opts = TuneOptions(problem=problem, kernels=tuple(kernel or ()) or None,
                        chunk_sizes=tuple(chunk_size or ()) or None, backward=not forward_only,
-                       strategy=strategy, strategy_options=parse_options(strategy, list(option)),
+                       strategy=strategy, strategy_options=strategy_options,
                        max_minutes=max_minutes, max_configs=max_configs, devices=devices,
                        log_path=log, output=output, write_cache=not no_cache, resume=not fresh,
                        timeout_s=timeout, long_check=long_check)
+    check_options(opts)
+    return opts
 
 
 @app.command()
@@ -398,12 +445,16 @@ def tune(
 
     from tuner.tune import make_plan, tune as run_tune
 
+    with _usage_errors():  # every dtype's options, before the first tune starts
+        all_opts = [_tune_options(batch, seqlen, heads, head_k, head_v, dt, kernel, chunk_size,
+                                  forward_only, strategy, option or [], max_minutes, max_configs,
+                                  devices, log, output, no_cache, fresh, timeout, long_check)
+                    for dt in (dtype or [None])]
+    _announce_interpreter(as_json, "Nothing is written to the cache: interpreter timings say "
+                                   "nothing about a GPU.")
     results = []
-    for dt in (dtype or [None]):
+    for opts in all_opts:
         with _library_errors():
-            opts = _tune_options(batch, seqlen, heads, head_k, head_v, dt, kernel, chunk_size,
-                                 forward_only, strategy, option or [], max_minutes, max_configs,
-                                 devices, log, output, no_cache, fresh, timeout, long_check)
             if dry_run:
                 plan = make_plan(opts)
                 print_json(plan) if as_json else _render_plan(plan)
@@ -422,6 +473,8 @@ def tune(
                     live.update(Group(bar, _best_table(ev.bests)))
 
                 result = run_tune(opts, progress)
+            if not out.is_terminal:  # rich ends a live display with a newline on terminals only
+                out.line()
         results.append(result)
         if not as_json:
             _render_tune(result)
@@ -436,15 +489,16 @@ def tune(
 # ------------------------------------------------------------------------------------------------
 
 def _render_export(report) -> None:
-    table = Table(title=f"{report.format} export of {report.source} ({report.gpu}) to {report.out}")
+    table = Table(title=escape(f"{report.format} export of {report.source} ({report.gpu}) to "
+                               f"{report.out}"))
     for col in ("kernel", "key", "status", "file", "detail"):
         table.add_column(col)
     for it in report.items:
         mark = "[green]written[/green]" if it.status == "written" else "[yellow]skipped[/yellow]"
-        table.add_row(it.kernel, it.key, mark, it.target or "-", it.reason)
+        table.add_row(it.kernel, it.key, mark, escape(it.target or "-"), escape(it.reason))
     console.print(table)
     for note in report.notes:
-        console.print(note)
+        console.print(escape(note))
     console.print(f"{len(report.files)} file(s) written" if report.files
                   else "[red]nothing written[/red] (no verified entries to export)")
 
@@ -489,8 +543,11 @@ def cache_ls(as_json: bool = typer.Option(False, "--json", help="print as JSON")
         table.add_column(col)
     for f in files:
         keys = "; ".join(f"K{k['K']} V{k['V']} {k['dtype']}" for k in f.keys)
-        table.add_row(f.path, f.gpu or "-", str(f.entries), keys, f.created or "-",
-                      "[green]yes[/green]" if f.usable_here else f"[red]no[/red]: {f.problem}")
+        state = ("[green]yes[/green]" if f.usable_here
+                 else f"[red]no, {'rejected' if f.rejected else 'not for here'}[/red]: "
+                      + escape(str(f.problem).removeprefix("rejected: ")))
+        table.add_row(escape(f.path), escape(f.gpu or "-"), str(f.entries), keys,
+                      escape(f.created or "-"), state)
     console.print(table)
 
 
@@ -507,8 +564,8 @@ def cache_show(
     if as_json:
         typer.echo(json.dumps(cache.as_dict(), indent=2))
         return
-    console.print(f"{cache.path}: GPU {cache.gpu.get('name')}, created {cache.created}, "
-                  + ", ".join(f"{k} {v}" for k, v in cache.software.items()))
+    console.print(escape(f"{cache.path}: GPU {cache.gpu.get('name')}, created {cache.created}, "
+                         + ", ".join(f"{k} {v}" for k, v in cache.software.items())))
     table = Table()
     for col in ("kernel", "key", "config", "median ms", "IQR ms", "max rel err (worst tensor)"):
         table.add_column(col)
@@ -555,12 +612,14 @@ def cache_import(
     if as_json:
         print_json(report)
         return
-    table = Table(title=f"import of {report.source} ({report.source_gpu}) into {report.target}")
+    table = Table(title=escape(f"import of {report.source} ({report.source_gpu}) into "
+                               f"{report.target}"))
     for col in ("key", "kernels", "status", "why"):
         table.add_column(col)
     for it in report.items:
         color = {"imported": "green", "hint": "yellow"}.get(it.status, "dim")
-        table.add_row(it.key, ", ".join(it.kernels), f"[{color}]{it.status}[/{color}]", it.reason)
+        table.add_row(it.key, ", ".join(it.kernels), f"[{color}]{it.status}[/{color}]",
+                      escape(it.reason))
     console.print(table)
     console.print(f"next: {report.next_step}")
 

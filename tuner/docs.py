@@ -160,7 +160,10 @@ def cli_markdown() -> str:
     lines = ["# `gdn2` command line", "", GENERATED_NOTE, "",
              "Each command prints its own help with `--help` (`gdn2 tune --help`); this page "
              "holds the same text. Every command takes `--json` where it has a result to print; "
-             "library errors become one line on stderr and exit code 1.", ""]
+             "an option that cannot work is refused before any work starts (usage error, exit "
+             "code 2); library errors become one line on stderr and exit code 1, as does a "
+             "`gdn2 bench` that timed no row. Without a CUDA GPU, commands that run kernels say "
+             "first that they run in Triton's interpreter (on stderr with `--json`).", ""]
     lines += _command_section(root, "gdn2", 2)
     return "\n".join(lines).rstrip() + "\n"
 

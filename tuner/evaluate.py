@@ -9,7 +9,8 @@ candidate is timed (:func:`tuner.timing.measure`), with NVML samples around the 
 :class:`WorkerPool` keeps one spawned worker per device (``-1`` = the CPU interpreter). A worker
 that dies (segfault, ``os.abort``, illegal memory access) yields a ``crash`` trial, one that
 exceeds the timeout is killed and yields ``timeout``; either way a fresh worker is started and
-the sweep goes on. :class:`PoolEvaluator` adds the trial log (resume: trials already in the log
+the sweep goes on. A candidate's timeout counts from when its worker is ready (imports done,
+:data:`READY`), so restarting a worker costs the next candidate none of its time. :class:`PoolEvaluator` adds the trial log (resume: trials already in the log
 are returned without running) and the budget; :class:`ReplayEvaluator` answers from a log so
 strategies are tested without kernels.
 """
@@ -172,6 +173,14 @@ def _load_fn(path: str) -> Callable[[Task, int], Trial]:
     return getattr(importlib.import_module(module), name)
 
 
+# What a worker sends once it has imported everything and can take a task; a candidate's timeout
+# clock starts then, so a fresh worker's start-up (seconds of imports on a loaded machine) is
+# never charged to the candidate it was started for.
+READY = "ready"
+# A worker that has not said READY by then is stuck starting (its candidate is a timeout).
+STARTUP_TIMEOUT_S = 600.0
+
+
 def _worker_main(conn, device_index: int, trial_fn: str) -> None:
     import torch
 
@@ -180,6 +189,7 @@ def _worker_main(conn, device_index: int, trial_fn: str) -> None:
     if device_index >= 0:
         torch.cuda.set_device(device_index)
     fn = _load_fn(trial_fn)
+    conn.send(READY)
     while True:
         task = conn.recv()
         if task is None:
@@ -205,7 +215,9 @@ class _Worker:
         self.device, self.trial_fn = device, trial_fn
         self.proc = self.conn = None
         self.task: Task | None = None
-        self.started = 0.0
+        self.spawned = 0.0  # when the process was started
+        self.started: float | None = None  # when the task's clock started (worker ready)
+        self.ready = False
         self.restarts = -1
 
     def ensure(self) -> None:
@@ -221,12 +233,26 @@ class _Worker:
         finally:
             child.close()
         self.proc, self.conn = proc, conn
+        self.spawned, self.ready = time.monotonic(), False
         self.restarts += 1
 
     def submit(self, task: Task) -> None:
+        """Send ``task``; its clock starts now if the worker is ready, else when it says so."""
         self.ensure()
-        self.task, self.started = task, time.monotonic()
+        self.task, self.started = task, time.monotonic() if self.ready else None
         self.conn.send(task)
+
+    def overdue(self, timeout_s: float) -> str | None:
+        """Why the task in flight is over its time, or None."""
+        now = time.monotonic()
+        if self.started is None:
+            if now - self.spawned > STARTUP_TIMEOUT_S:
+                return (f"the worker did not start within {STARTUP_TIMEOUT_S:.0f} s; worker "
+                        "killed and restarted")
+            return None
+        if now - self.started > timeout_s:
+            return f"no result after {timeout_s:.0f} s; worker killed and restarted"
+        return None
 
     def close(self, kill: bool = False) -> None:
         if self.proc is None:
@@ -282,16 +308,19 @@ class WorkerPool:
                 trial = w.conn.recv()
             except (EOFError, OSError):
                 trial = None
+            if trial == READY:
+                w.ready, w.started = True, time.monotonic()
+                return None
             if trial is not None:
                 if trial.status == "crash":  # the worker exits after a crash; start a fresh one
                     w.close(kill=True)
                 return trial
         elif w.proc.is_alive():
-            if time.monotonic() - w.started <= task.settings.timeout_s:
+            why = w.overdue(task.settings.timeout_s)
+            if why is None:
                 return None
             w.close(kill=True)
-            return _failed(task, "timeout", f"no result after {task.settings.timeout_s:.0f} s; "
-                                             "worker killed and restarted")
+            return _failed(task, "timeout", why)
         code = w.proc.exitcode if w.proc is not None else None
         w.close(kill=True)
         return _failed(task, "crash", f"worker died (exit code {code}); restarted")
@@ -402,5 +431,5 @@ class ReplayEvaluator:
         return out
 
 
-__all__ = ["EvalSettings", "PoolEvaluator", "ReplayEvaluator", "Task", "WORKLOADS", "WorkerPool",
-           "classify", "run_trial", "verify_case"]
+__all__ = ["EvalSettings", "PoolEvaluator", "READY", "ReplayEvaluator", "STARTUP_TIMEOUT_S", "Task",
+           "WORKLOADS", "WorkerPool", "classify", "run_trial", "verify_case"]

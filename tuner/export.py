@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from gdn2_kernels import _device, config_store
+from gdn2_kernels import _device, config_schema, config_store
 from gdn2_kernels.config_store import CacheEntry, CacheError, CacheFile
 from gdn2_kernels.configs import ProblemKey, version_tuple
 from gdn2_kernels.exported import vllm_filename
+from tuner.cache import where_configs_come_from
 from tuner.trial import Problem
 
 FORMATS = ("portable", "fla", "vllm")
@@ -116,16 +117,16 @@ def source_path(source: str | None = None) -> Path:
     """``source`` if given, else this GPU's user cache, else its shipped profile."""
     if source:
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"no file {path}")
-        return path
+        return path  # read (regular files only, bounded) and validated by config_store.read
     name = _device.gpu_name()
     for path in (config_store.user_cache_path(name), config_store.shipped_profile_path(name)):
         if path.is_file():
             return path
     raise ExportError(f"no tuned configs for {name!r}: neither {config_store.user_cache_path(name)} "
-                      f"nor {config_store.shipped_profile_path(name)} exists (run `gdn2 tune`, or "
-                      "pass --from FILE)")
+                      f"nor {config_store.shipped_profile_path(name)} exists; "
+                      + where_configs_come_from("--from"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,9 +252,11 @@ def fla_config(m: FlaMapping, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_json_object(path: Path) -> dict[str, Any]:
+    """An earlier export in the output folder, to add to; {} when there is none or it is not a
+    readable JSON object (it is then rewritten)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = config_schema.read_json(path)
+    except (OSError, CacheError):
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -429,7 +432,7 @@ def _refusals(data: dict[str, Any], cache: CacheFile, gpu_name: str,
               software: dict[str, Any]) -> list[str]:
     out = []
     version = data.get("schema_version")
-    if isinstance(version, int) and version > config_store.SCHEMA_VERSION:
+    if type(version) is int and version > config_store.SCHEMA_VERSION:
         out.append(f"schema_version {version} is newer than this gdn2_kernels reads "
                    f"({config_store.SCHEMA_VERSION}); upgrade gdn2-kernels")
     mismatch = config_store.gpu_mismatch(cache.gpu, gpu_name)
@@ -460,14 +463,14 @@ def import_file(path: str, merge: bool = False, force: bool = False,
     gpu_name = gpu_name or _device.gpu_name()
     software = dict(software) if software is not None else config_store.current_software()
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = config_schema.read_json(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"no file {path}") from None
-    except (OSError, ValueError) as exc:
-        raise CacheError(f"{path}: cannot read as JSON ({exc})") from None
+    except CacheError as exc:
+        raise CacheError(f"{path}: refused: {exc}") from None
     if not isinstance(data, dict):
         raise CacheError(f"{path}: top level is not a JSON object")
-    newer = isinstance(data.get("schema_version"), int) and \
+    newer = type(data.get("schema_version")) is int and \
         data["schema_version"] > config_store.SCHEMA_VERSION
     if newer and not force:
         raise ImportRefused(f"{path}: schema_version {data['schema_version']} is newer than this "
@@ -477,7 +480,7 @@ def import_file(path: str, merge: bool = False, force: bool = False,
         cache = config_store.parse({**data, "schema_version": config_store.SCHEMA_VERSION}
                                    if newer else data, str(path))
     except CacheError as exc:
-        raise CacheError(f"{path}: {exc}") from None
+        raise CacheError(f"{path}: refused: {exc}") from None
     refusals = _refusals(data, cache, gpu_name, software)
     if refusals and not force:
         raise ImportRefused(f"{path}: refused: " + "; ".join(refusals)

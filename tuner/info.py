@@ -46,14 +46,18 @@ def collect(key: ProblemKey | None = None) -> InfoReport:
 
     key = key or ProblemKey(GPU_PROBLEM.K, GPU_PROBLEM.V, GPU_PROBLEM.dtype)
     arch = _device.arch()
-    pipe = dispatch.resolve(key)
+    try:
+        pipe = dispatch.resolve(key)
+        resolved_source = pipe.source
+    except config_store.CacheError as exc:  # a $GDN2_CONFIG_FILE that is not there
+        pipe, resolved_source = None, f"error: {exc}"
     kernels = []
     for spec in all_specs():
         rep = spec.space(key, arch, triton.__version__)
         by_rule: dict[str, int] = {}
         for pr in rep.pruned:
             by_rule[pr.rule] = by_rule.get(pr.rule, 0) + 1
-        resolved = pipe.as_dict().get(spec.name)
+        resolved = pipe.as_dict().get(spec.name) if pipe is not None else None
         kernels.append(KernelInfo(
             spec.name, spec.direction, workload_of(spec), spec.doc,
             {p.name: {"values": list(p.values), "default": p.default, "doc": p.doc}
@@ -62,7 +66,7 @@ def collect(key: ProblemKey | None = None) -> InfoReport:
             [f"{r.name} ({r.arch}): {r.reason} [{r.source}]" for r in spec.arch_rules],
             resolved.as_dict() if resolved is not None else None))
     return InfoReport(gpu.report(), _device.gpu_name(), arch, _device.interpreter_active(),
-                      config_store.current_software(), key.as_dict(), pipe.source,
+                      config_store.current_software(), key.as_dict(), resolved_source,
                       config_store.describe_sources(), kernels, sorted(STRATEGIES))
 
 

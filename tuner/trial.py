@@ -150,6 +150,7 @@ class StrategyOption:
     type: type
     default: Any
     help: str
+    minimum: int | None = None  # smallest value that works (None: any)
 
 
 def best(trials: Iterable[Trial]) -> Trial | None:
@@ -194,8 +195,14 @@ def read_log(path: str | os.PathLike) -> list[Trial]:
             if not line.strip():
                 continue
             try:
-                out.append(Trial.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, TypeError) as exc:
+                data = json.loads(line)
+                if not isinstance(data, dict):
+                    raise TypeError(f"a JSON {type(data).__name__}, not an object")
+                trial = Trial.from_dict(data)
+                if not isinstance(trial.id, str) or trial.status not in STATUSES:
+                    raise TypeError(f"id {trial.id!r} / status {trial.status!r} is not a trial's")
+                out.append(trial)
+            except (json.JSONDecodeError, TypeError, RecursionError) as exc:
                 warnings.warn(f"{path}:{n}: skipping an unreadable trial line ({exc})", stacklevel=2)
     return out
 

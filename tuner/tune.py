@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from gdn2_kernels import _device, _env, config_store, dispatch
-from gdn2_kernels.configs import DEFAULT_CHUNK_SIZE, KernelConfig, KernelSpec, ProblemKey, all_specs, get_spec
+from gdn2_kernels.configs import (CHUNK_SIZES, DEFAULT_CHUNK_SIZE, KEY_DTYPES, MAX_HEAD_DIM,
+                                  KernelConfig, KernelSpec, ProblemKey, all_specs, get_spec)
 from tuner import gpu
 from tuner.evaluate import EvalSettings, PoolEvaluator, WorkerPool
-from tuner.strategies import get_strategy
+from tuner.options import OptionError, integer, one_of, positive_number
+from tuner.strategies import STRATEGIES, get_strategy, parse_options
 from tuner.trial import FAILED, Budget, Candidate, Problem, Trial, TrialLog, best
 
 
@@ -187,6 +189,46 @@ def defaults(options: TuneOptions) -> TuneOptions:
     return dataclasses.replace(options, **changes)
 
 
+_PROBLEM_OPTIONS = (("B", "-B/--batch", None), ("T", "-T/--seqlen", None),
+                    ("H", "-H/--heads", None), ("K", "-K/--k", MAX_HEAD_DIM),
+                    ("V", "-V/--v", MAX_HEAD_DIM), ("decode_batch", "decode_batch", None))
+
+
+def check_options(options: TuneOptions) -> None:
+    """Refuse options that cannot work, before any work starts: :class:`OptionError` naming the
+    option as the CLI spells it. (Whether the named devices exist is checked by
+    :func:`resolve_devices`.)"""
+    p = options.problem
+    if p is not None:
+        for field_name, option, high in _PROBLEM_OPTIONS:
+            integer(getattr(p, field_name), option, 1, high)
+        one_of(p.dtype, KEY_DTYPES, "--dtype")
+    for name in options.kernels or ():
+        one_of(name, [s.name for s in all_specs()], "-k/--kernel")
+    for bt in options.chunk_sizes or ():
+        one_of(bt, CHUNK_SIZES, "-c/--chunk-size")
+    one_of(options.strategy, sorted(STRATEGIES), "--strategy")
+    try:
+        parse_options(options.strategy, dict(options.strategy_options))
+    except ValueError as exc:
+        raise OptionError("-o/--option", str(exc)) from None
+    if options.max_minutes is not None:
+        positive_number(options.max_minutes, "--max-minutes")
+    if options.max_configs is not None:
+        integer(options.max_configs, "--max-configs")
+    positive_number(options.timeout_s, "--timeout")
+    devices = options.devices
+    if devices not in ("auto", "all") and not (
+            isinstance(devices, str) and devices.replace(",", "").replace(" ", "").isdigit()):
+        raise OptionError("--devices", f"must be 'auto', 'all' or indices like 0,1; got "
+                                       f"{devices!r}")
+    for name in ("verify_T", "reps"):
+        if getattr(options, name) is not None:
+            integer(getattr(options, name), name)
+    if options.warmup is not None:
+        integer(options.warmup, "warmup", 0)
+
+
 def resolve_devices(spec: str) -> list[int]:
     """``'auto'`` -> the current device, ``'all'`` -> every visible GPU, else a comma list."""
     if not gpu.gpu_available():
@@ -259,13 +301,12 @@ def make_plan(options: TuneOptions) -> TunePlan:
     """The searches of a tune and what each space keeps and prunes (``gdn2 tune --dry-run``)."""
     import triton
 
+    check_options(options)
     options = defaults(options)
     p = options.problem
     key = ProblemKey(p.K, p.V, p.dtype)
     arch, name = _device.arch(), _device.gpu_name()
     devices = resolve_devices(options.devices)
-    if options.strategy not in ("exhaustive", "random", "halving"):
-        get_strategy(options.strategy)  # raises with the list
     specs = _select_specs(options)
     bwd_reason = backward_status() if options.backward else "backward tuning off (--forward-only)"
     chunk_sizes = list(options.chunk_sizes or get_spec(next(
@@ -357,7 +398,9 @@ def _expected_trials(plan: TunePlan, sizes: list[int], options: TuneOptions) -> 
             k = min(k, int(opts["n"]))
         if cap:
             k = min(k, cap)
-        if plan.strategy == "halving":
+        # Halving re-times in later rungs only while the config budget lasts: a first rung of
+        # ``cap`` configs uses it up, and the strategy stops there.
+        if plan.strategy == "halving" and not (cap and k >= cap):
             eta, m = int(opts.get("eta", 3)), k
             while m > 1:
                 m = max(1, m // eta)
@@ -371,6 +414,7 @@ def tune(options: TuneOptions, progress: Progress | None = None) -> TuneResult:
     import triton
 
     t_start = time.monotonic()
+    check_options(options)
     options = defaults(options)
     plan = make_plan(options)
     if not plan.searches:
@@ -446,8 +490,9 @@ def tune(options: TuneOptions, progress: Progress | None = None) -> TuneResult:
         chosen, speedup = default, 1.0
     entries = _entries(plan, results, chosen, key) if chosen else []
     written, note = _write(plan, entries, options)
-    if progress:
-        progress(ProgressEvent("done", "", state["done"], expected, None, False, dict(bests)))
+    if progress:  # the estimate is an upper bound (budgets, failures): end at what ran
+        progress(ProgressEvent("done", "", state["done"], state["done"], None, False,
+                               dict(bests)))
     return TuneResult(plan, results, sorted(by_bt.values(), key=lambda t: t.chunk_size), default,
                       chosen.chunk_size if chosen else None, speedup,
                       [e.as_dict() for e in entries], written, note,
@@ -532,5 +577,5 @@ def _write(plan: TunePlan, entries: list[config_store.CacheEntry],
 
 
 __all__ = ["CPU_PROBLEM", "GPU_PROBLEM", "KernelPlan", "ProgressEvent", "SearchResult",
-           "TuneError", "TuneOptions", "TunePlan", "TuneResult", "backward_status", "defaults",
-           "make_plan", "resolve_devices", "tune", "workload_of"]
+           "TuneError", "TuneOptions", "TunePlan", "TuneResult", "backward_status", "check_options",
+           "defaults", "make_plan", "resolve_devices", "tune", "workload_of"]

@@ -84,7 +84,9 @@ def test_decode_mode_rows(fake_measurer, fake_registry, fake_provenance):
                     provenance=fake_provenance)
     assert [(r.provider, r.B, r.context) for r in rep.rows] == [("missing", 1, 4096),
                                                                 ("missing", 4, 4096)]
-    assert rep.ceilings is not None
+    assert rep.ceilings is None  # no provider asked for can run in decode: nothing to compare
+    assert rep.notes == ["ours has no decode mode (it runs in fwd, fwdbwd): no decode rows for it"]
+    assert rep.timed == 0
 
 
 def test_bad_mode_and_parsers(fake_measurer, fake_registry):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -44,11 +45,13 @@ def test_tune_dry_run_lists_space_and_pruning():
     assert res.exit_code == 0 and "pruned" in res.stdout
 
 
-def test_tune_bad_input_is_one_line_and_exit_1():
+def test_tune_bad_input_is_a_usage_error():
     res = _run("tune", "--dry-run", "-k", "nope_fwd")
-    assert res.exit_code == 1 and "no kernel spec 'nope_fwd'" in res.output
+    assert res.exit_code == 2 and "'nope_fwd'" in res.stderr
     res = _run("tune", "--dry-run", "--strategy", "random", "-o", "eta=2")
-    assert res.exit_code == 1 and "no option 'eta'" in res.output
+    assert res.exit_code == 2 and "no option 'eta'" in res.stderr
+    res = _run("tune", "--dry-run", "--devices", "3")  # well-formed, but no such GPU here
+    assert res.exit_code == 1 and "no CUDA GPU here" in res.stderr
 
 
 def test_tune_runs_on_the_interpreter_and_says_so(tmp_path):
@@ -58,6 +61,36 @@ def test_tune_runs_on_the_interpreter_and_says_so(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["ok"] and data["written"] == [] and "interpreter" in data["note"]
+    assert res.stderr.lstrip().startswith("No CUDA GPU")  # said before the tune, on stderr
+    res = _run("tune", "-k", "l2norm_fwd", "-H", "1", "-K", "16", "-V", "16", "-T", "32",
+               "--strategy", "random", "-o", "n=1", "--max-configs", "1",
+               "--log", str(tmp_path / "log.jsonl"))
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("No CUDA GPU")
+    # The progress ended at its total, and the result tables start on lines of their own.
+    assert any(re.match(r"done .* (\d+)/\1 ", line) for line in lines), res.stdout
+    assert any(line.strip().startswith("tune of B1-T32-H1-K16-V16-float32") for line in lines)
+
+
+def test_advice_without_a_cache_names_a_shipped_profile(isolated_cache):
+    """On a CPU `gdn2 tune` writes no cache, so the advice is a shipped profile, by path, and
+    following it works."""
+    def squeezed(text: str) -> str:  # rich wraps long lines; compare without white space
+        return "".join(text.split())
+
+    shipped = isolated_cache / "profiles" / "NVIDIA_H200.json"
+    _cache_file(shipped, "NVIDIA H200")
+    res = _run("cache", "show")
+    assert res.exit_code == 1
+    assert squeezed("no CUDA GPU here, so `gdn2 tune` writes no cache") in squeezed(res.stderr)
+    assert squeezed(f"gdn2 cache show {shipped}") in squeezed(res.stderr)
+    assert _run("cache", "show", str(shipped)).exit_code == 0
+    out = str(isolated_cache / "out")
+    res = _run("export", "-f", "vllm", "-o", out)
+    assert res.exit_code == 1 and squeezed(f"--from {shipped}") in squeezed(res.stderr)
+    res = _run("export", "-f", "vllm", "-o", out, "--from", str(shipped))
+    assert res.exit_code == 0 and "1 file(s) written" in res.stdout
 
 
 def test_cache_commands(isolated_cache):

@@ -75,3 +75,40 @@ def test_two_workers_shard_one_batch(tmp_path, monkeypatch):
     assert [t.label() for t in trials] == [c.label() for c in cands]  # merged in request order
     assert all(t.ok for t in trials) and len({t.device for t in trials}) == 2
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_workers_start_up_is_not_charged_to_its_candidate(tmp_path, monkeypatch):
+    """Every fresh worker here takes 3 s to import, more than the 2.5 s timeout: the clock starts
+    when the worker is ready, so neither the first candidate nor the one after the crash (whose
+    worker is restarted) times out."""
+    monkeypatch.setenv("GDN2_TEST_IMPORT_SECONDS", "3")
+    cands = state_fwd_candidates(bvs=(16, 32), warps=(2,), stages=(1,))  # BV=16 aborts
+    cands += state_fwd_candidates(bvs=(32,), warps=(4,), stages=(1,))
+    fn = "slow_import_trials:by_config"
+    pool = WorkerPool([-1], fn)
+    settings = EvalSettings(tiny_problem(), verify_T=40, warmup=0, reps=1, timeout_s=2.5,
+                            trial_fn=fn)
+    try:
+        trials = PoolEvaluator(pool, TrialLog(tmp_path / "l.jsonl"), settings)(
+            [cands[1], cands[0], cands[2]], 1, Budget())
+    finally:
+        pool.close()
+    assert [t.status for t in trials] == ["ok", "crash", "ok"], [t.message for t in trials]
+    assert pool.restarts == 1
+
+
+def test_a_worker_that_never_starts_is_a_timeout(monkeypatch):
+    """A worker stuck in its imports past STARTUP_TIMEOUT_S is killed; the candidate is a
+    timeout that says so."""
+    import tuner.evaluate as evaluate
+
+    monkeypatch.setenv("GDN2_TEST_IMPORT_SECONDS", "60")
+    monkeypatch.setattr(evaluate, "STARTUP_TIMEOUT_S", 1.0)
+    cand = state_fwd_candidates(bvs=(32,), warps=(2,), stages=(1,))[0]
+    pool = WorkerPool([-1], "slow_import_trials:by_config")
+    got = []
+    try:
+        pool.run([Task("s", cand, 1, _settings(timeout_s=1000))], got.append)
+    finally:
+        pool.close()
+    assert [t.status for t in got] == ["timeout"] and "did not start" in got[0].message

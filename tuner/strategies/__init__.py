@@ -55,7 +55,15 @@ def parse_options(name: str, pairs: Mapping[str, str] | list[str]) -> dict[str, 
     for k, v in pairs.items():
         if k not in table:
             raise ValueError(f"strategy {name!r} has no option {k!r}; it has {sorted(table)}")
-        out[k] = table[k].type(v)
+        opt = table[k]
+        try:
+            value = v if isinstance(v, opt.type) and not isinstance(v, bool) else opt.type(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"strategy {name!r} option {k} must be {opt.type.__name__}, got "
+                             f"{v!r}") from None
+        if opt.minimum is not None and value < opt.minimum:
+            raise ValueError(f"strategy {name!r} option {k} must be >= {opt.minimum}, got {value}")
+        out[k] = value
     return out
 
 

@@ -6,7 +6,8 @@ from typing import Sequence
 from tuner.trial import Budget, Candidate, Evaluator, StrategyOption, Trial
 
 OPTIONS: tuple[StrategyOption, ...] = (
-    StrategyOption("effort", int, 1, "timing effort of every trial (repetitions x effort)"),
+    StrategyOption("effort", int, 1, "timing effort of every trial (repetitions x effort)",
+                   minimum=1),
 )
 
 

@@ -12,8 +12,9 @@ from tuner.strategies.random import sample
 from tuner.trial import Budget, Candidate, Evaluator, StrategyOption, Trial
 
 OPTIONS: tuple[StrategyOption, ...] = (
-    StrategyOption("n", int, 0, "candidates in the first rung (0: the whole space)"),
-    StrategyOption("eta", int, 3, "keep the best 1/eta of each rung; effort grows by eta"),
+    StrategyOption("n", int, 0, "candidates in the first rung (0: the whole space)", minimum=0),
+    StrategyOption("eta", int, 3, "keep the best 1/eta of each rung; effort grows by eta",
+                   minimum=2),
     StrategyOption("seed", int, 0, "seed of the first rung's sample"),
 )
 

@@ -7,9 +7,9 @@ from typing import Sequence
 from tuner.trial import Budget, Candidate, Evaluator, StrategyOption, Trial
 
 OPTIONS: tuple[StrategyOption, ...] = (
-    StrategyOption("n", int, 16, "candidates drawn per kernel and chunk size"),
+    StrategyOption("n", int, 16, "candidates drawn per kernel and chunk size", minimum=1),
     StrategyOption("seed", int, 0, "seed of the draw; the same seed redraws the same candidates"),
-    StrategyOption("effort", int, 1, "timing effort of every trial"),
+    StrategyOption("effort", int, 1, "timing effort of every trial", minimum=1),
 )
 
 
