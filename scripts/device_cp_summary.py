@@ -82,8 +82,9 @@ def timing(T: int) -> dict:
         row["cp_pass_H_M_ms"] = ms(lambda: span_summary_fwd(Qg, Kt, gC, Y, U, A_qk, None, cu,
                                                             offs, pipe["state_fwd"]))
         do = torch.randn_like(x.v)
-        row["cp_pass_G_ms"] = ms(lambda: span_summary_bwd(x.q, x.k, g_cum, Y, A_qk, do, None,
-                                                          scale, cu, offs, pipe["state_bwd"]))
+        row["cp_pass_G_ms"] = ms(lambda: span_summary_bwd(x.q, x.k, g_cum, Qg, Kt, gC, Y, A_qk,
+                                                          do, None, scale, cu, offs,
+                                                          pipe["state_bwd"]))
     leaves = [t.detach().clone().requires_grad_() for t in (x.q, x.k, x.v, x.g, x.b, x.w)]
 
     def fwd_bwd():
