@@ -92,7 +92,11 @@ def test_summary_on_gpu(case: SpanCase):
     _, S_ref = _ref(x64, x64.h0, case)
     tol = TOLERANCES[dtype_name(case.dtype)]["ht"]
     assert rel_rms(Hs, H_ref) <= tol
-    assert rel_rms(M.double().transpose(-1, -2) @ x64.h0, S_ref - H_ref) <= tol
+    # The chained state a rank hands on, H + M^T S0. Over thousands of tokens the response to S0
+    # alone, M^T S0, decays to ~1e-12 of |S| (measured on the CPU at T = 1024): its relative error
+    # measures rounding of a vanishing quantity (5.4e-3 in bf16 there, failing "ht" on the H200 at
+    # this shape on 2026-12-01), so M alone is checked on short spans (the tests above).
+    assert rel_rms(Hs.double() + M.double().transpose(-1, -2) @ x64.h0, S_ref) <= tol
 
 
 @pytest.mark.parametrize("case", SPAN_CASES)
