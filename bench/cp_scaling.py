@@ -190,7 +190,7 @@ def _step(run: Run, mode: str, options: ScalingOptions, group, rank: int) -> Cal
     import torch
 
     from gdn2_kernels import chunk_gdn2
-    from gdn2_kernels._testing import make_inputs
+    from gdn2_kernels.inputs import make_inputs
     from gdn2_kernels.cp import build_cp_context, chunk_gdn2_cp
 
     dt = getattr(torch, options.dtype)

@@ -1,4 +1,4 @@
-"""Benchmark inputs for every provider, all derived from ``gdn2_kernels._testing.make_inputs``.
+"""Benchmark inputs for every provider, all derived from ``gdn2_kernels.inputs.make_inputs``.
 
 One :class:`ProblemInputs` per shape draws the GDN-2 tensors once (same seed for every
 provider) and derives the other problems' tensors from them, so all implementations see the
@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from bench.model import Shape, mamba_dims
-from gdn2_kernels._testing import GDN2Inputs, make_inputs
+from gdn2_kernels.inputs import GDN2Inputs, make_inputs
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

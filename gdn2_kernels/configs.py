@@ -17,11 +17,21 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 from gdn2_kernels._parallel import NARROW_MAX_WARPS
-from gdn2_kernels._testing import TOLERANCES
+from gdn2_kernels.accuracy import TOLERANCES
 
 MAX_HEAD_DIM = 256
 # The input dtypes a problem key (and so a tuned config) can have, as torch names them.
 KEY_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def dtype_name(dtype) -> str:
+    """A torch dtype as problem keys and tolerance tables spell it: 'bfloat16', 'float32'."""
+    return str(dtype).removeprefix("torch.")
+
+
+def short_dtype_name(dtype) -> str:
+    """'fp32', 'bf16', 'fp16', 'fp64': the dtype in readable test ids and labels."""
+    return dtype_name(dtype).replace("float", "fp").replace("bfp", "bf")
 
 
 def next_pow2(n: int) -> int:
@@ -42,6 +52,11 @@ class ProblemKey:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ProblemKey":
         return cls(int(d["K"]), int(d["V"]), str(d["dtype"]))
+
+    @classmethod
+    def of(cls, k, v) -> "ProblemKey":
+        """The key of a call with keys ``k`` ``[.., K]`` and values ``v`` ``[.., V]``."""
+        return cls(k.shape[-1], v.shape[-1], dtype_name(k.dtype))
 
 
 @dataclass(frozen=True)
@@ -466,9 +481,11 @@ __all__ = [
     "Pruned",
     "SpaceReport",
     "all_specs",
+    "dtype_name",
     "get_spec",
     "next_pow2",
     "register",
+    "short_dtype_name",
     "version_tuple",
 ]
 

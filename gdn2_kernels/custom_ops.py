@@ -26,7 +26,6 @@ from typing import Iterator, Optional
 import torch
 
 from gdn2_kernels import _device, dispatch, ops
-from gdn2_kernels._testing import dtype_name
 from gdn2_kernels.configs import ProblemKey
 
 Tensor = torch.Tensor
@@ -93,7 +92,7 @@ def _chunk_gdn2_impl(q, k, v, g, b, w, initial_state, cu_seqlens, scale, output_
                            initial_state is not None, cu_seqlens is not None,
                            disable_recompute=False, check_g=validate_values)
     with _device.guard(q), ops.gate_checked(q.device, validate_values, "chunk_gdn2"):
-        pipe = dispatch.resolve(ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype)))
+        pipe = dispatch.resolve(ProblemKey.of(q, v))
         res = ops._run_forward(q, k, v, g, b, w,
                                None if initial_state is None else initial_state.contiguous(),
                                cu_seqlens, opts, pipe).fwd

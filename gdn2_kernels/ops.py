@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from gdn2_kernels import _device, _env, _fla_args, _gate_check, _launch, dispatch
-from gdn2_kernels._testing import dtype_name
 from gdn2_kernels.configs import MAX_HEAD_DIM, ProblemKey
 from gdn2_kernels.kernels import _gate
 from gdn2_kernels.kernels.chunk_fwd import FwdResult, chunk_gdn2_fwd
@@ -294,7 +293,7 @@ def _run_backward(s: _Saved, do, dht, opts: GDN2Options, pipe: dispatch.Pipeline
 
 def _pipeline(q: torch.Tensor, v: torch.Tensor, opts: GDN2Options) -> dispatch.PipelineConfig:
     """The resolved configs of one call, with the caller's ``chunk_size`` when pinned."""
-    key = ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype))
+    key = ProblemKey.of(q, v)
     pipe = dispatch.resolve(key)
     return pipe if opts.chunk_size is None else dispatch.with_chunk_size(pipe, opts.chunk_size,
                                                                          key)
@@ -608,8 +607,7 @@ def _check_no_grad(q, k, v, g, b, w, initial_state, *, fn: str = "fused_recurren
 
 
 def _recurrent_config(q: torch.Tensor, v: torch.Tensor):
-    return dispatch.resolve(ProblemKey(q.shape[-1], v.shape[-1],
-                                       dtype_name(q.dtype)))["recurrent_fwd"]
+    return dispatch.resolve(ProblemKey.of(q, v))["recurrent_fwd"]
 
 
 def _contiguous_gate(gate: _gate.GateArgs) -> _gate.GateArgs:

@@ -24,7 +24,8 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 import gdn2_kernels
 from gdn2_kernels import GatedDeltaNet2, GDN2Cache, dispatch, fused_recurrent_gdn2
-from gdn2_kernels._testing import make_inputs, max_rel_err, rel_rms
+from gdn2_kernels.accuracy import max_rel_err, rel_rms
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import ProblemKey, get_spec
 from gdn2_kernels.kernels.recurrent_fwd import recurrent_fwd
 from gdn2_kernels.reference import naive_recurrent_gdn2

@@ -12,7 +12,8 @@ import sys
 import torch
 
 from gdn2_kernels import chunk_gdn2, dispatch
-from gdn2_kernels._testing import make_inputs, rel_rms
+from gdn2_kernels.accuracy import rel_rms
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import ProblemKey
 from gdn2_kernels.reference import naive_recurrent_gdn2
 

@@ -16,7 +16,8 @@ import triton
 from triton.testing import do_bench
 
 import gdn2_kernels.ops as ops
-from gdn2_kernels._testing import make_inputs, rel_rms
+from gdn2_kernels.accuracy import rel_rms
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.reference import naive_recurrent_gdn2
 
 out_dir = sys.argv[1]

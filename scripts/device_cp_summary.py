@@ -28,7 +28,9 @@ from triton.testing import do_bench
 
 import gdn2_kernels
 from gdn2_kernels import _varlen, chunk_gdn2, dispatch
-from gdn2_kernels._testing import TOLERANCES, dtype_name, make_inputs, rel_rms
+from gdn2_kernels.accuracy import TOLERANCES, rel_rms
+from gdn2_kernels.configs import dtype_name
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import ProblemKey
 from gdn2_kernels.cp import chunk_gdn2_summary
 from gdn2_kernels.cp.emulate import emulate_cp

@@ -8,7 +8,8 @@ import os
 import torch
 
 from gdn2_kernels import chunk_gdn2, dispatch
-from gdn2_kernels._testing import make_inputs, rel_rms
+from gdn2_kernels.accuracy import rel_rms
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.reference import naive_recurrent_gdn2
 
 x = make_inputs(2, 1000, 4, 64, 96, torch.float32, "cuda", with_h0=True)

@@ -16,7 +16,8 @@ import triton
 from triton.testing import do_bench
 
 from gdn2_kernels import dispatch
-from gdn2_kernels._testing import make_inputs, max_rel_err, rel_rms
+from gdn2_kernels.accuracy import max_rel_err, rel_rms
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import get_spec
 from gdn2_kernels.ops import chunk_gdn2
 from gdn2_kernels.reference import naive_recurrent_gdn2

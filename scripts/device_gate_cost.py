@@ -16,7 +16,7 @@ from triton.testing import do_bench
 
 from bench.provenance import collect
 from gdn2_kernels import chunk_gdn2
-from gdn2_kernels._testing import make_inputs
+from gdn2_kernels.inputs import make_inputs
 
 out_dir = sys.argv[1]
 shapes = [tuple(int(n) for n in s.split("x"))

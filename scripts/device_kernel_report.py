@@ -11,7 +11,7 @@ import sys
 import torch
 
 from gdn2_kernels import chunk_gdn2
-from gdn2_kernels._testing import make_inputs
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.kernels import intra_bwd, intra_fwd, l2norm, state_bwd, state_fwd
 
 x = make_inputs(8, 2048, 16, 128, 128, torch.bfloat16, "cuda").to(torch.bfloat16, "cuda",

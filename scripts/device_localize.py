@@ -4,7 +4,7 @@ import sys
 import torch
 
 from gdn2_kernels import chunk_gdn2
-from gdn2_kernels._testing import make_inputs
+from gdn2_kernels.inputs import make_inputs
 
 B, T = (int(a) for a in sys.argv[1:3])
 x = make_inputs(B, T, 2, 128, 128, torch.bfloat16, "cuda").to(torch.bfloat16, "cuda",

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from gdn2_kernels import chunk_gdn2
-from gdn2_kernels._testing import make_inputs
+from gdn2_kernels.inputs import make_inputs
 
 B, T = (int(n) for n in (sys.argv[1] if len(sys.argv) > 1 else "8x2048").split("x"))
 x = make_inputs(B, T, 16, 128, 128, torch.bfloat16, "cuda", seed=1).to(

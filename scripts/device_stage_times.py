@@ -14,7 +14,7 @@ import triton
 from triton.testing import do_bench
 
 from gdn2_kernels import _varlen
-from gdn2_kernels._testing import make_inputs
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import get_spec
 from gdn2_kernels.kernels.intra_fwd import intra_fwd
 from gdn2_kernels.kernels.state_fwd import state_fwd

@@ -24,7 +24,8 @@ import triton
 from bench.model import Shape
 from bench.profile import profile
 from gdn2_kernels import chunk_gdn2, dispatch
-from gdn2_kernels._testing import make_inputs, rel_rms
+from gdn2_kernels.accuracy import rel_rms
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import ProblemKey
 
 out_dir = sys.argv[1]

@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
     """Ids like ``B2-T100-H2-K32-V48-fp32``: dtypes shortened, cases by their ``label()``."""
     if isinstance(val, torch.dtype):
-        from gdn2_kernels._testing import short_dtype_name  # after TRITON_INTERPRET is set
+        from gdn2_kernels.configs import short_dtype_name  # after TRITON_INTERPRET is set
 
         return short_dtype_name(val)
     label = getattr(val, "label", None)

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import tuner.verify
-from gdn2_kernels._testing import ErrorReport
+from gdn2_kernels.accuracy import ErrorReport
 from tuner.cli import app
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gdn2_kernels import _launch, dispatch, ops
-from gdn2_kernels._testing import dtype_name, make_inputs
+from gdn2_kernels.configs import dtype_name
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import ProblemKey
 
 

@@ -12,7 +12,8 @@ import torch
 
 from gdn2_kernels import (InvalidGateError, _gate_check, check_gates, chunk_gdn2, dispatch,
                           fused_recurrent_gdn2)
-from gdn2_kernels._testing import compare, make_inputs
+from gdn2_kernels.accuracy import compare
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.kernels.chunk_fwd import chunk_gdn2_fwd
 from gdn2_kernels.kernels.recurrent_fwd import recurrent_fwd
 from gdn2_kernels.reference import naive_recurrent_gdn2

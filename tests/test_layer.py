@@ -8,7 +8,8 @@ import torch
 
 import gdn2_kernels
 from gdn2_kernels import GatedDeltaNet2, GDN2Cache, custom_ops, ops, reference
-from gdn2_kernels._testing import make_inputs, rel_rms
+from gdn2_kernels.accuracy import rel_rms
+from gdn2_kernels.inputs import make_inputs
 
 # Layer outputs pass through projections and an RMSNorm; fp32 math on both sides.
 TOL = 1e-4

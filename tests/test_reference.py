@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from gdn2_kernels._testing import make_inputs, rel_rms
+from gdn2_kernels.accuracy import rel_rms
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.reference import (
     chunk_stages_fwd,
     naive_chunk_gdn2,

@@ -35,7 +35,7 @@ def run(B: int = 4, T: int = 4096, H: int = 16, D: int = 128, dtype: str = "bflo
 
     import gdn2_kernels
     from gdn2_kernels import _device, dispatch
-    from gdn2_kernels._testing import make_inputs
+    from gdn2_kernels.inputs import make_inputs
     from gdn2_kernels.configs import ProblemKey
 
     t_import = time.perf_counter() - _T0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gdn2_kernels import configs
-from gdn2_kernels._testing import TOLERANCES
+from gdn2_kernels.accuracy import TOLERANCES
 from gdn2_kernels.configs import KernelSpec, all_specs
 
 DOCS_DIR = Path(__file__).resolve().parent.parent / "docs"

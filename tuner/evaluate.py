@@ -88,7 +88,7 @@ def _timed_call(candidate: Candidate, problem: Problem, device):
     import torch
 
     from gdn2_kernels import ops
-    from gdn2_kernels._testing import make_inputs
+    from gdn2_kernels.inputs import make_inputs
 
     dtype = getattr(torch, problem.dtype)
     decode = candidate.workload == "decode"

@@ -257,7 +257,7 @@ def backward_status() -> str | None:
     import torch
 
     from gdn2_kernels import chunk_gdn2
-    from gdn2_kernels._testing import make_inputs
+    from gdn2_kernels.inputs import make_inputs
 
     x = make_inputs(1, 16, 1, 16, 16, torch.float32, _device.default_device(), seed=0)
     x = x.to(torch.float32, _device.default_device(), requires_grad=True)

@@ -12,7 +12,8 @@ from typing import Callable
 import torch
 
 from gdn2_kernels import _device, dispatch
-from gdn2_kernels._testing import ErrorReport, compare, make_inputs
+from gdn2_kernels.accuracy import ErrorReport, compare
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.ops import chunk_gdn2
 from gdn2_kernels.reference import naive_gate, naive_recurrent_gdn2
 

@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 
 from gdn2_kernels import _device, dispatch
-from gdn2_kernels._testing import dtype_name
 from gdn2_kernels.configs import ProblemKey
 from gdn2_kernels.cp import checks, comm, steps
 from gdn2_kernels.cp.context import CPContext
@@ -28,7 +27,7 @@ class _ChunkGDN2CPFunction(torch.autograd.Function):
     def forward(actx, q, k, v, g, b, w, initial_state, cp: CPContext, opts: GDN2Options):
         V = v.shape[-1]
         with _device.guard(q):
-            pipe = dispatch.resolve(ProblemKey(q.shape[-1], V, dtype_name(q.dtype)))
+            pipe = dispatch.resolve(ProblemKey.of(q, v))
             layout = steps.local_layout(cp, pipe.chunk_size, q.device)
             x = steps.prepare(q, k, v, g, b, w, opts, pipe, layout)
             mine = steps.summarize_forward(x, initial_state, cp, pipe)

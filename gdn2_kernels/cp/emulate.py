@@ -13,7 +13,6 @@ from typing import Sequence
 import torch
 
 from gdn2_kernels import _device, dispatch
-from gdn2_kernels._testing import dtype_name
 from gdn2_kernels.configs import ProblemKey
 from gdn2_kernels.cp import steps
 from gdn2_kernels.cp.context import CPContext, build_cp_context
@@ -48,14 +47,14 @@ def emulate_cp(q, k, v, g, b, w, cu_seqlens: Sequence[int], world_size: int,
     """``chunk_gdn2_cp`` of the global batch (``[1, T, ...]`` tensors, global ``cu_seqlens``,
     ``initial_state`` ``[N, H, K, V]`` per global sequence) over ``world_size`` emulated ranks;
     with ``do`` also the gradients of ``<o, do>``."""
-    T, K, V = q.shape[1], q.shape[-1], v.shape[-1]
+    T, V = q.shape[1], v.shape[-1]
     bounds = [int(c) for c in cu_seqlens]
     ctxs = [build_cp_context(bounds, layout=layout, rank=r, world_size=world_size)
             for r in range(world_size)]
     opts = GDN2Options.of_call(q, scale, initial_state, True, use_qk_l2norm_in_kernel, True,
                                False)
     with _device.guard(q):
-        pipe = dispatch.resolve(ProblemKey(K, V, dtype_name(q.dtype)))
+        pipe = dispatch.resolve(ProblemKey.of(q, v))
         ranks = []
         for ctx in ctxs:
             x = [ctx.local_slice(t).contiguous() for t in (q, k, v, g, b, w)]
