@@ -164,7 +164,7 @@ def test_outputs_are_nan_poisoned_before_launch():
 
 
 # ------------------------------------------------------------------------------------------------
-# Input validation (ops._check_inputs): every error names the argument
+# Input validation (checks.check_inputs): every error names the argument
 # ------------------------------------------------------------------------------------------------
 
 B_, T_, H_, K_, V_ = 2, 6, 2, 8, 4

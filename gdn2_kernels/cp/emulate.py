@@ -16,7 +16,7 @@ from gdn2_kernels import _device, dispatch
 from gdn2_kernels.configs import ProblemKey
 from gdn2_kernels.cp import steps
 from gdn2_kernels.cp.context import CPContext, build_cp_context
-from gdn2_kernels.ops import GDN2Options
+from gdn2_kernels.pipeline import GDN2Options
 
 _GRADS = ("dq", "dk", "dv", "dg", "db", "dw")
 

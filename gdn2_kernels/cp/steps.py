@@ -27,7 +27,7 @@ from gdn2_kernels.kernels.intra_fwd import intra_fwd
 from gdn2_kernels.kernels.l2norm import l2norm_bwd, l2norm_fwd
 from gdn2_kernels.kernels.state_fwd import state_fwd
 from gdn2_kernels.kernels.summary import span_summary_bwd, span_summary_fwd
-from gdn2_kernels.ops import GDN2Options
+from gdn2_kernels.pipeline import GDN2Options
 
 
 @dataclass(frozen=True)
