@@ -237,7 +237,7 @@ def profile(
 @contextlib.contextmanager
 def _library_errors():
     """Typed library errors -> one red line and exit code 1 (also under typer's CliRunner)."""
-    from gdn2_kernels.config_store import CacheError
+    from gdn2_kernels.config_files import CacheError
     from tuner.tune import TuneError
 
     try:

@@ -23,7 +23,7 @@ trap 'rm -rf "$GDN2_CACHE_DIR" "$OUT"/*.lock' EXIT
 PY="${PYTHON:-python}"
 
 $PY -m tuner.cli info --json > "$OUT/info.json"
-PROFILE="$OUT/$($PY -c 'from gdn2_kernels import _device, config_store; print(config_store.profile_filename(_device.gpu_name()))' 2>/dev/null)"
+PROFILE="$OUT/$($PY -c 'from gdn2_kernels import _device, config_files; print(config_files.profile_filename(_device.gpu_name()))' 2>/dev/null)"
 
 start=$(date +%s)
 $PY -m tuner.cli tune --max-minutes 9 --log "$OUT/trials.jsonl" --output "$PROFILE" --json "$@" \

@@ -2,7 +2,7 @@
 
 Formats (docs/formats.md has the schemas and real examples):
 
-- ``portable``: our cache schema (``config_store``, schema_version 1), the verified entries of one
+- ``portable``: our cache schema (``config_files``, schema_version 1), the verified entries of one
   GPU, written to ``<out>/<GPU>.json``; ``gdn2 cache import`` reads it on another machine.
 - ``fla``: flash-linear-attention's config cache, ``<out>/<GPU>/<FLA kernel>.json``
   (``kernel_name``, ``triton_version``, ``autotune_entries`` keyed by the MD5 of FLA's serialised
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from gdn2_kernels import _device, config_schema, config_store
-from gdn2_kernels.config_store import CacheEntry, CacheError, CacheFile
+from gdn2_kernels import _device, config_files, config_schema, provenance
+from gdn2_kernels.config_files import CacheEntry, CacheError, CacheFile
 from gdn2_kernels.configs import ProblemKey, version_tuple
 from gdn2_kernels.exported import vllm_filename
 from tuner.cache import where_configs_come_from
@@ -119,13 +119,13 @@ def source_path(source: str | None = None) -> Path:
         path = Path(source)
         if not path.exists():
             raise FileNotFoundError(f"no file {path}")
-        return path  # read (regular files only, bounded) and validated by config_store.read
+        return path  # read (regular files only, bounded) and validated by config_files.read
     name = _device.gpu_name()
-    for path in (config_store.user_cache_path(name), config_store.shipped_profile_path(name)):
+    for path in (config_files.user_cache_path(name), config_files.shipped_profile_path(name)):
         if path.is_file():
             return path
-    raise ExportError(f"no tuned configs for {name!r}: neither {config_store.user_cache_path(name)} "
-                      f"nor {config_store.shipped_profile_path(name)} exists; "
+    raise ExportError(f"no tuned configs for {name!r}: neither {config_files.user_cache_path(name)} "
+                      f"nor {config_files.shipped_profile_path(name)} exists; "
                       + where_configs_come_from("--from"))
 
 
@@ -291,7 +291,7 @@ def _export_fla(cache: CacheFile, entries: list[CacheEntry], out: Path, heads: t
         merged = {**(existing if isinstance(existing, dict) else {}), **table}
         counts = Counter(json.dumps(v["config"], sort_keys=True) for v in table.values())
         default = json.loads(counts.most_common(1)[0][0])
-        config_store.atomic_write_json(path, {
+        config_files.atomic_write_json(path, {
             "kernel_name": name, "triton_version": cache.software.get("triton"),
             "autotune_entries": merged, "default_config": default})
         files.append(str(path))
@@ -318,7 +318,7 @@ def _export_vllm(cache: CacheFile, entries: list[CacheEntry], out: Path, tokens:
         bucket = tokens if tokens is not None else default_tokens(e.kernel)
         data = {k: v for k, v in _read_json_object(path).items() if str(k).isdigit()}
         data[str(bucket)] = dict(e.config)
-        config_store.atomic_write_json(
+        config_files.atomic_write_json(
             path, {str(b): data[str(b)] for b in sorted(int(k) for k in data)})
         files.append(str(path))
         items.append(ExportItem(e.kernel, _key_label(e.key), "written", str(path),
@@ -328,10 +328,10 @@ def _export_vllm(cache: CacheFile, entries: list[CacheEntry], out: Path, tokens:
 
 def _export_portable(cache: CacheFile, entries: list[CacheEntry], out: Path,
                      items: list[ExportItem]) -> list[str]:
-    path = out / config_store.profile_filename(str(cache.gpu["name"]))
+    path = out / config_files.profile_filename(str(cache.gpu["name"]))
     doc = {**cache.as_dict(), "entries": [e.as_dict() for e in entries]}
-    config_store.parse(doc)  # what we write must read back
-    config_store.atomic_write_json(path, doc)
+    config_files.parse(doc)  # what we write must read back
+    config_files.atomic_write_json(path, doc)
     for e in entries:
         items.append(ExportItem(e.kernel, _key_label(e.key), "written", str(path),
                                 f"median {e.median_ms} ms" if e.median_ms is not None else "no timing"))
@@ -354,7 +354,7 @@ def export(fmt: str, out: str, source: str | None = None, heads: tuple[int, ...]
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {list(FORMATS)}")
     path = source_path(source)
-    cache = config_store.read(path)
+    cache = config_files.read(path)
     out_dir = Path(out)
     items: list[ExportItem] = []
     verified = []
@@ -432,10 +432,10 @@ def _refusals(data: dict[str, Any], cache: CacheFile, gpu_name: str,
               software: dict[str, Any]) -> list[str]:
     out = []
     version = data.get("schema_version")
-    if type(version) is int and version > config_store.SCHEMA_VERSION:
+    if type(version) is int and version > config_files.SCHEMA_VERSION:
         out.append(f"schema_version {version} is newer than this gdn2_kernels reads "
-                   f"({config_store.SCHEMA_VERSION}); upgrade gdn2-kernels")
-    mismatch = config_store.gpu_mismatch(cache.gpu, gpu_name)
+                   f"({config_files.SCHEMA_VERSION}); upgrade gdn2-kernels")
+    mismatch = config_files.gpu_mismatch(cache.gpu, gpu_name)
     if mismatch:
         out.append(f"{mismatch}; configs are tuned per GPU model")
     theirs, ours = str(cache.software.get("triton")), str(software.get("triton"))
@@ -461,7 +461,7 @@ def import_file(path: str, merge: bool = False, force: bool = False,
         CacheError: the file is not a valid cache file.
     """
     gpu_name = gpu_name or _device.gpu_name()
-    software = dict(software) if software is not None else config_store.current_software()
+    software = dict(software) if software is not None else provenance.current_software()
     try:
         data = config_schema.read_json(path)
     except FileNotFoundError:
@@ -471,13 +471,13 @@ def import_file(path: str, merge: bool = False, force: bool = False,
     if not isinstance(data, dict):
         raise CacheError(f"{path}: top level is not a JSON object")
     newer = type(data.get("schema_version")) is int and \
-        data["schema_version"] > config_store.SCHEMA_VERSION
+        data["schema_version"] > config_files.SCHEMA_VERSION
     if newer and not force:
         raise ImportRefused(f"{path}: schema_version {data['schema_version']} is newer than this "
-                            f"gdn2_kernels reads ({config_store.SCHEMA_VERSION}); upgrade "
+                            f"gdn2_kernels reads ({config_files.SCHEMA_VERSION}); upgrade "
                             "gdn2-kernels, or pass --force to keep its entries as unverified hints")
     try:
-        cache = config_store.parse({**data, "schema_version": config_store.SCHEMA_VERSION}
+        cache = config_files.parse({**data, "schema_version": config_files.SCHEMA_VERSION}
                                    if newer else data, str(path))
     except CacheError as exc:
         raise CacheError(f"{path}: refused: {exc}") from None
@@ -485,23 +485,23 @@ def import_file(path: str, merge: bool = False, force: bool = False,
     if refusals and not force:
         raise ImportRefused(f"{path}: refused: " + "; ".join(refusals)
                             + ". Pass --force to keep its entries as unverified hints")
-    hint_reason = "; ".join(refusals) or config_store.software_mismatch(cache.software, software)
+    hint_reason = "; ".join(refusals) or config_files.software_mismatch(cache.software, software)
     entries = cache.entries
     if hint_reason:
         hint = {"reason": hint_reason, "gpu": str(cache.gpu.get("name")),
-                "software": dict(cache.software), "imported": config_store.now_iso()}
+                "software": dict(cache.software), "imported": provenance.now_iso()}
         entries = [e if e.is_hint else CacheEntry(e.kernel, e.key, e.config, e.median_ms,
                                                   e.iqr_ms, e.verified, dict(hint))
                    for e in entries]
-    target = config_store.user_cache_path(gpu_name)
-    same_gpu = config_store.gpu_mismatch(cache.gpu, gpu_name) is None
+    target = config_files.user_cache_path(gpu_name)
+    same_gpu = config_files.gpu_mismatch(cache.gpu, gpu_name) is None
     gpu_doc = dict(cache.gpu) if same_gpu else {"name": gpu_name}
     decisions: list[ImportItem] = []
     if merge:
-        config_store.write_entries(target, entries, gpu_doc, software,
-                                   merge=lambda old, new: merge_entries(old, new, decisions))
+        with config_files.update(target, gpu_doc, software) as file:
+            file.write(merge_entries(file.current, entries, decisions))
     else:
-        config_store.write_entries(target, entries, gpu_doc, software)
+        config_files.write_entries(target, entries, gpu_doc, software)
         for key in cache.keys():
             group = [e for e in entries if e.problem_key() == key]
             hinted = any(e.is_hint for e in group)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gdn2_kernels import _device, config_store, dispatch
+from gdn2_kernels import _device, config_files, dispatch, provenance
 from gdn2_kernels.configs import ProblemKey, all_specs
 from tuner import gpu
 from tuner.strategies import STRATEGIES
@@ -35,7 +35,7 @@ class InfoReport:
     software: dict[str, Any]
     key: dict[str, Any]
     resolved_source: str
-    sources: list[config_store.SourceInfo]
+    sources: list[dispatch.SourceInfo]
     kernels: list[KernelInfo] = field(default_factory=list)
     strategies: list[str] = field(default_factory=list)
 
@@ -49,7 +49,7 @@ def collect(key: ProblemKey | None = None) -> InfoReport:
     try:
         pipe = dispatch.resolve(key)
         resolved_source = pipe.source
-    except config_store.CacheError as exc:  # a $GDN2_CONFIG_FILE that is not there
+    except config_files.CacheError as exc:  # a $GDN2_CONFIG_FILE that is not there
         pipe, resolved_source = None, f"error: {exc}"
     kernels = []
     for spec in all_specs():
@@ -66,8 +66,8 @@ def collect(key: ProblemKey | None = None) -> InfoReport:
             [f"{r.name} ({r.arch}): {r.reason} [{r.source}]" for r in spec.arch_rules],
             resolved.as_dict() if resolved is not None else None))
     return InfoReport(gpu.report(), _device.gpu_name(), arch, _device.interpreter_active(),
-                      config_store.current_software(), key.as_dict(), resolved_source,
-                      config_store.describe_sources(), kernels, sorted(STRATEGIES))
+                      provenance.current_software(), key.as_dict(), resolved_source,
+                      dispatch.describe_sources(), kernels, sorted(STRATEGIES))
 
 
 __all__ = ["InfoReport", "KernelInfo", "collect"]

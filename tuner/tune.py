@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from gdn2_kernels import _device, _env, config_store, dispatch
+from gdn2_kernels import _device, _env, config_files, dispatch
 from gdn2_kernels.configs import (CHUNK_SIZES, DEFAULT_CHUNK_SIZE, KEY_DTYPES, MAX_HEAD_DIM,
                                   KernelConfig, KernelSpec, ProblemKey, all_specs, get_spec)
 from tuner import gpu
@@ -372,7 +372,7 @@ def _candidates(kp: KernelPlan, key: ProblemKey, arch: str, triton_version: str)
     # So are the configs the shipped profiles of every GPU hold for this key (winners on a sibling
     # GPU are strong seeds); all of them are verified and timed here like any other candidate.
     in_use = dispatch.resolve(key)
-    pins = [default] + config_store.shipped_configs(kp.kernel, key)
+    pins = [default] + config_files.shipped_configs(kp.kernel, key)
     if in_use.source != "default" and (kp.chunk_size is None or in_use.chunk_size == bt):
         pins.append(in_use[kp.kernel])
     # ... and each of them with every other value of the algorithm-choice parameters.
@@ -533,20 +533,20 @@ def _chunk_label(bt: int) -> KernelConfig:
 
 
 def _entries(plan: TunePlan, results: list[SearchResult], chosen: Trial,
-             key: ProblemKey) -> list[config_store.CacheEntry]:
+             key: ProblemKey) -> list[config_files.CacheEntry]:
     out = []
     if chosen.stage == "default":
         for r in results:
             if r.plan.chunk_size in (None, chosen.chunk_size):
                 cfg = chosen.pipeline[r.plan.kernel]
-                out.append(config_store.CacheEntry(r.plan.kernel, key.as_dict(), dict(cfg),
+                out.append(config_files.CacheEntry(r.plan.kernel, key.as_dict(), dict(cfg),
                                                    chosen.median_ms, chosen.iqr_ms,
                                                    _verified(chosen)))
         return out
     for r in results:
         if r.best is None or r.plan.chunk_size not in (None, chosen.chunk_size):
             continue
-        out.append(config_store.CacheEntry(r.plan.kernel, key.as_dict(), dict(r.best.config),
+        out.append(config_files.CacheEntry(r.plan.kernel, key.as_dict(), dict(r.best.config),
                                            r.best.median_ms, r.best.iqr_ms, _verified(r.best)))
     return out
 
@@ -556,7 +556,7 @@ def _verified(trial: Trial) -> dict[str, dict[str, float]]:
             for n, e in trial.errors.items()}
 
 
-def _write(plan: TunePlan, entries: list[config_store.CacheEntry],
+def _write(plan: TunePlan, entries: list[config_files.CacheEntry],
            options: TuneOptions) -> tuple[list[str], str]:
     if plan.interpreter:
         return [], ("interpreter run: timings are CPU wall-clock times of Triton's interpreter, "
@@ -567,11 +567,11 @@ def _write(plan: TunePlan, entries: list[config_store.CacheEntry],
     gpu_doc = {k: v for k, v in dataclasses.asdict(ident).items() if k != "index"}
     written = []
     if options.write_cache:
-        path = config_store.user_cache_path(ident.name)
-        config_store.write_entries(path, entries, gpu_doc)
+        path = config_files.user_cache_path(ident.name)
+        config_files.write_entries(path, entries, gpu_doc)
         written.append(str(path))
     if options.output:
-        config_store.write_entries(options.output, entries, gpu_doc)
+        config_files.write_entries(options.output, entries, gpu_doc)
         written.append(options.output)
     return written, "written" if written else "not written (--no-cache and no --output)"
 

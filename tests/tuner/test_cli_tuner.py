@@ -6,7 +6,7 @@ import re
 
 from typer.testing import CliRunner
 
-from gdn2_kernels import _device, config_store
+from gdn2_kernels import _device, config_files
 from gdn2_kernels.configs import get_spec
 from tuner.cli import app
 
@@ -18,9 +18,9 @@ def _run(*args):
 
 
 def _cache_file(path, name=None):
-    entry = config_store.CacheEntry("state_fwd", {"K": 32, "V": 32, "dtype": "float32"},
+    entry = config_files.CacheEntry("state_fwd", {"K": 32, "V": 32, "dtype": "float32"},
                                     get_spec("state_fwd").config({"BT": 32}).as_dict(), 1.0, 0.1)
-    config_store.write_entries(path, [entry], {"name": name or _device.gpu_name()})
+    config_files.write_entries(path, [entry], {"name": name or _device.gpu_name()})
 
 
 def test_info_json():

@@ -110,7 +110,7 @@ def test_plan_reports_pruning_per_chunk_size_and_skips_missing_backward():
 
 def test_tune_pins_the_configs_of_every_shipped_profile(tmp_path, monkeypatch):
     """A shipped profile of another GPU seeds the samples (verified and timed like the rest)."""
-    from gdn2_kernels import config_store
+    from gdn2_kernels import config_files
     from gdn2_kernels.configs import ProblemKey
     from tuner.tune import _candidates
 
@@ -118,13 +118,13 @@ def test_tune_pins_the_configs_of_every_shipped_profile(tmp_path, monkeypatch):
     plan = next(kp for kp in make_plan(TuneOptions(kernels=["state_fwd"], chunk_sizes=[32]))
                 .searches if kp.kernel == "state_fwd")
     sibling = get_spec_default("state_fwd").replace(BV=16, num_warps=8, num_stages=3)
-    entry = config_store.CacheEntry("state_fwd", key.as_dict(), sibling.as_dict())
-    config_store.write_entries(tmp_path / "Sibling_GPU.json", [entry], {"name": "Sibling GPU"})
+    entry = config_files.CacheEntry("state_fwd", key.as_dict(), sibling.as_dict())
+    config_files.write_entries(tmp_path / "Sibling_GPU.json", [entry], {"name": "Sibling GPU"})
     (tmp_path / "broken.json").write_text("{not json")  # skipped with a warning, not fatal
-    monkeypatch.setattr(config_store, "profiles_dir", lambda: tmp_path)
+    monkeypatch.setattr(config_files, "profiles_dir", lambda: tmp_path)
     with pytest.warns(UserWarning, match="broken.json: not valid JSON"):
-        assert config_store.shipped_configs("state_fwd", key) == [sibling]
-    assert config_store.shipped_configs("state_fwd", ProblemKey(128, 128, "float32")) == []
+        assert config_files.shipped_configs("state_fwd", key) == [sibling]
+    assert config_files.shipped_configs("state_fwd", ProblemKey(128, 128, "float32")) == []
     cands = _candidates(plan, key, "cpu", "3.6.0")
     assert sibling in [c.config for c in cands if c.pinned]
 

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from helpers import state_fwd_candidates, tiny_problem
 
-from gdn2_kernels import ops
+from gdn2_kernels import pipeline
 from tuner.evaluate import EvalSettings, PoolEvaluator, Task, WorkerPool, classify, run_trial
 from tuner.trial import Budget, TrialLog, read_log
 
@@ -27,13 +27,13 @@ def test_run_trial_verifies_then_times_a_good_config():
 
 
 def test_run_trial_rejects_a_wrong_output(monkeypatch):
-    real = ops.chunk_gdn2_fwd
+    real = pipeline.chunk_gdn2_fwd
 
     def off_by_one_percent(*args, **kwargs):
         res = real(*args, **kwargs)
         return dataclasses.replace(res, o=res.o * 1.01)
 
-    monkeypatch.setattr(ops, "chunk_gdn2_fwd", off_by_one_percent)
+    monkeypatch.setattr(pipeline, "chunk_gdn2_fwd", off_by_one_percent)
     cand = state_fwd_candidates(bvs=(16,), warps=(4,), stages=(2,))[0]
     t = run_trial(Task("b", cand, 1, _settings()), -1)
     assert t.status == "wrong_result" and "o: rel_rms" in t.message

@@ -1,4 +1,4 @@
-"""Tuned-config files: the versioned cache schema, validation, atomic writes, dispatch sources.
+"""Tuned-config files: the versioned cache schema, reading, usability, atomic locked writes.
 
 One schema serves the user cache (written by ``gdn2 tune``), the shipped profiles
 (``profiles/<GPU>.json`` at the top of the repository) and a file named by ``$GDN2_CONFIG_FILE``::
@@ -17,22 +17,20 @@ Rules (STYLE 19):
   size and depth, every field's type and range). A corrupt file, another schema version, unknown
   kernels, parameter names that differ from the registered spec, values outside the spec, a GPU
   other than the one running, or software that is not compatible is reported (``warnings`` +
-  log, once per file and reason) and skipped as a whole: it is never used and never merged, and
-  the lookup goes on with the next source. A ``$GDN2_CONFIG_FILE`` that does not exist is an
-  error (:class:`CacheError` from every lookup): the user named a file that is not there.
+  log, once per file and reason) and skipped as a whole by :func:`load`: it is never used and
+  never merged.
 - Software is compatible when Triton and gdn2_kernels agree on major.minor. The torch and CUDA
   versions are recorded as provenance only: configs are Triton launch parameters, and Triton's
   code generation is what a different version can break.
 - The entries of one problem key form one pipeline (the stages must agree on the chunk size BT),
-  so writes replace a key's entries as a group and lookups take a key's entries as a group.
+  so writes replace a key's entries as a group.
 - Writes are atomic (temporary file in the same folder, fsync, ``os.replace``) and serialised by
-  an ``fcntl`` lock on ``<file>.lock``; a writer re-reads the file under the lock and merges its
-  keys into it, so two concurrent tunes of different keys both survive.
+  an ``fcntl`` lock on ``<file>.lock``; a writer re-reads the file under the lock
+  (:func:`update`) and merges its keys into it, so two concurrent tunes of different keys both
+  survive. Every write or removal advances :func:`generation`, which drops resolved configs.
 
-Lookup order (registered with :func:`gdn2_kernels.dispatch.add_source`, see :mod:`dispatch`):
-``$GDN2_CONFIG_FILE`` > user cache (``$GDN2_CACHE_DIR`` or ``~/.cache/gdn2``, file
-``<sanitized GPU name>.json``) > shipped profile > spec default. Within a file: the exact key, else
-the nearest key with the same dtype whose configs satisfy the spec's constraints for the asked key.
+This module only handles files; which file a launch's configs come from is
+``gdn2_kernels.dispatch.SOURCES``.
 """
 from __future__ import annotations
 
@@ -41,21 +39,19 @@ import datetime as _dt
 import fcntl
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from gdn2_kernels import _device, _env, config_schema, dispatch
+from gdn2_kernels import _device, _env, config_schema, provenance
 from gdn2_kernels.config_schema import SCHEMA_VERSION, CacheError
-from gdn2_kernels.configs import KernelConfig, ProblemKey, version_tuple, get_spec
+from gdn2_kernels.configs import KernelConfig, ProblemKey, get_spec, version_tuple
 
-log = logging.getLogger("gdn2_kernels.config_store")
+log = logging.getLogger("gdn2_kernels.config_files")
 
 _COMPATIBLE_SOFTWARE = ("triton", "gdn2_kernels")  # must agree on major.minor
 
@@ -72,7 +68,7 @@ class CacheEntry:
     verified: dict[str, dict[str, float]] = field(default_factory=dict)
     # Set on entries kept by ``gdn2 cache import --force`` (or tuned under another Triton /
     # gdn2_kernels minor): where they were tuned and why they are unverified here. Lookups rank
-    # such entries below verified ones (see pipeline_for); written only when set.
+    # such entries below verified ones (``dispatch.pipeline_from``); written only when set.
     hint: dict[str, Any] | None = None
 
     @property
@@ -118,32 +114,8 @@ class CacheFile:
 
 
 # ------------------------------------------------------------------------------------------------
-# Provenance
+# Usability here
 # ------------------------------------------------------------------------------------------------
-
-def package_version() -> str:
-    """``gdn2_kernels.__version__`` (right even when run from a checkout that is not installed)."""
-    version = getattr(sys.modules.get("gdn2_kernels"), "__version__", None)
-    if version:
-        return str(version)
-    try:
-        return metadata.version("gdn2-kernels")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-def current_software() -> dict[str, str | None]:
-    """Versions of the software a config depends on, in the schema's ``software`` form."""
-    import torch
-    import triton
-
-    return {"torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "gdn2_kernels": package_version()}
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-
 
 def software_mismatch(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
     """Why configs recorded under ``recorded`` may not be used with ``current``; None if they may."""
@@ -161,8 +133,15 @@ def gpu_mismatch(recorded: Mapping[str, Any], gpu_name: str) -> str | None:
     return None
 
 
+def check_usable(cache: CacheFile, gpu_name: str,
+                 software: Mapping[str, Any] | None = None) -> str | None:
+    """Why ``cache`` may not be used on ``gpu_name`` with ``software``; None if it may."""
+    return gpu_mismatch(cache.gpu, gpu_name) or software_mismatch(
+        cache.software, software if software is not None else provenance.current_software())
+
+
 # ------------------------------------------------------------------------------------------------
-# Parsing and validation
+# Reading
 # ------------------------------------------------------------------------------------------------
 
 def _entry(checked: Mapping[str, Any]) -> CacheEntry:
@@ -188,20 +167,14 @@ def read(path: str | os.PathLike) -> CacheFile:
 _warned: set[tuple[str, str]] = set()
 
 
-def _report(path: str, reason: str) -> None:
+def report(path: str, reason: str) -> None:
+    """Warn (and log) once per file and reason that the file, or part of it, is not used."""
     if (path, reason) in _warned:
         return
     _warned.add((path, reason))
     msg = f"gdn2_kernels: ignoring config file {path}: {reason}"
     log.warning(msg)
     warnings.warn(msg, stacklevel=3)
-
-
-def check_usable(cache: CacheFile, gpu_name: str,
-                 software: Mapping[str, Any] | None = None) -> str | None:
-    """Why ``cache`` may not be used on ``gpu_name`` with ``software``; None if it may."""
-    return gpu_mismatch(cache.gpu, gpu_name) or software_mismatch(
-        cache.software, software if software is not None else current_software())
 
 
 _loaded: dict[str, tuple[tuple[int, int], CacheFile | None]] = {}
@@ -216,7 +189,7 @@ def load(path: str | os.PathLike, gpu_name: str,
     except FileNotFoundError:
         return None
     except OSError as exc:
-        _report(path, str(exc))
+        report(path, str(exc))
         return None
     stamp = (st.st_mtime_ns, st.st_size)
     hit = _loaded.get(path)
@@ -228,7 +201,7 @@ def load(path: str | os.PathLike, gpu_name: str,
         except FileNotFoundError:  # removed since the stat
             return None
         except CacheError as exc:
-            _report(path, str(exc))
+            report(path, str(exc))
             cache = None
         if software is None:
             _loaded[path] = (stamp, cache)
@@ -236,52 +209,25 @@ def load(path: str | os.PathLike, gpu_name: str,
         return None
     reason = check_usable(cache, gpu_name, software)
     if reason:
-        _report(path, reason)
+        report(path, reason)
         return None
     return cache
 
 
+def forget() -> None:
+    """Drop the files read so far and the warnings given (they are read and given again)."""
+    global _generation
+    _loaded.clear()
+    _warned.clear()
+    _generation += 1
+
+
 # ------------------------------------------------------------------------------------------------
-# Lookup
+# Where the files are
 # ------------------------------------------------------------------------------------------------
 
-def _key_distance(a: ProblemKey, b: ProblemKey) -> float:
-    return abs(math.log2(a.K / b.K)) + abs(math.log2(a.V / b.V))
-
-
-def pipeline_for(cache: CacheFile, key: ProblemKey, arch: str, triton_version: str,
-                 source: str) -> dispatch.PipelineConfig | None:
-    """The pipeline for ``key`` from ``cache``: the exact key, else the nearest usable one.
-
-    Keys whose entries are unverified hints (``CacheEntry.hint``) come after every verified key,
-    and using one is reported once: ``gdn2 verify`` checks them on this GPU.
-    """
-    groups: dict[ProblemKey, list[CacheEntry]] = {}
-    for e in cache.entries:
-        groups.setdefault(e.problem_key(), []).append(e)
-    hinted = {k for k, es in groups.items() if any(e.is_hint for e in es)}
-    candidates = sorted((k for k in groups if k.dtype == key.dtype),
-                        key=lambda k: (k in hinted, _key_distance(k, key), k.K, k.V))
-    for k in candidates:
-        partial = {e.kernel: e.kernel_config() for e in groups[k]}
-        refusals = [r for r in (get_spec(n).check(c, key, arch, triton_version)
-                                for n, c in partial.items()) if r is not None]
-        if refusals:
-            if k == key:
-                _report(cache.path or source, f"{refusals[0].config.kernel} config refused for "
-                                              f"{arch}: {refusals[0].reason}")
-            continue
-        label = source if k == key else f"{source} (nearest key {k.as_dict()})"
-        if k in hinted:
-            label += " (unverified hint)"
-            _report(cache.path or source, f"using unverified imported configs for {k.as_dict()}; "
-                                          "run `gdn2 verify` to check them on this GPU")
-        return dispatch.complete_pipeline(partial, label)
-    return None
-
-
-# Where shipped profiles live: the repository's ``profiles/`` next to the package (source and
-# editable installs), else the copy a wheel installs under ``<prefix>/share/gdn2-kernels/profiles``
+# Shipped profiles: the repository's ``profiles/`` next to the package (source and editable
+# installs), else the copy a wheel installs under ``<prefix>/share/gdn2-kernels/profiles``
 # (``[tool.setuptools.data-files]`` in pyproject.toml).
 _REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 _INSTALLED_PROFILES = Path(sys.prefix) / "share" / "gdn2-kernels" / "profiles"
@@ -307,6 +253,33 @@ def shipped_profile_path(gpu_name: str) -> Path:
     return profiles_dir() / profile_filename(gpu_name)
 
 
+def missing_config_file() -> str | None:
+    """Why ``$GDN2_CONFIG_FILE`` cannot be used because nothing is there; None when it is unset or
+    names an existing path (whose content :func:`load` judges)."""
+    path = _env.config_file()
+    if path is None or os.path.exists(path):
+        return None
+    return (f"${_env.CONFIG_FILE_VAR}={path}: no such file. Point it at a cache-schema JSON file "
+            f"(gdn2 export --format portable writes one), or unset {_env.CONFIG_FILE_VAR}")
+
+
+def config_file_path(gpu_name: str | None = None) -> str | None:
+    """``$GDN2_CONFIG_FILE`` (the same file for every GPU); :class:`CacheError` when it names
+    nothing: the user named a file that is not there."""
+    missing = missing_config_file()
+    if missing:
+        raise CacheError(missing)
+    return _env.config_file()
+
+
+def cache_files(folder: str | os.PathLike | None = None) -> list[Path]:
+    """The cache files in the user cache folder (default ``$GDN2_CACHE_DIR`` or ~/.cache/gdn2)."""
+    folder = Path(folder or _env.cache_dir())
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("*.json") if not p.name.startswith("."))
+
+
 def shipped_configs(kernel: str, key: ProblemKey) -> list[KernelConfig]:
     """The configs every shipped profile (any GPU) holds for ``kernel`` at exactly ``key``.
 
@@ -319,7 +292,7 @@ def shipped_configs(kernel: str, key: ProblemKey) -> list[KernelConfig]:
         try:
             cache = read(path)
         except CacheError as exc:
-            _report(str(path), str(exc))
+            report(str(path), str(exc))
             continue
         for e in cache.entries:
             if e.kernel == kernel and e.problem_key() == key:
@@ -329,94 +302,27 @@ def shipped_configs(kernel: str, key: ProblemKey) -> list[KernelConfig]:
     return out
 
 
-@dataclass(frozen=True)
-class SourceInfo:
-    """One place configs may come from, in precedence order, and its state on this machine."""
-
-    name: str
-    path: str | None
-    exists: bool
-    usable: bool
-    note: str
-
-
-def describe_sources(gpu_name: str | None = None) -> list[SourceInfo]:
-    """Where configs for this GPU come from, highest precedence first (for ``gdn2 info``)."""
-    gpu_name = gpu_name or _device.gpu_name()
-    out = []
-    cfg = _env.config_file()
-    paths = [("config_file", cfg), ("user_cache", str(user_cache_path(gpu_name))),
-             ("shipped_profile", str(shipped_profile_path(gpu_name)))]
-    for name, path in paths:
-        if path is None:
-            out.append(SourceInfo(name, None, False, False, f"${_env.CONFIG_FILE_VAR} not set"))
-            continue
-        if not os.path.exists(path):
-            note = "error: no such file" if name == "config_file" else "no file"
-            out.append(SourceInfo(name, path, False, False, note))
-            continue
-        try:
-            cache = read(path)
-        except (CacheError, OSError) as exc:
-            out.append(SourceInfo(name, path, True, False, f"rejected: {exc}"))
-            continue
-        reason = check_usable(cache, gpu_name)
-        note = reason or f"{len(cache.entries)} entries for {len(cache.keys())} keys"
-        out.append(SourceInfo(name, path, True, reason is None, note))
-    out.append(SourceInfo("default", None, True, True, "each KernelSpec's default"))
-    return out
-
-
-def missing_config_file() -> str | None:
-    """Why ``$GDN2_CONFIG_FILE`` cannot be used because nothing is there; None when it is unset or
-    names an existing path (whose content :func:`load` judges)."""
-    path = _env.config_file()
-    if path is None or os.path.exists(path):
-        return None
-    return (f"${_env.CONFIG_FILE_VAR}={path}: no such file. Point it at a cache-schema JSON file "
-            f"(gdn2 export --format portable writes one), or unset {_env.CONFIG_FILE_VAR}")
-
-
-def _config_file_path(gpu_name: str) -> str | None:
-    missing = missing_config_file()
-    if missing:
-        raise CacheError(missing)
-    return _env.config_file()
-
-
-def _file_source(name: str, path_of):
-    def source(key: ProblemKey, gpu_name: str, arch: str) -> dispatch.PipelineConfig | None:
-        path = path_of(gpu_name)
-        if path is None:
-            return None
-        cache = load(path, gpu_name)
-        if cache is None:
-            return None
-        import triton
-
-        return pipeline_for(cache, key, arch, triton.__version__, f"{name} {path}")
-
-    return source
-
-
-_SOURCES = (
-    ("config_file", _file_source("config_file", _config_file_path)),
-    ("user_cache", _file_source("user_cache", user_cache_path)),
-    ("shipped_profile", _file_source("shipped_profile", shipped_profile_path)),
-)
-
-
-def register_sources() -> None:
-    """Register the three file sources with dispatch, once, in precedence order."""
-    registered = {n for n, _ in dispatch._SOURCES}
-    for name, fn in _SOURCES:
-        if name not in registered:
-            dispatch.add_source(name, fn)
-
-
 # ------------------------------------------------------------------------------------------------
 # Writing
 # ------------------------------------------------------------------------------------------------
+
+_generation = 0
+
+
+def generation() -> int:
+    """Advances on every write or removal through this module: what was resolved from the files
+    before may be stale."""
+    return _generation
+
+
+def _changed(path: str | None = None) -> None:
+    global _generation
+    if path is None:
+        _loaded.clear()
+    else:
+        _loaded.pop(path, None)
+    _generation += 1
+
 
 @contextlib.contextmanager
 def locked(path: str | os.PathLike) -> Iterator[None]:
@@ -449,24 +355,40 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
         raise
 
 
-def write_entries(path: str | os.PathLike, entries: Sequence[CacheEntry], gpu: Mapping[str, Any],
-                  software: Mapping[str, Any] | None = None,
-                  merge: Callable[[list[CacheEntry], list[CacheEntry]], list[CacheEntry]] | None = None,
-                  ) -> CacheFile:
-    """Merge ``entries`` into the file at ``path`` (their keys replace the file's) atomically.
+@dataclass
+class Update:
+    """A file held under its lock (:func:`update`): ``current`` are the entries of the usable file
+    there (empty when there is none, or when it was set aside); :meth:`write` replaces the file."""
 
-    ``merge(old, new)``, when given, is called under the lock with the usable file's entries and
-    ``entries`` and returns the entries to write instead (``gdn2 cache import --merge``).
+    path: str
+    gpu: dict[str, Any]
+    software: dict[str, Any]
+    current: list[CacheEntry]
+    written: CacheFile | None = None
+
+    def write(self, entries: Sequence[CacheEntry]) -> CacheFile:
+        """Validate ``entries`` as one document and write it atomically."""
+        doc = parse({"schema_version": SCHEMA_VERSION, "gpu": dict(self.gpu),
+                     "software": dict(self.software), "created": provenance.now_iso(),
+                     "entries": [e.as_dict() for e in entries]}, self.path)
+        atomic_write_json(self.path, doc.as_dict())
+        self.written = doc
+        return doc
+
+
+@contextlib.contextmanager
+def update(path: str | os.PathLike, gpu: Mapping[str, Any],
+           software: Mapping[str, Any] | None = None) -> Iterator[Update]:
+    """Hold ``path``'s lock and re-read it: the block decides the new entries from
+    ``Update.current`` and writes them with ``Update.write``.
 
     An existing file that is corrupt or belongs to another GPU or software is never merged: it is
-    renamed to ``<path>.rejected-<time>`` with a warning, and a fresh file is written.
+    renamed to ``<path>.rejected-<time>`` with a warning, and ``current`` is empty.
     """
     path = str(path)
-    software = dict(software) if software is not None else current_software()
-    new_file = parse({"schema_version": SCHEMA_VERSION, "gpu": dict(gpu), "software": software,
-                      "created": now_iso(), "entries": [e.as_dict() for e in entries]}, path)
+    software = dict(software) if software is not None else provenance.current_software()
     with locked(path):
-        kept: list[CacheEntry] = []
+        current: list[CacheEntry] = []
         if os.path.exists(path):
             try:
                 old = read(path)
@@ -478,27 +400,27 @@ def write_entries(path: str | os.PathLike, entries: Sequence[CacheEntry], gpu: M
                 os.replace(path, aside)
                 msg = f"gdn2_kernels: not merging into {path} ({reason}); moved it to {aside}"
                 log.warning(msg)
-                warnings.warn(msg, stacklevel=2)
-            elif merge is None:
-                replaced = {e.problem_key() for e in new_file.entries}
-                kept = [e for e in old.entries if e.problem_key() not in replaced]
+                warnings.warn(msg, stacklevel=4)
             else:
-                kept = old.entries
-        new_file.entries = (kept + new_file.entries if merge is None
-                            else parse({**new_file.as_dict(), "entries": [
-                                e.as_dict() for e in merge(kept, new_file.entries)]}, path).entries)
-        atomic_write_json(path, new_file.as_dict())
-    _loaded.pop(path, None)
-    dispatch.clear_cache()
-    return new_file
+                current = old.entries
+        try:
+            yield Update(path, dict(gpu), software, current)
+        finally:
+            _changed(path)
 
 
-def cache_files(folder: str | os.PathLike | None = None) -> list[Path]:
-    """The cache files in the user cache folder (default ``$GDN2_CACHE_DIR`` or ~/.cache/gdn2)."""
-    folder = Path(folder or _env.cache_dir())
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.glob("*.json") if not p.name.startswith("."))
+def write_entries(path: str | os.PathLike, entries: Sequence[CacheEntry], gpu: Mapping[str, Any],
+                  software: Mapping[str, Any] | None = None) -> CacheFile:
+    """Merge ``entries`` into the file at ``path`` atomically: their problem keys replace the
+    file's entries of those keys, the file's other keys stay (see :func:`update`)."""
+    software = dict(software) if software is not None else provenance.current_software()
+    # Validated before the lock is taken, so a bad entry changes nothing on disk.
+    parse({"schema_version": SCHEMA_VERSION, "gpu": dict(gpu), "software": software,
+           "created": provenance.now_iso(), "entries": [e.as_dict() for e in entries]}, str(path))
+    with update(path, gpu, software) as file:
+        replaced = {e.problem_key() for e in entries}
+        return file.write([e for e in file.current if e.problem_key() not in replaced]
+                          + list(entries))
 
 
 def clear(folder: str | os.PathLike | None = None, gpu_name: str | None = None) -> list[Path]:
@@ -512,8 +434,7 @@ def clear(folder: str | os.PathLike | None = None, gpu_name: str | None = None) 
             if p.exists():
                 p.unlink()
                 removed.append(p)
-    _loaded.clear()
-    dispatch.clear_cache()
+    _changed()
     return removed
 
 
@@ -522,25 +443,27 @@ __all__ = [
     "CacheError",
     "CacheFile",
     "SCHEMA_VERSION",
-    "SourceInfo",
+    "Update",
     "atomic_write_json",
     "cache_files",
     "check_usable",
     "clear",
-    "current_software",
-    "describe_sources",
+    "config_file_path",
+    "forget",
+    "generation",
     "gpu_mismatch",
     "load",
     "locked",
     "missing_config_file",
     "parse",
-    "pipeline_for",
     "profile_filename",
     "profiles_dir",
     "read",
-    "register_sources",
+    "report",
+    "shipped_configs",
     "shipped_profile_path",
     "software_mismatch",
+    "update",
     "user_cache_path",
     "write_entries",
 ]
