@@ -15,7 +15,7 @@ mkdir -p "$OUT/candidate" "$OUT/shipped"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
-GDN2_CONFIG_FILE=$CAND timeout 200 $PY -m tuner.cli verify --backward --json \
+GDN2_CONFIG_FILE=$CAND timeout 200 $PY -m gdn2_kernels.cli verify --backward --json \
     > "$OUT/verify_candidate.json"; echo "verify rc $?"
 GDN2_CONFIG_FILE=$CAND timeout 180 $PY scripts/device_variants.py "$OUT/candidate" \
     --shapes="$SHAPES" 2>&1 | grep '^{' | cut -c1-200

@@ -14,7 +14,7 @@ import sys
 import torch
 from triton.testing import do_bench
 
-from bench.provenance import collect
+from gdn2_kernels.bench.provenance import collect
 from gdn2_kernels import chunk_gdn2
 from gdn2_kernels.inputs import make_inputs
 

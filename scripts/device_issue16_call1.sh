@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.limit --format=csv
 timeout 150 python3 -m pytest -q -m gpu tests/test_gate_check.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.log"
 timeout 120 python3 scripts/device_gate_cost.py "$OUT" 8x2048,1x16384 2>&1 | tail -20
-timeout 240 python3 -m tuner.cli bench -p gdn2 -p gdn2-kda -p cudnn-kda -m fwd -m fwdbwd --long \
+timeout 240 python3 -m gdn2_kernels.cli bench -p gdn2 -p gdn2-kda -p cudnn-kda -m fwd -m fwdbwd --long \
   --save "$OUT/bench.json" 2>&1 | tail -40
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 for shape in 8x2048 1x16384; do

@@ -12,7 +12,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.limit --format=csv
 timeout 200 python3 -m pytest -q -m gpu tests/kernels tests/test_ops.py tests/test_gate_check.py \
   tests/test_compile_ahead.py tests/test_segments.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"
-timeout 240 python3 -m tuner.cli bench -p gdn2 -p gdn2-kda -p cudnn-kda -m fwd -m fwdbwd --long \
+timeout 240 python3 -m gdn2_kernels.cli bench -p gdn2 -p gdn2-kda -p cudnn-kda -m fwd -m fwdbwd --long \
   --save "$OUT/bench.json" 2>&1 | grep -v "leaked" | tail -30
 timeout 300 python3 scripts/device_variants.py "$OUT" --shapes=8x2048,1x16384 \
   'state_bwd:{"OPERANDS": "loaded"}' 'intra_bwd:{"num_warps": 8}' 'intra_bwd:{"BK": 32}' \

@@ -11,7 +11,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 start=$(date +%s)
-timeout 110 python3 -m tuner.cli verify --backward --json > "$OUT/verify.json"
+timeout 110 python3 -m gdn2_kernels.cli verify --backward --json > "$OUT/verify.json"
 echo "verify rc=$? ($(( $(date +%s) - start )) s)"
 python3 - "$OUT/verify.json" <<'PYEOF'
 import json, sys
@@ -24,9 +24,9 @@ worst = max(((e["rel_rms"] or float("inf")) / e["tolerance"], res["case"]["T"], 
 print("verify: ok" if r.get("ok", True) else "verify: FAILED", "worst rel_rms/tolerance", worst)
 PYEOF
 cold=$(mktemp -d)
-TRITON_CACHE_DIR="$cold" timeout 60 python3 -m tuner.cold_start --json > "$OUT/cold_start.json"
+TRITON_CACHE_DIR="$cold" timeout 60 python3 -m gdn2_kernels.tuner.cold_start --json > "$OUT/cold_start.json"
 echo "cold start rc=$?"; tail -c 400 "$OUT/cold_start.json"; echo
-timeout 330 bash bench/device_run.sh "$OUT" bench -p gdn2 -p gdn2-kda -p fla-gdn2 -p fla-kda \
+timeout 330 bash lab/device/device_run.sh "$OUT" bench -p gdn2 -p gdn2-kda -p fla-gdn2 -p fla-kda \
   -p cudnn-kda -p sdpa-cudnn --long 2>&1 | grep -v -E "leaked|nanobind" | tail -45
 left=$(( 575 - ($(date +%s) - start) ))
 echo "accuracy check with ${left}s left"

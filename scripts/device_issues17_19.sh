@@ -15,9 +15,9 @@ start=$(date +%s)
 timeout 170 python3 -m pytest -q -m gpu tests/test_fla_api.py tests/test_layer.py \
   tests/test_layer_fla.py tests/test_gate_check.py tests/test_cp_summary.py 2>&1 \
   | tail -15 | tee "$OUT/gpu_tests.log"
-timeout 80 python3 -m tuner.cli verify --backward --json > "$OUT/verify.json"
+timeout 80 python3 -m gdn2_kernels.cli verify --backward --json > "$OUT/verify.json"
 echo "verify rc=$? at $(( $(date +%s) - start )) s"
-timeout 70 python3 -m tuner.cli bench -p gdn2 -m fwd -m fwdbwd --shapes 8x2048,1x16384 \
+timeout 70 python3 -m gdn2_kernels.cli bench -p gdn2 -m fwd -m fwdbwd --shapes 8x2048,1x16384 \
   --save "$OUT/bench_default_call.json" 2>&1 | tail -14
 timeout 70 python3 scripts/device_cp_summary.py "$OUT" --seconds=55 2>&1 | tail -8
 left=$(( 510 - ($(date +%s) - start) ))

@@ -26,7 +26,7 @@ for mode in ahead serial; do
   cache=$(mktemp -d)
   flag=$([[ $mode == serial ]] && echo 0 || echo 1)
   name=$([[ $mode == serial ]] && echo cold_start_serial || echo cold_start)
-  TRITON_CACHE_DIR=$cache GDN2_COMPILE_AHEAD=$flag timeout 60 $PY -m tuner.cold_start --json \
+  TRITON_CACHE_DIR=$cache GDN2_COMPILE_AHEAD=$flag timeout 60 $PY -m gdn2_kernels.tuner.cold_start --json \
       > "$OUT/$name.json"
   rm -rf "$cache"
   grep -E '"first_call_s"|"compile_ahead"' "$OUT/$name.json"

@@ -8,7 +8,7 @@ A VARIANT is ``kernel:{"PARAM": value, ...}`` (one kernel's config changed from 
 ``+``: ``intra_fwd:{"BC": 16}+intra_bwd:{"BC": 32}``. The base is the resolved pipeline of this
 GPU (the shipped profile) or the spec defaults at chunk 64. For each shape and variant the script
 records fwd and fwd+bwd medians (CUDA events, L2 flushed), the per-stage times of
-``bench.profile.profile``, and the largest relative RMS difference of o and of every gradient from
+``gdn2_kernels.bench.profile.profile``, and the largest relative RMS difference of o and of every gradient from
 the base's (a config must not change results beyond rounding). Writes OUT_DIR/variants.json as it
 goes.
 """
@@ -21,8 +21,8 @@ import sys
 import torch
 import triton
 
-from bench.model import Shape
-from bench.profile import profile
+from gdn2_kernels.bench.model import Shape
+from gdn2_kernels.bench.profile import profile
 from gdn2_kernels import chunk_gdn2, dispatch
 from gdn2_kernels.accuracy import rel_rms
 from gdn2_kernels.inputs import make_inputs

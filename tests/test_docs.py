@@ -1,13 +1,13 @@
-"""The generated pages (docs/tuning.md, docs/cli.md) match what ``tuner.docs`` writes now."""
+"""The generated pages (docs/tuning.md, docs/cli.md) match what ``gdn2_kernels.docs`` writes now."""
 from __future__ import annotations
 
 from gdn2_kernels.configs import all_specs
-from tuner import docs
+from gdn2_kernels import docs
 
 
 def test_generated_pages_are_current():
     stale = docs.stale_pages()
-    assert not stale, f"regenerate with `python -m tuner.docs`: stale {stale}"
+    assert not stale, f"regenerate with `python -m gdn2_kernels.docs`: stale {stale}"
     assert docs.main(["--check"]) == 0
 
 

@@ -8,11 +8,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from bench.profile import CPU_SHAPE, GPU_SHAPE, default_problem
-from bench.providers import default_registry
-from bench.runner import BenchOptions, check_options, select_providers
-from tuner.cli import app
-from tuner.options import OptionError
+from gdn2_kernels.bench.profile import CPU_SHAPE, GPU_SHAPE, default_problem
+from gdn2_kernels.bench.providers import default_registry
+from gdn2_kernels.bench.runner import BenchOptions, check_options, select_providers
+from gdn2_kernels.cli import app
+from gdn2_kernels.options import OptionError
 
 runner = CliRunner()
 
@@ -75,7 +75,7 @@ def test_the_library_checks_bench_options():
 
 
 def test_bench_exits_nonzero_when_no_row_was_timed_and_says_how_gdn2_was_mapped(monkeypatch):
-    monkeypatch.setattr("bench.provenance.collect", lambda: {"gpu": {"name": None}})
+    monkeypatch.setattr("gdn2_kernels.bench.provenance.collect", lambda: {"gpu": {"name": None}})
     res = runner.invoke(app, ["bench", "-m", "decode", "-p", "gdn2", "--decode-batches", "1"])
     assert res.exit_code == 1
     out = " ".join(res.stdout.split())

@@ -8,9 +8,9 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-from bench import report as render
-from bench.model import Shape
-from bench.profile import discover_launchers, profile, run_ncu
+from gdn2_kernels.bench import report as render
+from gdn2_kernels.bench.model import Shape
+from gdn2_kernels.bench.profile import discover_launchers, profile, run_ncu
 
 
 def test_launchers_are_discovered_from_the_orchestrators():
@@ -38,18 +38,18 @@ def test_profile_forward_stages_and_restores_launchers():
 
 
 def test_ncu_missing_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr("bench.profile.shutil.which", lambda name: None)
+    monkeypatch.setattr("gdn2_kernels.bench.profile.shutil.which", lambda name: None)
     with pytest.raises(RuntimeError, match="ncu"):
         run_ncu("intra_fwd", Shape(1, 64, 1, 16), tmp_path)
 
 
 def test_cli_bench_json_lists_unavailable_providers(monkeypatch):
-    from tuner.cli import app
+    from gdn2_kernels.cli import app
 
-    import bench.runner as runner
-    from bench.model import Ceilings
+    import gdn2_kernels.bench.runner as runner
+    from gdn2_kernels.bench.model import Ceilings
 
-    monkeypatch.setattr("bench.provenance.collect", lambda: {"gpu": {"name": None}})
+    monkeypatch.setattr("gdn2_kernels.bench.provenance.collect", lambda: {"gpu": {"name": None}})
     monkeypatch.setattr(runner.CudaMeasurer, "ceilings", lambda self: Ceilings(1.0, 1.0))
     res = CliRunner().invoke(app, ["bench", "-p", "fla-gdn2", "-p", "mamba2", "--shapes",
                                    "1x64", "--json"])
@@ -65,9 +65,9 @@ def test_cli_bench_json_lists_unavailable_providers(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="every provider is unavailable only on CPU")
 def test_cli_bench_without_provider_option_runs_every_provider_and_resumes(monkeypatch, tmp_path):
     """No -p means the whole registry; --save is resumable and --resume needs --save."""
-    from tuner.cli import app
+    from gdn2_kernels.cli import app
 
-    monkeypatch.setattr("bench.provenance.collect", lambda: {"gpu": {"name": None}})
+    monkeypatch.setattr("gdn2_kernels.bench.provenance.collect", lambda: {"gpu": {"name": None}})
     out = tmp_path / "r.json"
     res = CliRunner().invoke(app, ["bench", "--shapes", "1x64", "-m", "fwd", "--save", str(out)])
     assert res.exit_code == 1 and "no row was timed" in res.stderr, res.output

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from gdn2_kernels import _device, config_files
 from gdn2_kernels.configs import get_spec
-from tuner.cli import app
+from gdn2_kernels.cli import app
 
 runner = CliRunner()
 
@@ -130,9 +130,9 @@ def test_tune_table_shows_both_problems_and_the_scores(monkeypatch):
 
     from rich.console import Console
 
-    from tuner import cli
-    from tuner.trial import Problem, Trial
-    from tuner.tune import TuneOptions, TuneResult, make_plan
+    from gdn2_kernels import cli
+    from gdn2_kernels.tuner.trial import Problem, Trial
+    from gdn2_kernels.tuner.tune import TuneOptions, TuneResult, make_plan
 
     plan = make_plan(TuneOptions(problem=Problem(B=2, T=32, H=1, K=16, V=16, dtype="float32"),
                                  kernels=("state_fwd",), chunk_sizes=(32,)))

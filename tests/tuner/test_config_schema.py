@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from gdn2_kernels import _device, config_files, config_schema, dispatch, provenance
 from gdn2_kernels.configs import ProblemKey, get_spec
 from gdn2_kernels.exported import load_exported, vllm_filename
-from tuner import export as ex
-from tuner.cli import app
+from gdn2_kernels.tuner import export as ex
+from gdn2_kernels.cli import app
 
 KEY = ProblemKey(32, 32, "float32")
 

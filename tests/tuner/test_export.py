@@ -11,7 +11,7 @@ import pytest
 from gdn2_kernels import _device, config_files, dispatch, load_exported, provenance
 from gdn2_kernels.configs import ProblemKey, get_spec
 from gdn2_kernels.exported import nearest_bucket, vllm_filename
-from tuner import export as ex
+from gdn2_kernels.tuner import export as ex
 
 HERE = _device.gpu_name()  # 'cpu-interpreter': the GPU dispatch sees on this machine
 H100 = "NVIDIA H100 80GB HBM3"
@@ -293,7 +293,7 @@ def _fla_autotuners():
 def test_cli_export_and_import(tuned, tmp_path):
     from typer.testing import CliRunner
 
-    from tuner.cli import app
+    from gdn2_kernels.cli import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["export", "--format", "fla", "--out", str(tmp_path / "o"), "--json"])

@@ -5,13 +5,13 @@ import pytest
 
 from helpers import logged, state_fwd_candidates
 
-from tuner.evaluate import ReplayEvaluator
-from tuner.strategies import get_strategy, help_text, parse_options
-from tuner.strategies.exhaustive import exhaustive
-from tuner.strategies.halving import halving
-from tuner.strategies.random import random
-from tuner.trial import Budget, best
-from tuner.tune import TuneOptions, make_plan
+from gdn2_kernels.tuner.evaluate import ReplayEvaluator
+from gdn2_kernels.tuner.strategies import get_strategy, help_text, parse_options
+from gdn2_kernels.tuner.strategies.exhaustive import exhaustive
+from gdn2_kernels.tuner.strategies.halving import halving
+from gdn2_kernels.tuner.strategies.random import random
+from gdn2_kernels.tuner.trial import Budget, best
+from gdn2_kernels.tuner.tune import TuneOptions, make_plan
 
 CANDS = state_fwd_candidates(bvs=(16, 32), warps=(2, 4), stages=(1, 2, 3))  # 12
 
@@ -37,7 +37,7 @@ def test_samples_always_keep_pinned_candidates():
     """The configs in use now (pinned) are in every sampled rung, whatever the seed."""
     import dataclasses
 
-    from tuner.strategies.random import sample
+    from gdn2_kernels.tuner.strategies.random import sample
 
     cands = list(CANDS)
     cands[9] = dataclasses.replace(cands[9], pinned=True)
@@ -49,7 +49,7 @@ def test_samples_always_keep_pinned_candidates():
 def test_tune_pins_the_config_this_gpu_resolves_to():
     from gdn2_kernels import dispatch
     from gdn2_kernels.configs import ProblemKey
-    from tuner.tune import _candidates
+    from gdn2_kernels.tuner.tune import _candidates
 
     key = ProblemKey(64, 64, "float32")  # every BV of the spec fits, so the default is valid
     plan = next(kp for kp in make_plan(TuneOptions(kernels=["state_fwd"], chunk_sizes=[32]))
@@ -112,7 +112,7 @@ def test_tune_pins_the_configs_of_every_shipped_profile(tmp_path, monkeypatch):
     """A shipped profile of another GPU seeds the samples (verified and timed like the rest)."""
     from gdn2_kernels import config_files
     from gdn2_kernels.configs import ProblemKey
-    from tuner.tune import _candidates
+    from gdn2_kernels.tuner.tune import _candidates
 
     key = ProblemKey(64, 64, "float32")
     plan = next(kp for kp in make_plan(TuneOptions(kernels=["state_fwd"], chunk_sizes=[32]))
@@ -138,7 +138,7 @@ def get_spec_default(name):
 def test_tune_pins_the_other_algorithm_of_every_pinned_config():
     """intra_fwd's DIAG_INVERSE is an algorithm choice: the default's doubling twin is pinned."""
     from gdn2_kernels.configs import ProblemKey, get_spec
-    from tuner.tune import _candidates
+    from gdn2_kernels.tuner.tune import _candidates
 
     key = ProblemKey(64, 64, "float32")
     plan = next(kp for kp in make_plan(TuneOptions(kernels=["intra_fwd"], chunk_sizes=[32]))

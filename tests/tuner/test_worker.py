@@ -8,8 +8,8 @@ import torch
 from helpers import state_fwd_candidates, tiny_problem
 
 from gdn2_kernels import pipeline
-from tuner.evaluate import EvalSettings, PoolEvaluator, Task, WorkerPool, classify, run_trial
-from tuner.trial import Budget, TrialLog, read_log
+from gdn2_kernels.tuner.evaluate import EvalSettings, PoolEvaluator, Task, WorkerPool, classify, run_trial
+from gdn2_kernels.tuner.trial import Budget, TrialLog, read_log
 
 FAKE = "fake_trials:by_config"
 
@@ -100,7 +100,7 @@ def test_a_workers_start_up_is_not_charged_to_its_candidate(tmp_path, monkeypatc
 def test_a_worker_that_never_starts_is_a_timeout(monkeypatch):
     """A worker stuck in its imports past STARTUP_TIMEOUT_S is killed; the candidate is a
     timeout that says so."""
-    import tuner.evaluate as evaluate
+    import gdn2_kernels.tuner.evaluate as evaluate
 
     monkeypatch.setenv("GDN2_TEST_IMPORT_SECONDS", "60")
     monkeypatch.setattr(evaluate, "STARTUP_TIMEOUT_S", 1.0)

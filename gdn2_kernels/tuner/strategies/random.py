@@ -4,7 +4,7 @@ from __future__ import annotations
 import random as _random
 from typing import Sequence
 
-from tuner.trial import Budget, Candidate, Evaluator, StrategyOption, Trial
+from gdn2_kernels.tuner.trial import Budget, Candidate, Evaluator, StrategyOption, Trial
 
 OPTIONS: tuple[StrategyOption, ...] = (
     StrategyOption("n", int, 16, "candidates drawn per kernel and chunk size", minimum=1),

@@ -1,6 +1,6 @@
 """Weak and strong scaling of context-parallel ``chunk_gdn2_cp`` on the GPUs of one host.
 
-    torchrun --standalone --nproc_per_node N bench/cp_scaling.py [--out FILE.json] [options]
+    torchrun --standalone --nproc_per_node N -m gdn2_kernels.bench.cp_scaling [--out FILE.json] [options]
 
 One launch measures every world size w in 1, 2, 4, ... up to N (and N) through process subgroups
 of the first w ranks: *weak* scaling keeps ``--tokens-per-gpu`` per rank (one sequence of
@@ -115,13 +115,14 @@ def plan(options: ScalingOptions, n: int) -> list[Run]:
 def environment_problem(env: Mapping[str, str], cuda_devices: int) -> str | None:
     """Why this process cannot run the benchmark (None: it can)."""
     if "RANK" not in env or "WORLD_SIZE" not in env or "LOCAL_RANK" not in env:
-        return ("bench/cp_scaling.py runs under torchrun: torchrun --standalone "
-                "--nproc_per_node N bench/cp_scaling.py")
+        return ("gdn2_kernels.bench.cp_scaling runs under torchrun: torchrun --standalone "
+                "--nproc_per_node N -m gdn2_kernels.bench.cp_scaling")
     world = int(env["WORLD_SIZE"])
     if int(env.get("LOCAL_WORLD_SIZE", world)) != world:
-        return f"bench/cp_scaling.py measures the GPUs of one host; WORLD_SIZE {world} spans hosts"
+        return (f"gdn2_kernels.bench.cp_scaling measures the GPUs of one host; WORLD_SIZE {world} "
+                "spans hosts")
     if cuda_devices < world:
-        return (f"bench/cp_scaling.py needs one GPU per rank: {world} ranks but "
+        return (f"gdn2_kernels.bench.cp_scaling needs one GPU per rank: {world} ranks but "
                 f"{cuda_devices} CUDA device(s) visible on this host")
     return None
 
@@ -337,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rows is not None:
         print(render(rows))
         if options.out:
-            from bench import provenance
+            from gdn2_kernels.bench import provenance
 
             with open(options.out, "w") as f:
                 json.dump({"kind": "cp_scaling", "options": asdict(options),

@@ -77,7 +77,7 @@ def _announce_interpreter(as_json: bool, extra: str = "") -> None:
 @contextlib.contextmanager
 def _usage_errors():
     """An option the library refuses (``OptionError``) -> a usage error, exit code 2."""
-    from tuner.options import OptionError
+    from gdn2_kernels.options import OptionError
 
     try:
         yield
@@ -111,7 +111,7 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Run chunk_gdn2 with this GPU's configs against the fp64 reference; exit 1 on failure."""
-    from tuner.verify import verify as run_verify
+    from gdn2_kernels.tuner.verify import verify as run_verify
 
     _announce_interpreter(as_json)
     report = run_verify(backward=backward)
@@ -121,11 +121,11 @@ def verify(
 
 
 # ------------------------------------------------------------------------------------------------
-# bench, profile (library: bench/)
+# bench, profile (library: gdn2_kernels/bench/)
 # ------------------------------------------------------------------------------------------------
 
 def _render_bench(report) -> None:
-    from bench import report as render
+    from gdn2_kernels.bench import report as render
 
     for note in report.notes:
         console.print(f"[yellow]note[/yellow] {escape(note)}")
@@ -163,8 +163,8 @@ def bench(
 ) -> None:
     """Time chunk_gdn2 against FLA, cuDNN (KDA, attention), SDPA flash and Mamba-2 on the same
     inputs."""
-    from bench import report as render
-    from bench.runner import (LONG_SHAPES, BenchOptions, check_options, parse_ints, parse_shapes,
+    from gdn2_kernels.bench import report as render
+    from gdn2_kernels.bench.runner import (LONG_SHAPES, BenchOptions, check_options, parse_ints, parse_shapes,
                               rows_from_json, run_bench)
 
     with _usage_errors():
@@ -211,9 +211,9 @@ def profile(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Per-stage time, share, GB/s and TFLOP/s of our forward and backward."""
-    from bench import report as render
-    from bench.profile import problem_from_options
-    from bench.profile import profile as run_profile
+    from gdn2_kernels.bench import report as render
+    from gdn2_kernels.bench.profile import problem_from_options
+    from gdn2_kernels.bench.profile import profile as run_profile
     from gdn2_kernels import _device
 
     with _usage_errors():
@@ -231,14 +231,14 @@ def profile(
 
 
 # ------------------------------------------------------------------------------------------------
-# info, tune, cache (library: tuner/)
+# info, tune, cache (library: gdn2_kernels/tuner/)
 # ------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def _library_errors():
     """Typed library errors -> one red line and exit code 1 (also under typer's CliRunner)."""
     from gdn2_kernels.config_files import CacheError
-    from tuner.tune import TuneError
+    from gdn2_kernels.tuner.tune import TuneError
 
     try:
         with _usage_errors():  # an option found bad late is still a usage error
@@ -290,7 +290,7 @@ def _render_info(report) -> None:
 @app.command()
 def info(as_json: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
     """GPU identity and health (NVML), software, kernels and their spaces, config sources."""
-    from tuner.info import collect
+    from gdn2_kernels.tuner.info import collect
 
     with _library_errors():
         report = collect()
@@ -323,7 +323,7 @@ def _best_table(bests) -> Table:
 
 
 def _render_tune(result) -> None:
-    from tuner.tune import pipeline_score
+    from gdn2_kernels.tuner.tune import pipeline_score
 
     plan = result.plan
     table = Table(title=f"tune of {plan.problem.label()} on {plan.device}")
@@ -382,10 +382,10 @@ def _tune_options(batch, seqlen, heads, head_k, head_v, dtype, kernel, chunk_siz
                   strategy, option, max_minutes, max_configs, devices, log, output, no_cache,
                   fresh, timeout, long_check=True):
     """The TuneOptions of one dtype, checked (OptionError before any work starts)."""
-    from tuner.gpu import gpu_available
-    from tuner.options import OptionError, one_of
-    from tuner.strategies import STRATEGIES, parse_options
-    from tuner.tune import CPU_PROBLEM, GPU_PROBLEM, TuneOptions, check_options
+    from gdn2_kernels.gpu import gpu_available
+    from gdn2_kernels.options import OptionError, one_of
+    from gdn2_kernels.tuner.strategies import STRATEGIES, parse_options
+    from gdn2_kernels.tuner.tune import CPU_PROBLEM, GPU_PROBLEM, TuneOptions, check_options
 
     base = GPU_PROBLEM if gpu_available() else CPU_PROBLEM
     given = {"B": batch, "T": seqlen, "H": heads, "K": head_k, "V": head_v, "dtype": dtype}
@@ -443,7 +443,7 @@ def tune(
     from rich.live import Live
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tuner.tune import make_plan, tune as run_tune
+    from gdn2_kernels.tuner.tune import make_plan, tune as run_tune
 
     with _usage_errors():  # every dtype's options, before the first tune starts
         all_opts = [_tune_options(batch, seqlen, heads, head_k, head_v, dt, kernel, chunk_size,
@@ -485,7 +485,7 @@ def tune(
 
 
 # ------------------------------------------------------------------------------------------------
-# export, cache import (library: tuner/export.py)
+# export, cache import (library: gdn2_kernels/tuner/export.py)
 # ------------------------------------------------------------------------------------------------
 
 def _render_export(report) -> None:
@@ -516,7 +516,7 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Write this GPU's verified configs for other software (FLA, vLLM-style) or machines."""
-    from tuner.export import export as run_export
+    from gdn2_kernels.tuner.export import export as run_export
 
     with _library_errors():
         report = run_export(fmt, out, source, tuple(heads or ()) or None, tokens)
@@ -532,7 +532,7 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("ls")
 def cache_ls(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """List the cache files, their GPU, keys, and whether they can be used here."""
-    from tuner.cache import list_caches, paths
+    from gdn2_kernels.tuner.cache import list_caches, paths
 
     files = list_caches()
     if as_json:
@@ -557,7 +557,7 @@ def cache_show(
     as_json: bool = typer.Option(False, "--json", help="print the file as JSON"),
 ) -> None:
     """Show the entries of one cache file (validated)."""
-    from tuner.cache import show
+    from gdn2_kernels.tuner.cache import show
 
     with _library_errors():
         cache = show(target)
@@ -586,7 +586,7 @@ def cache_clear(
     as_json: bool = typer.Option(False, "--json", help="print the removed paths as JSON"),
 ) -> None:
     """Delete cached configs (the shipped profiles are not touched)."""
-    from tuner.cache import clear
+    from gdn2_kernels.tuner.cache import clear
 
     removed = clear(gpu)
     if as_json:
@@ -605,7 +605,7 @@ def cache_import(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Import tuned configs into this GPU's user cache; then run `gdn2 verify`."""
-    from tuner.export import import_file
+    from gdn2_kernels.tuner.export import import_file
 
     with _library_errors():
         report = import_file(file, merge=merge, force=force)
@@ -627,7 +627,7 @@ def cache_import(
 @cache_app.command("path")
 def cache_path(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """Where the cache, this GPU's file, its shipped profile and $GDN2_CONFIG_FILE are."""
-    from tuner.cache import paths
+    from gdn2_kernels.tuner.cache import paths
 
     p = paths()
     if as_json:

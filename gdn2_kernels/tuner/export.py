@@ -34,8 +34,8 @@ from gdn2_kernels import _device, config_files, config_schema, provenance
 from gdn2_kernels.config_files import CacheEntry, CacheError, CacheFile
 from gdn2_kernels.configs import ProblemKey, version_tuple
 from gdn2_kernels.exported import vllm_filename
-from tuner.cache import where_configs_come_from
-from tuner.trial import Problem
+from gdn2_kernels.tuner.cache import where_configs_come_from
+from gdn2_kernels.tuner.trial import Problem
 
 FORMATS = ("portable", "fla", "vllm")
 VERIFY_HINT = "run `gdn2 verify` (add --backward for the gradients) to check them on this GPU"

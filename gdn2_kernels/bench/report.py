@@ -1,4 +1,4 @@
-"""Rendering of a :class:`bench.runner.BenchReport`: rich tables, the JSON file, the PNG plot.
+"""Rendering of a :class:`gdn2_kernels.bench.runner.BenchReport`: rich tables, the JSON file, the PNG plot.
 
 The CLI only calls these; tests call them directly with fake timings.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from bench.runner import OK, BenchReport, BenchRow, report_dict
+from gdn2_kernels.bench.runner import OK, BenchReport, BenchRow, report_dict
 
 MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward + backward", "decode": "decode (1 token)"}
 
@@ -156,7 +156,7 @@ def plot(data: BenchReport | dict, path: str | os.PathLike) -> Path:
 
 
 def profile_table(report) -> Table:
-    """Per-stage table of a :class:`bench.profile.ProfileReport`."""
+    """Per-stage table of a :class:`gdn2_kernels.bench.profile.ProfileReport`."""
     s = report.shape
     t = Table(title=f"chunk_gdn2 stages, B={s.B} T={s.T} H={s.H} K=V={s.D} {s.dtype}, "
                     f"chunk {report.chunk_size} ({report.config_source} configs) on {report.device}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks and profile on a GPU machine without internet; results land in OUT_DIR.
 #
-#   bash bench/device_run.sh OUT_DIR [all|bench|decode|profile] [extra `gdn2 bench` options]
+#   bash lab/device/device_run.sh OUT_DIR [all|bench|decode|profile] [extra `gdn2 bench` options]
 #
 # Installs the carried wheels (.whl/*.whl: fla-core) into /tmp/site; Mamba-2's Triton SSD sources
 # are read from .whl/mamba_ssd (no install). Writes, per GPU (name sanitised) and UTC date:
@@ -14,7 +14,7 @@
 # missing ones. TRITON_CACHE_AUTOTUNING=1 keeps FLA's autotune choices in the Triton cache, so the
 # second run does not autotune again.
 set -uo pipefail
-OUT=${1:?usage: bench/device_run.sh OUT_DIR [all|bench|decode|profile] [gdn2 bench options]}
+OUT=${1:?usage: lab/device/device_run.sh OUT_DIR [all|bench|decode|profile] [gdn2 bench options]}
 PART=${2:-all}
 shift $(( $# >= 2 ? 2 : 1 ))
 mkdir -p "$OUT"
@@ -29,7 +29,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
-GDN2="python3 -m tuner.cli"
+GDN2="python3 -m gdn2_kernels.cli"
 
 GPU=$(python3 -c "import torch; from gdn2_kernels._device import sanitize_gpu_name; \
 print(sanitize_gpu_name(torch.cuda.get_device_name(0)))") || exit 1

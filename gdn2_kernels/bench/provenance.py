@@ -1,4 +1,4 @@
-"""Where a benchmark ran: GPU (NVML via ``tuner.gpu``), clocks, software versions, commit, date.
+"""Where a benchmark ran: GPU (NVML via ``gdn2_kernels.gpu``), clocks, software versions, commit, date.
 
 Everything is best effort: a field that cannot be read is None, with the reason where useful,
 so a missing NVML or git never stops a benchmark.
@@ -48,9 +48,9 @@ def _gpu() -> dict:
     if not torch.cuda.is_available():
         return {"name": None, "note": "no CUDA device"}
     try:
-        from tuner import gpu
+        from gdn2_kernels import gpu
     except ImportError as exc:
-        return {"name": torch.cuda.get_device_name(0), "note": f"tuner.gpu: {exc}"}
+        return {"name": torch.cuda.get_device_name(0), "note": f"gdn2_kernels.gpu: {exc}"}
     index = torch.cuda.current_device()
     return {**dataclasses.asdict(gpu.identify(index)),
             "sample": dataclasses.asdict(gpu.sample(index)),
@@ -59,7 +59,7 @@ def _gpu() -> dict:
 
 def collect() -> dict:
     """Provenance of this process, as plain JSON data."""
-    from bench.providers import load_mamba_ssd, Unavailable
+    from gdn2_kernels.bench.providers import load_mamba_ssd, Unavailable
 
     try:
         mamba = load_mamba_ssd().source if torch.cuda.is_available() else None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tuner.trial import Budget, Candidate, Evaluator, StrategyOption, Trial
+from gdn2_kernels.tuner.trial import Budget, Candidate, Evaluator, StrategyOption, Trial
 
 OPTIONS: tuple[StrategyOption, ...] = (
     StrategyOption("effort", int, 1, "timing effort of every trial (repetitions x effort)",

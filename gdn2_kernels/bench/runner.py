@@ -17,14 +17,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from bench import model
-from bench.inputs import ProblemInputs
-from bench.model import Ceilings, Shape
-from bench.providers import Registry, default_registry, load_provider, set_mamba_source
-from bench.providers import Provider, ProviderStatus
-from bench.timing import CudaMeasurer, Measurer
+from gdn2_kernels.bench import model
+from gdn2_kernels.bench.inputs import ProblemInputs
+from gdn2_kernels.bench.model import Ceilings, Shape
+from gdn2_kernels.bench.providers import Registry, default_registry, load_provider, set_mamba_source
+from gdn2_kernels.bench.providers import Provider, ProviderStatus
+from gdn2_kernels.bench.timing import CudaMeasurer, Measurer
 from gdn2_kernels.configs import KEY_DTYPES, MAX_HEAD_DIM
-from tuner.options import OptionError, integer, one_of
+from gdn2_kernels.options import OptionError, integer, one_of
 
 SCHEMA_VERSION = 1
 DEFAULT_SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384))
@@ -241,7 +241,7 @@ def run_bench(options: BenchOptions = BenchOptions(), measurer: Measurer | None 
     ``resume`` (an earlier report's, same H/D/dtype) are kept instead of re-measured; their
     derived metrics are recomputed against this run's ceilings.
     """
-    from bench.provenance import collect
+    from gdn2_kernels.bench.provenance import collect
 
     registry = registry or default_registry()
     check_options(options, registry)

@@ -2,8 +2,8 @@
 
 :func:`run_trial` is what a worker does for one candidate: run the workload under
 ``dispatch.override(candidate pipeline)`` on fresh random inputs and compare every output (and
-gradient, for fwd+bwd) with the fp64 recurrence (:func:`tuner.verify.run_case`); only a verified
-candidate is timed (:func:`tuner.timing.measure`), with NVML samples around the timing and up to
+gradient, for fwd+bwd) with the fp64 recurrence (:func:`gdn2_kernels.tuner.verify.run_case`); only a verified
+candidate is timed (:func:`gdn2_kernels.tuner.timing.measure`), with NVML samples around the timing and up to
 ``retime_throttled`` re-timings when the GPU throttled.
 
 :class:`WorkerPool` keeps one spawned worker per device (``-1`` = the CPU interpreter). A worker
@@ -26,7 +26,7 @@ import traceback
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
-from tuner.trial import Budget, Candidate, Problem, Trial, TrialLog, trial_id
+from gdn2_kernels.tuner.trial import Budget, Candidate, Problem, Trial, TrialLog, trial_id
 
 WORKLOADS = ("fwd", "fwd+bwd", "decode")
 
@@ -41,7 +41,7 @@ class EvalSettings:
     reps: int = 20  # timed repetitions per unit of effort
     retime_throttled: int = 2
     timeout_s: float = 180.0
-    trial_fn: str = "tuner.evaluate:run_trial"  # "module:function"; tests inject fakes
+    trial_fn: str = "gdn2_kernels.tuner.evaluate:run_trial"  # "module:function"; tests inject fakes
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def classify(error: str) -> str:
 
 def verify_case(candidate: Candidate, settings: EvalSettings):
     """The verification case of a candidate's workload (fresh inputs each call)."""
-    from tuner.verify import VerifyCase
+    from gdn2_kernels.tuner.verify import VerifyCase
 
     p = settings.problem
     if candidate.workload == "decode":
@@ -124,9 +124,9 @@ def run_trial(task: Task, device_index: int) -> Trial:
     """Verify then time one candidate on this worker's device (see module docstring)."""
     import torch
 
-    from gdn2_kernels import _device, dispatch
-    from tuner import gpu, timing
-    from tuner.verify import run_case
+    from gdn2_kernels import _device, dispatch, gpu
+    from gdn2_kernels.tuner import timing
+    from gdn2_kernels.tuner.verify import run_case
 
     cand, s = task.candidate, task.settings
     device = torch.device("cuda", device_index) if device_index >= 0 else torch.device("cpu")
@@ -408,7 +408,7 @@ class ReplayEvaluator:
 
     def __init__(self, trials: Sequence[Trial] | str | os.PathLike, problem: Problem = Problem()):
         if isinstance(trials, (str, os.PathLike)):
-            from tuner.trial import read_log
+            from gdn2_kernels.tuner.trial import read_log
 
             trials = read_log(trials)
         self.problem = problem

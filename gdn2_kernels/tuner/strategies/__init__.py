@@ -1,16 +1,16 @@
 """Search strategies: each is one function ``(space, evaluator, budget, **options) -> trials``.
 
 Strategies only order and select candidates; they never touch the GPU (the evaluator does), so
-they are tested on the CPU with :class:`tuner.evaluate.ReplayEvaluator`.
+they are tested on the CPU with :class:`gdn2_kernels.tuner.evaluate.ReplayEvaluator`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from tuner.strategies import exhaustive, halving
-from tuner.strategies import random as random_search
-from tuner.trial import Strategy, StrategyOption
+from gdn2_kernels.tuner.strategies import exhaustive, halving
+from gdn2_kernels.tuner.strategies import random as random_search
+from gdn2_kernels.tuner.trial import Strategy, StrategyOption
 
 
 @dataclass(frozen=True)

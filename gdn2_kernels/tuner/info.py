@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gdn2_kernels import _device, config_files, dispatch, provenance
+from gdn2_kernels import _device, config_files, dispatch, gpu, provenance
 from gdn2_kernels.configs import ProblemKey, all_specs
-from tuner import gpu
-from tuner.strategies import STRATEGIES
-from tuner.tune import GPU_PROBLEM, workload_of
+from gdn2_kernels.tuner.strategies import STRATEGIES
+from gdn2_kernels.tuner.tune import GPU_PROBLEM, workload_of
 
 
 @dataclass

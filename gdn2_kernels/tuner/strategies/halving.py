@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from tuner.strategies.random import sample
-from tuner.trial import Budget, Candidate, Evaluator, StrategyOption, Trial
+from gdn2_kernels.tuner.strategies.random import sample
+from gdn2_kernels.tuner.trial import Budget, Candidate, Evaluator, StrategyOption, Trial
 
 OPTIONS: tuple[StrategyOption, ...] = (
     StrategyOption("n", int, 0, "candidates in the first rung (0: the whole space)", minimum=0),

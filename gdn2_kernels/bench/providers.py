@@ -14,7 +14,7 @@ Mamba-2's Triton SSD is imported without ``mamba_ssm/__init__.py`` (which loads 
 extensions): a bare package module pointing at the source tree stands in for it, so only the
 pure-Python Triton modules are executed. The source tree is, in order: an explicit path
 (``gdn2 bench --mamba-src``), an installed ``mamba_ssm``, or ``.whl/mamba_ssd`` in the repository
-(what ``bench/device_run.sh`` carries).
+(what ``lab/device/device_run.sh`` carries).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.inputs import ProblemInputs
+from gdn2_kernels.bench.inputs import ProblemInputs
 
 REPO_MAMBA_SRC = Path(__file__).resolve().parents[1] / ".whl" / "mamba_ssd"
 _SSD_MODULE = "mamba_ssm.ops.triton.ssd_combined"
@@ -47,7 +47,7 @@ class Unavailable(Exception):
 class Provider:
     name: str
     label: str
-    family: str                    # bench.model family: its FLOP/byte model
+    family: str                    # gdn2_kernels.bench.model family: its FLOP/byte model
     baseline: bool
     fwd_only: bool
     modes: tuple[str, ...]         # where it is meaningful

@@ -11,7 +11,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from bench.model import Ceilings, copy_gbps, matmul_tflops
+from gdn2_kernels.bench.model import Ceilings, copy_gbps, matmul_tflops
 
 MATMUL_N = 8192                    # ceiling probe: 8192^3 bf16 matmul
 COPY_BYTES = 2 * 1024 ** 3         # ceiling probe: 2 GiB device-to-device copy

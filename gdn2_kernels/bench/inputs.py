@@ -7,7 +7,7 @@ same numbers where their inputs overlap:
 - KDA (tied gates): ``beta = b[..., 0]``; our op gets ``b = beta`` over K and ``w = beta`` over V.
 - Gated DeltaNet: scalar ``g = g[..., 0]`` and ``beta`` as for KDA.
 - Attention: q, k, v as they are (SDPA takes the ``[B, H, T, D]`` transposed views).
-- Mamba-2 SSD (sizes in :func:`bench.model.mamba_dims`): ``x = cat(v, q)`` viewed as
+- Mamba-2 SSD (sizes in :func:`gdn2_kernels.bench.model.mamba_dims`): ``x = cat(v, q)`` viewed as
   ``[B, T, 4H, D/2]``; ``dt = -g`` over 4H (in (0, 2]); ``B = k`` and ``C = q`` of head 0 cut to
   ``d_state``; ``A`` from -1 to -16 over the heads (Mamba-2's init range).
 - Decode: one token per sequence with the factory's ``h0`` as the state; the attention KV cache
@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from bench.model import Shape, mamba_dims
+from gdn2_kernels.bench.model import Shape, mamba_dims
 from gdn2_kernels.inputs import GDN2Inputs, make_inputs
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

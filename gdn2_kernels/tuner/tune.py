@@ -30,14 +30,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from gdn2_kernels import _device, _env, config_files, dispatch
+from gdn2_kernels import _device, _env, config_files, dispatch, gpu
 from gdn2_kernels.configs import (CHUNK_SIZES, DEFAULT_CHUNK_SIZE, KEY_DTYPES, MAX_HEAD_DIM,
                                   KernelConfig, KernelSpec, ProblemKey, all_specs, get_spec)
-from tuner import gpu
-from tuner.evaluate import EvalSettings, PoolEvaluator, WorkerPool
-from tuner.options import OptionError, integer, one_of, positive_number
-from tuner.strategies import STRATEGIES, get_strategy, parse_options
-from tuner.trial import FAILED, Budget, Candidate, Problem, Trial, TrialLog, best
+from gdn2_kernels.options import OptionError, integer, one_of, positive_number
+from gdn2_kernels.tuner.evaluate import EvalSettings, PoolEvaluator, WorkerPool
+from gdn2_kernels.tuner.strategies import STRATEGIES, get_strategy, parse_options
+from gdn2_kernels.tuner.trial import FAILED, Budget, Candidate, Problem, Trial, TrialLog, best
 
 
 CPU_PROBLEM = Problem(B=1, T=64, H=1, K=32, V=32, dtype="float32", decode_batch=2)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Full default tune on a GPU machine, then a cold-start check with the profile it made.
 #
-#   OUT=/some/folder bash tuner/device_tune.sh [extra `gdn2 tune` options, e.g. --devices all]
+#   OUT=/some/folder bash lab/device/device_tune.sh [extra `gdn2 tune` options, e.g. --devices all]
 #
 # Writes under $OUT (default ./out):
 #   info.json                  `gdn2 info --json` before the tune (GPU/NVML, software, spaces)
@@ -22,27 +22,27 @@ export GDN2_CACHE_DIR="$(mktemp -d)"
 trap 'rm -rf "$GDN2_CACHE_DIR" "$OUT"/*.lock' EXIT
 PY="${PYTHON:-python}"
 
-$PY -m tuner.cli info --json > "$OUT/info.json"
+$PY -m gdn2_kernels.cli info --json > "$OUT/info.json"
 PROFILE="$OUT/$($PY -c 'from gdn2_kernels import _device, config_files; print(config_files.profile_filename(_device.gpu_name()))' 2>/dev/null)"
 
 start=$(date +%s)
-$PY -m tuner.cli tune --max-minutes 9 --log "$OUT/trials.jsonl" --output "$PROFILE" --json "$@" \
+$PY -m gdn2_kernels.cli tune --max-minutes 9 --log "$OUT/trials.jsonl" --output "$PROFILE" --json "$@" \
     > "$OUT/tune.json"
 tune_s=$(( $(date +%s) - start ))
 
 cold_cache="$(mktemp -d)"
 start=$(date +%s)
-TRITON_CACHE_DIR="$cold_cache" GDN2_CONFIG_FILE="$PROFILE" $PY -m tuner.cold_start --json \
+TRITON_CACHE_DIR="$cold_cache" GDN2_CONFIG_FILE="$PROFILE" $PY -m gdn2_kernels.tuner.cold_start --json \
     > "$OUT/cold_start.json"
 cold_s=$(( $(date +%s) - start ))
 rm -rf "$cold_cache"
 # The same with every kernel compiled at its first launch, one after another (for comparison).
 cold_cache="$(mktemp -d)"
 TRITON_CACHE_DIR="$cold_cache" GDN2_CONFIG_FILE="$PROFILE" GDN2_COMPILE_AHEAD=0 \
-    $PY -m tuner.cold_start --json > "$OUT/cold_start_serial.json"
+    $PY -m gdn2_kernels.tuner.cold_start --json > "$OUT/cold_start_serial.json"
 rm -rf "$cold_cache"
 
-GDN2_CONFIG_FILE="$PROFILE" $PY -m tuner.cli verify --backward --json > "$OUT/verify.json" \
+GDN2_CONFIG_FILE="$PROFILE" $PY -m gdn2_kernels.cli verify --backward --json > "$OUT/verify.json" \
     || { echo "verify reported failures:"; $PY - "$OUT/verify.json" <<'PYEOF'
 import json, sys
 report = json.load(open(sys.argv[1]))

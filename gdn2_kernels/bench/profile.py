@@ -8,7 +8,7 @@ interpreter). A backward written later is profiled the same way with no change h
 
 Per stage: the median time per pass over ``reps`` passes (L2 flushed before each pass), its share
 of the summed stage time, the achieved GB/s (bytes of the tensors the launcher takes and returns)
-and, for stages the model knows (``bench.model.STAGE_FLOPS``), TFLOP/s. ``--ncu`` runs Nsight
+and, for stages the model knows (``gdn2_kernels.bench.model.STAGE_FLOPS``), TFLOP/s. ``--ncu`` runs Nsight
 Compute on one stage's kernel in a child process.
 """
 from __future__ import annotations
@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from bench import model
-from bench.inputs import ProblemInputs
-from bench.model import Shape
-from tuner.options import OptionError, integer, one_of
+from gdn2_kernels.bench import model
+from gdn2_kernels.bench.inputs import ProblemInputs
+from gdn2_kernels.bench.model import Shape
+from gdn2_kernels.options import OptionError, integer, one_of
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 
@@ -228,7 +228,7 @@ def problem_from_options(shape: str | None, heads: int | None, dim: int | None,
                          interpreter: bool) -> tuple[Shape, int]:
     """``(shape, reps)`` of ``gdn2 profile``: the options given over :func:`default_problem`,
     checked (:class:`OptionError`)."""
-    from bench.runner import parse_shapes
+    from gdn2_kernels.bench.runner import parse_shapes
 
     base, base_reps = default_problem(interpreter)
     if shape is not None:
@@ -275,7 +275,7 @@ def profile(shape: Shape = GPU_SHAPE, backward: bool = True, reps: int = GPU_REP
     clock = _Clock(cuda)
     pipe = dispatch.resolve(ProblemKey(shape.D, shape.D, shape.dtype))
     if end_to_end is None and cuda:
-        from bench.timing import CudaMeasurer
+        from gdn2_kernels.bench.timing import CudaMeasurer
 
         end_to_end = CudaMeasurer().time_ms
     x = ProblemInputs(shape, device, seed).gdn2(grad=backward)
@@ -344,7 +344,7 @@ def run_ncu(stage: str, shape: Shape, out_dir: str | Path, backward: bool = Fals
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rep = out / f"ncu_{stage}_{shape.label()}"
-    code = (f"from bench.profile import ncu_target; ncu_target({shape.B}, {shape.T}, {shape.H}, "
+    code = (f"from gdn2_kernels.bench.profile import ncu_target; ncu_target({shape.B}, {shape.T}, {shape.H}, "
             f"{shape.D}, {shape.dtype!r}, {backward})")
     cmd = [ncu, "--set", ncu_set, "--kernel-name", f"regex:_{stage}_kernel", "--launch-skip",
            "1", "--launch-count", "1", "--force-overwrite", "--export", str(rep),
