@@ -38,10 +38,25 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+_host: list[bool] = []  # [whether launches run through the interpreter], decided at the first
+
+
 def launch(kernel: Any, grid: tuple[int, ...], **kwargs: Any) -> None:
-    """``kernel[grid](**kwargs)``; inside a compile-ahead walk, only compile it (see module doc)."""
+    """``kernel[grid](**kwargs)``; without a CUDA device (or with ``TRITON_INTERPRET=1``) through
+    Triton's interpreter (``_interpreter.launch``); inside a compile-ahead walk, only compile it
+    (see module doc)."""
     if _walk_device.get() is None:
-        kernel[grid](**kwargs)
+        if not _host:
+            from gdn2_kernels import _env
+
+            choice = _env.interpreter_choice()
+            _host.append(choice if choice is not None else not torch.cuda.is_available())
+        if _host[0]:
+            from gdn2_kernels import _interpreter
+
+            _interpreter.launch(kernel, grid, kwargs)
+        else:
+            kernel[grid](**kwargs)
         return
     from triton.runtime.jit import MockTensor
 

@@ -99,8 +99,9 @@ def _check_arguments(fn, q, k, v, g, b, w, scale, initial_state, cu_seqlens, cu_
             raise ValueError(f"{name} is on {x.device} but q is on {dev}; move all inputs to one "
                              "device")
     if dev.type == "cpu" and not _device.interpreter_active():
-        raise ValueError("inputs are on the CPU but Triton's interpreter is off; move them to a "
-                         "CUDA device, or set TRITON_INTERPRET=1 before importing gdn2_kernels")
+        raise ValueError("inputs are on the CPU but Triton's interpreter is off (a CUDA device is "
+                         "present, or TRITON_INTERPRET=0); move them to a CUDA device, or set "
+                         "TRITON_INTERPRET=1 before importing gdn2_kernels")
     if dev.type not in ("cuda", "cpu"):
         raise ValueError(f"inputs are on {dev}; {fn} runs on CUDA devices (or the CPU "
                          "through Triton's interpreter)")

@@ -10,19 +10,11 @@ import dataclasses
 import json
 import os
 import sys
-import warnings
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-
-with warnings.catch_warnings():
-    # Importing the package announces the interpreter; the commands say so in their own output.
-    warnings.simplefilter("ignore", UserWarning)
-    from gdn2_kernels import _env
-
-_env.enable_interpreter_without_gpu(warn=False)  # commands say so themselves
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Tune, verify, benchmark and profile the GDN-2 Triton kernels.")
