@@ -17,14 +17,14 @@ from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Tune, verify, benchmark and profile the GDN-2 Triton kernels.")
+                  help="Tune, verify and benchmark the GDN-2 Triton kernels.")
 console = Console()
 err_console = Console(stderr=True)
 
 
 @app.callback()
 def _root() -> None:
-    """Tune, verify, benchmark and profile the GDN-2 Triton kernels."""
+    """Tune, verify and benchmark the GDN-2 Triton kernels."""
 
 
 def _to_jsonable(obj):
@@ -113,7 +113,7 @@ def verify(
 
 
 # ------------------------------------------------------------------------------------------------
-# bench, profile (library: gdn2_kernels/bench/)
+# bench, stages (library: gdn2_kernels/bench/)
 # ------------------------------------------------------------------------------------------------
 
 def _render_bench(report) -> None:
@@ -156,8 +156,9 @@ def bench(
     """Time chunk_gdn2 against FLA, cuDNN (KDA, attention), SDPA flash and Mamba-2 on the same
     inputs."""
     from gdn2_kernels.bench import report as render
-    from gdn2_kernels.bench.runner import (LONG_SHAPES, BenchOptions, check_options, parse_ints, parse_shapes,
-                              rows_from_json, run_bench)
+    from gdn2_kernels.bench.runner import (LONG_SHAPES, BenchOptions, check_options,
+                                           rows_from_json, run_bench)
+    from gdn2_kernels.options import parse_ints, parse_shapes
 
     with _usage_errors():
         opts = BenchOptions(modes=tuple(mode), shapes=parse_shapes(shapes),
@@ -190,36 +191,40 @@ def bench(
 
 
 @app.command()
-def profile(
+def stages(
     shape: str = typer.Option(None, help="BxT [GPU 2x8192, CPU 1x64]"),
     heads: int = typer.Option(None, help="H [GPU 16, CPU 1]"),
     dim: int = typer.Option(None, help="head dim D (K = V = D) [GPU 128, CPU 32]"),
     dtype: str = typer.Option(None, help="bfloat16, float16 or float32 [GPU bfloat16, CPU float32]"),
     backward: bool = typer.Option(True, "--backward/--forward-only",
-                                  help="also profile the backward (when it exists)"),
+                                  help="also time the backward's stages"),
     reps: int = typer.Option(None, help="passes; each stage's median is reported [GPU 20, CPU 2]"),
     ncu: str = typer.Option(None, help="run Nsight Compute on this stage (e.g. intra_fwd)"),
     ncu_out: str = typer.Option("ncu", help="folder for the Nsight Compute report"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Per-stage time, share, GB/s and TFLOP/s of our forward and backward."""
-    from gdn2_kernels.bench import report as render
-    from gdn2_kernels.bench.profile import problem_from_options
-    from gdn2_kernels.bench.profile import profile as run_profile
+    """Per-stage time, share, GB/s and TFLOP/s of our forward and backward, and the configs as
+    they launch."""
     from gdn2_kernels import _device
+    from gdn2_kernels.bench import report as render
+    from gdn2_kernels.bench.stages import breakdown, problem_from_options
 
     with _usage_errors():
         problem, reps = problem_from_options(shape, heads, dim, dtype, reps,
                                              _device.interpreter_active())
-    _announce_interpreter(as_json, f"Profiling {problem.label()} H{problem.H} D{problem.D} "
-                                   f"{problem.dtype}, {reps} passes.")
-    report = run_profile(problem, backward=backward, reps=reps, ncu_stage=ncu, ncu_out=ncu_out)
+    _announce_interpreter(as_json, f"Timing the stages of {problem.label()} H{problem.H} "
+                                   f"D{problem.D} {problem.dtype}, {reps} passes.")
+    report = breakdown(problem, backward=backward, reps=reps, ncu_stage=ncu, ncu_out=ncu_out)
     if as_json:
         print_json(report)
         return
-    console.print(render.profile_table(report))
-    for line in render.profile_lines(report):
+    console.print(render.stages_table(report))
+    for line in render.stages_lines(report):
         console.print(line)
+
+
+# The command's old name: a "profile" is a shipped config file (profiles/).
+app.command("profile", deprecated=True, help="The old name of `gdn2 stages`.")(stages)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,18 +279,39 @@ def _render_info(report) -> None:
         params = "  ".join(f"{n}∈{tuple(p['values'])}" for n, p in k.params.items())
         resolved = ",".join(f"{n}={v}" for n, v in (k.resolved or {}).items()) or "-"
         console.print(f"[bold]{k.name}[/bold]: {params}\n  resolved: {resolved}")
+        if k.launched is not None and k.launched != k.resolved:
+            at = report.shape
+            console.print(f"  launched at {at['B']}x{at['T']} H{at['H']}: "
+                          + ",".join(f"{n}={v}" for n, v in k.launched.items()))
         for rule in k.arch_rules:
             console.print(f"  arch rule {rule}")
+    if report.shape is not None:
+        at = report.shape
+        console.print(f"launch time at {at['B']}x{at['T']} H{at['H']}: "
+                      + ("; ".join(report.launch_changes) or "the configs as resolved"))
     console.print("strategies: " + ", ".join(report.strategies))
 
 
 @app.command()
-def info(as_json: bool = typer.Option(False, "--json", help="print the report as JSON")) -> None:
+def info(
+    shape: str = typer.Option(None, help="BxT: also show the configs as they launch at this "
+                                         "shape (launch-time rules of the serial passes)"),
+    heads: int = typer.Option(16, help="H, with --shape"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
     """GPU identity and health (NVML), software, kernels and their spaces, config sources."""
+    from gdn2_kernels.options import OptionError, integer, parse_shapes
     from gdn2_kernels.tuner.info import collect
 
     with _library_errors():
-        report = collect()
+        at = None
+        if shape is not None:
+            shapes = parse_shapes(shape, "--shape")
+            if len(shapes) != 1:
+                raise OptionError("--shape", f"give one BxT (e.g. 1x16384), got {shape!r}")
+            at = shapes[0]
+            integer(heads, "--heads")
+        report = collect(shape=at, heads=heads)
     print_json(report) if as_json else _render_info(report)
 
 

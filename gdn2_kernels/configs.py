@@ -193,6 +193,9 @@ class KernelSpec:
     op: str = "chunk"  # the public op that launches it: 'chunk' (chunk_gdn2) or 'recurrent'
     # Further kernels the same launcher starts under this config, ``_<name>_<part>_kernel``.
     parts: tuple[str, ...] = ()
+    # A serial pass over the sequence: its launcher narrows BV (and caps num_warps) when the
+    # programs would leave SMs idle (_parallel.serial_launch; dispatch.launch_time reports it).
+    serial: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -365,6 +368,7 @@ STATE_FWD = register(KernelSpec(
         _warps(),
         _stages(2, (1, 2, 3, 4)),
     ),
+    serial=True,
     outputs=("o", "ht"),
     constraints=(
         _tile_fits("BV", "V"),
@@ -421,6 +425,7 @@ STATE_BWD = register(KernelSpec(
         _warps(),
         _stages(1, (1, 2, 3)),
     ),
+    serial=True,
     outputs=("dh0", "dv"),
     constraints=(
         _tile_fits("BV", "V"),
@@ -512,4 +517,5 @@ RECURRENT_FWD = register(KernelSpec(
                          lambda c, k: 2 * next_pow2(k.K) * c["BV"]),
     ),
     op="recurrent",
+    serial=True,
 ))

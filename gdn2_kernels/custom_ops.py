@@ -93,7 +93,7 @@ def _chunk_gdn2_impl(q, k, v, g, b, w, initial_state, cu_seqlens, scale, output_
     with _device.guard(q), _gate_check.checked(q.device, validate_values, "chunk_gdn2"):
         res = pipeline.run_forward(q, k, v, g, b, w,
                                    None if initial_state is None else initial_state.contiguous(),
-                                   cu_seqlens, opts, pipeline.resolve(q, v, opts)).fwd
+                                   cu_seqlens, opts, pipeline.resolve(q, v, opts, cu_seqlens)).fwd
     return res.o, _state_or_empty(res.ht, q)
 
 

@@ -9,6 +9,12 @@ same dtype whose configs the specs allow for the asked key (:func:`pipeline_from
 Lookups are cached per (key, GPU, arch), so they cost nothing per call; the cache is dropped when
 a config file is written through :mod:`gdn2_kernels.config_files` (its ``generation``), and by
 :func:`clear_cache` (after changing ``$GDN2_CONFIG_FILE`` or ``$GDN2_CACHE_DIR`` in-process).
+
+The last step of resolution depends on the call's shape: the serial passes' launchers narrow the
+value tile (and cap the warps) when few sequences x heads would leave SMs idle, and run the state
+passes as a two-level scan where their ``SCAN`` allows it (the rules of ``_parallel``).
+:func:`launch_time` applies those rules to a resolved pipeline, so the configs that launch are the
+ones logged (``log_launch``, at INFO) and shown (``gdn2 info --shape``, ``gdn2 profile``).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from gdn2_kernels import _device, _env, config_files
+from gdn2_kernels import _device, _env, _parallel, config_files
 from gdn2_kernels.config_schema import CacheError
 from gdn2_kernels.configs import DEFAULT_CHUNK_SIZE, KernelConfig, ProblemKey, all_specs, get_spec
 
@@ -108,12 +114,13 @@ SOURCES: tuple[Source, ...] = (
     Source("override", "dispatch.override(...), in this thread",
            "the tuner's candidate under test; tests"),
     Source("config_file", f"${_env.CONFIG_FILE_VAR}",
-           "a cache-schema file the user points at (the same for every GPU)",
+           "a cache-schema file the user points at, the same for every GPU",
            config_files.config_file_path),
     Source("user_cache", f"${_env.CACHE_DIR_VAR}/<GPU>.json (default ~/.cache/gdn2/)",
            "written by `gdn2 tune` and `gdn2 cache import`", config_files.user_cache_path),
     Source("shipped_profile", "profiles/<GPU>.json",
-           "tuned on that GPU model and shipped with the package", config_files.shipped_profile_path),
+           "tuned on that GPU model and shipped with the package",
+           config_files.shipped_profile_path),
     Source("default", "each KernelSpec's default",
            "correct everywhere; one warning per process on a GPU"),
 )
@@ -121,7 +128,7 @@ SOURCES: tuple[Source, ...] = (
 
 def precedence_table() -> str:
     """:data:`SOURCES` as a Markdown list, highest precedence first (docs/tuning.md)."""
-    return "\n".join(f"{i}. `{s.name}`: {s.where} ({s.role})" for i, s in enumerate(SOURCES, 1))
+    return "\n".join(f"{i}. `{s.name}`: {s.where}; {s.role}" for i, s in enumerate(SOURCES, 1))
 
 
 def _key_distance(a: ProblemKey, b: ProblemKey) -> float:
@@ -221,6 +228,67 @@ def resolve(key: ProblemKey) -> PipelineConfig:
 
 
 # ------------------------------------------------------------------------------------------------
+# Launch time: the shape's rules
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Launched:
+    """A resolved pipeline as its launchers run it at one shape, and what the rules changed."""
+
+    pipeline: PipelineConfig
+    changes: tuple[str, ...]
+
+
+def launch_time(pipe: PipelineConfig, N: int, H: int, T: int, V: int, device,
+                varlen: bool = False, op: str = "chunk") -> Launched:
+    """``pipe`` at ``N`` sequences (or batch rows) x ``H`` heads of ``T`` tokens and value dim
+    ``V`` on ``device``, for the kernels of ``op`` ('chunk' or 'recurrent'): each serial pass
+    (``KernelSpec.serial``) with the ``BV`` and ``num_warps`` its launcher uses
+    (``_parallel.serial_launch``), the state passes' two-level scan (``_parallel.scan_segments``;
+    dense inputs only) named in ``changes``. Without an SM count (the CPU) nothing changes."""
+    cfgs, changes = [], []
+    for name, cfg in pipe.configs:
+        spec = get_spec(name)
+        if not spec.serial or spec.op != op:
+            cfgs.append((name, cfg))
+            continue
+        rows, how = N * H, []
+        seg = (None if varlen or "SCAN" not in cfg.as_dict()
+               else _parallel.scan_segments(cfg, N, H, T, V, None, device))
+        if seg is not None:
+            S = -(-(-(-T // cfg["BT"])) // seg)
+            rows = N * S * H
+            how.append(f"two-level scan, {S} segments of {seg} chunks per sequence")
+        BV, options = _parallel.serial_launch(cfg, rows, V, device)
+        launched = cfg.replace(BV=BV, num_warps=options["num_warps"])
+        if launched != cfg:
+            how.append(f"BV {cfg['BV']} -> {BV}, num_warps {cfg['num_warps']} -> "
+                       f"{options['num_warps']} ({rows} rows x V/BV programs would cover < half "
+                       "the SMs)")
+        if how:
+            changes.append(f"{name}: " + "; ".join(how))
+        cfgs.append((name, launched))
+    return Launched(PipelineConfig(pipe.chunk_size, tuple(cfgs), pipe.source), tuple(changes))
+
+
+_logged: set[tuple] = set()
+
+
+def log_launch(pipe: PipelineConfig, N: int, H: int, T: int, V: int, device,
+               varlen: bool = False, op: str = "chunk") -> None:
+    """Log (INFO, once per pipeline and shape) the configs that launch at this shape."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    seen = (pipe, N, H, T, V, str(device), varlen, op)
+    if seen in _logged or len(_logged) > 4096:
+        return
+    _logged.add(seen)
+    launched = launch_time(pipe, N, H, T, V, device, varlen, op)
+    log.info("%s launch at N=%d H=%d T=%d V=%d: %s", op, N, H, T, V,
+             "; ".join(launched.changes) or f"as resolved ({pipe.source})")
+
+
+# ------------------------------------------------------------------------------------------------
 # The sources on this machine (gdn2 info)
 # ------------------------------------------------------------------------------------------------
 
@@ -269,6 +337,7 @@ def describe_sources(gpu_name: str | None = None) -> list[SourceInfo]:
     return out
 
 
-__all__ = ["PipelineConfig", "SOURCES", "Source", "SourceInfo", "clear_cache",
-           "complete_pipeline", "default_pipeline", "describe_sources", "override",
-           "pipeline_from", "precedence_table", "resolve", "with_chunk_size"]
+__all__ = ["Launched", "PipelineConfig", "SOURCES", "Source", "SourceInfo", "clear_cache",
+           "complete_pipeline", "default_pipeline", "describe_sources", "launch_time",
+           "log_launch", "override", "pipeline_from", "precedence_table", "resolve",
+           "with_chunk_size"]

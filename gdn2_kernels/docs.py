@@ -64,6 +64,30 @@ def _spec_section(spec: KernelSpec) -> list[str]:
     return lines + [""]
 
 
+def _resolution_section() -> list[str]:
+    """Where a launch's configs come from: ``dispatch.SOURCES`` and the launch-time rules."""
+    from gdn2_kernels import _parallel, dispatch
+
+    serial = ", ".join(f"`{s.name}`" for s in all_specs() if s.serial)
+    return [
+        "## Where a launch's configs come from", "",
+        "The first of these sources that has configs for the problem key (K, V, dtype) gives the "
+        "whole pipeline, so every stage uses its chunk size (`dispatch.SOURCES`, highest "
+        "precedence first; `gdn2 info` shows each one's state on this machine):", "",
+        dispatch.precedence_table(), "",
+        "Within a file the exact key wins, else the nearest key of the same dtype whose configs "
+        "the specs allow for the asked key; keys holding unverified imported hints come last. A "
+        "stage the source has no entry for takes its spec default at the source's chunk size.", "",
+        f"Then, at launch, the call's shape: the serial passes ({serial}) narrow `BV` (never below "
+        f"{_parallel.MIN_BV}) while their N x H x V / BV programs would cover less than half the "
+        f"SMs, with at most {_parallel.NARROW_MAX_WARPS} warps when narrowed, and a state pass "
+        "whose `SCAN` is `segmented` runs as a two-level scan when even the narrowed programs "
+        "leave half the SMs idle (`_parallel`). `dispatch.launch_time` applies these rules; its "
+        "result is what `gdn2 info --shape BxT` and `gdn2 stages` show and what is logged (INFO, "
+        "logger `gdn2_kernels.dispatch`).", "",
+    ]
+
+
 def tuning_markdown() -> str:
     """docs/tuning.md: every KernelSpec's parameters, constraints, arch rules and checks."""
     specs = all_specs()
@@ -85,6 +109,7 @@ def tuning_markdown() -> str:
                      f"{', '.join(p.name for p in s.params)} | {len(s.constraints)} | "
                      f"{len(s.arch_rules)} |")
     lines.append("")
+    lines += _resolution_section()
     note = getattr(configs, "SM90_NO_ACC_TRANSPOSE", None)
     if note:
         lines += ["Hopper note (no rule needed): " + note, ""]

@@ -162,8 +162,12 @@ def chunk_gdn2(
 # Decoding (forward only)
 # ------------------------------------------------------------------------------------------------
 
-def _recurrent_config(q: torch.Tensor, v: torch.Tensor):
-    return dispatch.resolve(ProblemKey.of(q, v))["recurrent_fwd"]
+def _recurrent_config(q: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None):
+    pipe = dispatch.resolve(ProblemKey.of(q, v))
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    dispatch.log_launch(pipe, N, v.shape[2], q.shape[1], v.shape[-1], q.device,
+                        cu_seqlens is not None, op="recurrent")
+    return pipe["recurrent_fwd"]
 
 
 def fused_recurrent_gdn2(
@@ -244,7 +248,8 @@ def fused_recurrent_gdn2(
         return recurrent_fwd(q, k, v, g if gate.kind != _gate.GATE_NONE else g.float(), b, w,
                              float(scale) if scale is not None else q.shape[-1] ** -0.5,
                              initial_state, bool(output_final_state),
-                             bool(use_qk_l2norm_in_kernel), cu_seqlens, _recurrent_config(q, v),
+                             bool(use_qk_l2norm_in_kernel), cu_seqlens,
+                             _recurrent_config(q, v, cu_seqlens),
                              gate=gate, state_v_first=v_first,
                              g_err=_gate_check.error_flag(q.device, validate_values))
 
@@ -324,7 +329,7 @@ def fused_recurrent_gdn2_fwd(
         return recurrent_fwd(q, k, v, g if gate.kind != _gate.GATE_NONE else g.float(), b, w,
                              float(scale) if scale is not None else q.shape[-1] ** -0.5,
                              initial_state, store, bool(use_qk_l2norm_in_kernel), cu_seqlens,
-                             _recurrent_config(q, v), gate=gate,
+                             _recurrent_config(q, v, cu_seqlens), gate=gate,
                              state_v_first=bool(state_v_first), out=out, final_state=final_state,
                              state_indices=ssm_state_indices,
                              num_accepted_tokens=num_accepted_tokens,

@@ -75,10 +75,10 @@ def run_forward(q, k, v, g, b, w, initial_state, cu_seqlens, opts: GDN2Options,
         k, k_rstd = l2norm_fwd(k, pipe["l2norm_fwd"])
     g_in = g if gate.kind != _gate.GATE_NONE else g.float()
     res = chunk_gdn2_fwd(q, k, v, g_in, b, w, opts.scale, initial_state,
-                         opts.output_final_state, cu_seqlens, pipe.as_dict(),
+                         opts.output_final_state, cu_seqlens, pipe,
                          store_h=opts.disable_recompute or opts.return_intermediate_states,
-                         g_err=_gate_check.error_flag(q.device, opts.check_g), cu_seqlens_cpu=cu_seqlens_cpu,
-                         gate=gate)
+                         g_err=_gate_check.error_flag(q.device, opts.check_g),
+                         cu_seqlens_cpu=cu_seqlens_cpu, gate=gate)
     if gate.kind != _gate.GATE_NONE:
         gate = gate._replace(g_raw=g)
     return Saved(q, k, v, b, w, res, initial_state, cu_seqlens, q_rstd, k_rstd, gate)
@@ -93,7 +93,7 @@ def run_backward(s: Saved, do, dht, opts: GDN2Options, pipe: dispatch.PipelineCo
     qk_dtype = torch.float32 if opts.use_qk_l2norm_in_kernel else s.q.dtype
     grads = chunk_gdn2_bwd(s.q, s.k, s.v, s.b, s.w, f.g_cum, f.A, f.A_qk, f.Y, f.U, f.Qg, f.Kt,
                            f.gC, f.h, f.R, opts.scale, s.initial_state, do, dht, s.cu_seqlens,
-                           f.chunk_indices, f.chunk_offsets, pipe.as_dict(), need_dh0=need_dh0,
+                           f.chunk_indices, f.chunk_offsets, pipe, need_dh0=need_dh0,
                            grad_dtypes=(qk_dtype, qk_dtype, s.b.dtype), gate=s.gate)
     dq, dk = grads.dq, grads.dk
     if opts.use_qk_l2norm_in_kernel:
@@ -102,12 +102,18 @@ def run_backward(s: Saved, do, dht, opts: GDN2Options, pipe: dispatch.PipelineCo
     return dq, dk, grads
 
 
-def resolve(q: torch.Tensor, v: torch.Tensor, opts: GDN2Options) -> dispatch.PipelineConfig:
-    """The resolved configs of one call, with the caller's ``chunk_size`` when pinned."""
+def resolve(q: torch.Tensor, v: torch.Tensor, opts: GDN2Options,
+            cu_seqlens: torch.Tensor | None = None) -> dispatch.PipelineConfig:
+    """The resolved configs of one call, with the caller's ``chunk_size`` when pinned (and the
+    configs as they launch at this shape logged: ``dispatch.log_launch``)."""
     key = ProblemKey.of(q, v)
     pipe = dispatch.resolve(key)
-    return pipe if opts.chunk_size is None else dispatch.with_chunk_size(pipe, opts.chunk_size,
-                                                                         key)
+    if opts.chunk_size is not None:
+        pipe = dispatch.with_chunk_size(pipe, opts.chunk_size, key)
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    dispatch.log_launch(pipe, N, v.shape[2], q.shape[1], v.shape[-1], q.device,
+                        cu_seqlens is not None)
+    return pipe
 
 
 # Launch signatures already compiled ahead in this process (bounded: after that many distinct
@@ -190,7 +196,7 @@ class ChunkGDN2Function(torch.autograd.Function):
                 opts: GDN2Options):
         gate = _gate.GateArgs(opts.gate, A_log, dt_bias, opts.lower_bound)
         with _device.guard(q):
-            pipe = resolve(q, v, opts)
+            pipe = resolve(q, v, opts, cu_seqlens)
             s = _forward_compiling_ahead(ctx, q, k, v, g, b, w, initial_state, cu_seqlens, opts,
                                          pipe, gate, cu_seqlens_cpu)
         f = s.fwd
@@ -238,7 +244,7 @@ def forward_with_states(q, k, v, g, b, w, initial_state, gate: _gate.GateArgs, c
     sequences)."""
     with _device.guard(q):
         s = run_forward(q, k, v, g, b, w, initial_state, cu_seqlens, opts,
-                         resolve(q, v, opts), gate, cu_seqlens_cpu)
+                         resolve(q, v, opts, cu_seqlens), gate, cu_seqlens_cpu)
     h = s.fwd.h
     return s.fwd.o, s.fwd.ht, h.view(q.shape[0], -1, *h.shape[1:]).to(k.dtype)
 
@@ -262,4 +268,5 @@ def run(q, k, v, g, b, w, initial_state, cu_seqlens, cu_seqlens_cpu, opts: GDN2O
 
 
 __all__ = ["ChunkGDN2Function", "GDN2Options", "Saved", "compile_ahead", "compile_ahead_walk",
-           "expand_qk_heads", "forward_with_states", "resolve", "run", "run_backward", "run_forward"]
+           "expand_qk_heads", "forward_with_states", "resolve", "run", "run_backward",
+           "run_forward"]

@@ -8,7 +8,7 @@ A VARIANT is ``kernel:{"PARAM": value, ...}`` (one kernel's config changed from 
 ``+``: ``intra_fwd:{"BC": 16}+intra_bwd:{"BC": 32}``. The base is the resolved pipeline of this
 GPU (the shipped profile) or the spec defaults at chunk 64. For each shape and variant the script
 records fwd and fwd+bwd medians (CUDA events, L2 flushed), the per-stage times of
-``gdn2_kernels.bench.profile.profile``, and the largest relative RMS difference of o and of every gradient from
+``gdn2_kernels.bench.stages.breakdown``, and the largest relative RMS difference of o and of every gradient from
 the base's (a config must not change results beyond rounding). Writes OUT_DIR/variants.json as it
 goes.
 """
@@ -22,7 +22,7 @@ import torch
 import triton
 
 from gdn2_kernels.bench.model import Shape
-from gdn2_kernels.bench.profile import profile
+from gdn2_kernels.bench.stages import breakdown
 from gdn2_kernels import chunk_gdn2, dispatch
 from gdn2_kernels.accuracy import rel_rms
 from gdn2_kernels.inputs import make_inputs
@@ -79,7 +79,7 @@ for B, T in shapes:
             with dispatch.override(pipe):
                 got = outputs(args, dO)
                 row["max_rel_rms_vs_base"] = max(rel_rms(a, b) for a, b in zip(got, ref))
-                rep = profile(Shape(B, T, H, D, "bfloat16"), reps=10)
+                rep = breakdown(Shape(B, T, H, D, "bfloat16"), reps=10)
             row.update(fwd_ms=rep.fwd_ms, fwdbwd_ms=rep.fwdbwd_ms,
                        stages={f"{s.phase}:{s.stage}": round(s.ms, 4) for s in rep.stages})
         except Exception as exc:  # noqa: BLE001

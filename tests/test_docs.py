@@ -23,7 +23,7 @@ def test_tuning_page_lists_every_spec_and_rule():
 
 def test_cli_page_lists_every_command():
     text = docs.cli_markdown()
-    for cmd in ("verify", "bench", "profile", "info", "tune", "cache ls", "cache import"):
+    for cmd in ("verify", "bench", "stages", "info", "tune", "cache ls", "cache import"):
         assert f"`gdn2 {cmd}`" in text
 
 

@@ -155,8 +155,8 @@ def plot(data: BenchReport | dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def profile_table(report) -> Table:
-    """Per-stage table of a :class:`gdn2_kernels.bench.profile.ProfileReport`."""
+def stages_table(report) -> Table:
+    """Per-stage table of a :class:`gdn2_kernels.bench.stages.StagesReport`."""
     s = report.shape
     t = Table(title=f"chunk_gdn2 stages, B={s.B} T={s.T} H={s.H} K=V={s.D} {s.dtype}, "
                     f"chunk {report.chunk_size} ({report.config_source} configs) on {report.device}")
@@ -168,15 +168,16 @@ def profile_table(report) -> Table:
     return t
 
 
-def profile_lines(report) -> list[str]:
-    """End-to-end times next to the stage sum (the gap is launch overhead and torch glue)."""
+def stages_lines(report) -> list[str]:
+    """End-to-end times next to the stage sum (the gap is launch overhead and torch glue), and
+    what launch time changed in the resolved configs."""
     lines = [f"sum of stages: {report.stage_ms:.4f} ms per pass (median of {report.reps})"]
     if report.fwd_ms is not None:
         lines.append(f"forward end to end: {report.fwd_ms:.4f} ms")
     if report.fwdbwd_ms is not None:
         lines.append(f"forward + backward end to end: {report.fwdbwd_ms:.4f} ms")
-    if report.backward_reason:
-        lines.append(f"backward not profiled: {report.backward_reason}")
+    for change in report.launch_changes:
+        lines.append(f"launched: {change}")
     if report.interpreter:
         lines.append("interpreter: wall-clock times of Triton's CPU interpreter, not GPU times")
     if report.ncu is not None:

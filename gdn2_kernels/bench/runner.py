@@ -314,28 +314,3 @@ def rows_from_json(path: str | os.PathLike, options: BenchOptions) -> list[Bench
     return [BenchRow(**{k: v for k, v in r.items() if k in names}) for r in data.get("rows", [])]
 
 
-def parse_shapes(text: str, option: str = "--shapes") -> tuple[tuple[int, int], ...]:
-    """'8x2048,4x4096' -> ((8, 2048), (4, 4096)); :class:`OptionError` naming ``option``."""
-    out = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            b, t = (int(x) for x in part.lower().split("x"))
-        except ValueError:
-            raise OptionError(option, f"shape {part!r} is not BxT (e.g. 4x4096)") from None
-        if b < 1 or t < 1:
-            raise OptionError(option, f"shape {part!r}: B and T must be positive")
-        out.append((b, t))
-    if not out:
-        raise OptionError(option, "no shapes given; use e.g. 8x2048,1x16384")
-    return tuple(out)
-
-
-def parse_ints(text: str, what: str) -> tuple[int, ...]:
-    """'1,8,32' -> (1, 8, 32), all positive; :class:`OptionError` naming the option ``what``."""
-    try:
-        vals = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise OptionError(what, f"must be comma-separated integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise OptionError(what, f"must be positive integers, got {text!r}")
-    return vals

@@ -23,6 +23,7 @@ class KernelInfo:
     pruned_by_rule: dict[str, int]
     arch_rules: list[str]
     resolved: dict[str, Any] | None = None  # the config dispatch resolves for the key
+    launched: dict[str, Any] | None = None  # ... as it launches at the asked shape (--shape)
 
 
 @dataclass
@@ -37,10 +38,15 @@ class InfoReport:
     sources: list[dispatch.SourceInfo]
     kernels: list[KernelInfo] = field(default_factory=list)
     strategies: list[str] = field(default_factory=list)
+    shape: dict[str, int] | None = None  # B, T, H of --shape (None: not asked)
+    launch_changes: list[str] = field(default_factory=list)  # what launch time changes there
 
 
-def collect(key: ProblemKey | None = None) -> InfoReport:
-    """Everything ``gdn2 info`` shows, for ``key`` (default: the paper's K = V = 128, bf16)."""
+def collect(key: ProblemKey | None = None, shape: tuple[int, int] | None = None,
+            heads: int = GPU_PROBLEM.H) -> InfoReport:
+    """Everything ``gdn2 info`` shows, for ``key`` (default: the paper's K = V = 128, bf16);
+    with ``shape`` ``(B, T)`` also the configs as they launch there with ``heads`` heads
+    (``dispatch.launch_time``)."""
     import triton
 
     key = key or ProblemKey(GPU_PROBLEM.K, GPU_PROBLEM.V, GPU_PROBLEM.dtype)
@@ -50,6 +56,10 @@ def collect(key: ProblemKey | None = None) -> InfoReport:
         resolved_source = pipe.source
     except config_files.CacheError as exc:  # a $GDN2_CONFIG_FILE that is not there
         pipe, resolved_source = None, f"error: {exc}"
+    launched = None
+    if pipe is not None and shape is not None:
+        launched = dispatch.launch_time(pipe, shape[0], heads, shape[1], key.V,
+                                        _device.default_device())
     kernels = []
     for spec in all_specs():
         rep = spec.space(key, arch, triton.__version__)
@@ -63,10 +73,13 @@ def collect(key: ProblemKey | None = None) -> InfoReport:
              for p in spec.params},
             rep.total, len(rep.valid), by_rule,
             [f"{r.name} ({r.arch}): {r.reason} [{r.source}]" for r in spec.arch_rules],
-            resolved.as_dict() if resolved is not None else None))
+            resolved.as_dict() if resolved is not None else None,
+            launched.pipeline[spec.name].as_dict() if launched is not None else None))
     return InfoReport(gpu.report(), _device.gpu_name(), arch, _device.interpreter_active(),
                       provenance.current_software(), key.as_dict(), resolved_source,
-                      dispatch.describe_sources(), kernels, sorted(STRATEGIES))
+                      dispatch.describe_sources(), kernels, sorted(STRATEGIES),
+                      None if shape is None else {"B": shape[0], "T": shape[1], "H": heads},
+                      list(launched.changes) if launched is not None else [])
 
 
 __all__ = ["InfoReport", "KernelInfo", "collect"]

@@ -7,8 +7,8 @@ import pytest
 from rich.console import Console
 
 from gdn2_kernels.bench import report as render
-from gdn2_kernels.bench.runner import (OK, UNAVAILABLE, BenchOptions, parse_ints, parse_shapes, report_dict,
-                          run_bench)
+from gdn2_kernels.bench.runner import OK, UNAVAILABLE, BenchOptions, report_dict, run_bench
+from gdn2_kernels.options import parse_ints, parse_shapes
 
 OPTS = BenchOptions(modes=("fwd", "fwdbwd"), shapes=((4, 1024), (1, 8192)))
 

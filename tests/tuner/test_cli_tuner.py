@@ -34,6 +34,26 @@ def test_info_json():
     assert _run("info").exit_code == 0
 
 
+def test_info_at_a_shape_shows_the_launched_configs(monkeypatch):
+    """``--shape``: resolution's launch-time step (here with a GPU's SM count stood in)."""
+    from gdn2_kernels import dispatch
+
+    res = _run("info", "--shape", "1x16384", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["shape"] == {"B": 1, "T": 16384, "H": 16} and data["launch_changes"] == []
+    assert all(k["launched"] == k["resolved"] for k in data["kernels"])  # no SMs on a CPU
+    monkeypatch.setattr(_device, "sm_count", lambda device: 132)
+    wide = dispatch.default_pipeline().as_dict()
+    wide["state_fwd"] = wide["state_fwd"].replace(BV=64, num_warps=8)
+    with dispatch.override(wide):
+        res = _run("info", "--shape", "1x16384", "--heads", "2")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.stdout.split())
+    assert "launch time at 1x16384 H2: state_fwd: BV 64 -> 16, num_warps 8 -> 4" in text
+    assert _run("info", "--shape", "2x8,1x8").exit_code == 2
+
+
 def test_tune_dry_run_lists_space_and_pruning():
     res = _run("tune", "--dry-run", "--json", "-k", "intra_fwd", "-c", "32")
     assert res.exit_code == 0, res.output

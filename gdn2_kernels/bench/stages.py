@@ -1,39 +1,37 @@
-"""``profile``: where the time of our forward (and backward) goes, stage by stage.
+"""``gdn2 stages``: where the time of our forward (and backward) goes, stage by stage.
 
-Stages are discovered, not listed: every public function of a module that defines a
-``@triton.jit`` kernel is a launcher, and every reference to a launcher from the other
-``gdn2_kernels`` modules (``ops``, the ``chunk_*`` orchestrators) is wrapped for the duration of
-the profile with a pair of timing marks (CUDA events; ``time.perf_counter`` under the
-interpreter). A backward written later is profiled the same way with no change here.
+Launches are observed, not listed: every kernel launch goes through ``_launch.launch``, and for
+the duration of the breakdown an observer (``_launch.observed``) puts a timing mark (CUDA event;
+``time.perf_counter`` under the interpreter) before and after each one. A stage is a KernelSpec
+(the kernel ``_<spec>_kernel`` and its parts ``_<spec>_<part>_kernel``); consecutive launches of
+one stage form one call of it, timed from its first launch to its last (the two-level scan's
+passes and the torch steps between them count as one call). A kernel written later is broken
+down the same way with no change here.
 
 Per stage: the median time per pass over ``reps`` passes (L2 flushed before each pass), its share
-of the summed stage time, the achieved GB/s (bytes of the tensors the launcher takes and returns)
-and, for stages the model knows (``gdn2_kernels.bench.model.STAGE_FLOPS``), TFLOP/s. ``--ncu`` runs Nsight
-Compute on one stage's kernel in a child process.
+of the summed stage time, the achieved GB/s (bytes of the tensors its launches take) and, for
+stages the model knows (``bench.model.STAGE_FLOPS``), TFLOP/s; and the configs as they launched
+(``dispatch.launch_time``). ``--ncu`` runs Nsight Compute on one stage's kernel in a child process.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
-import pkgutil
 import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from gdn2_kernels.bench import model
 from gdn2_kernels.bench.inputs import ProblemInputs
 from gdn2_kernels.bench.model import Shape
-from gdn2_kernels.options import OptionError, integer, one_of
+from gdn2_kernels.options import OptionError, integer, one_of, parse_shapes
 
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 
@@ -41,9 +39,9 @@ L2_FLUSH_BYTES = 256 * 1024 * 1024
 @dataclass
 class StageStat:
     phase: str                 # "fwd" or "bwd"
-    stage: str                 # launcher name
-    calls: int                 # launches per pass
-    ms: float                  # median per pass, all launches summed
+    stage: str                 # the KernelSpec whose kernels ran
+    calls: int                 # calls per pass (runs of consecutive launches of the stage)
+    ms: float                  # median per pass, all calls summed
     share: float               # percent of the summed stage time
     bytes: float
     gbps: float
@@ -61,7 +59,7 @@ class NcuResult:
 
 
 @dataclass
-class ProfileReport:
+class StagesReport:
     shape: Shape
     device: str
     interpreter: bool
@@ -70,9 +68,12 @@ class ProfileReport:
     reps: int
     fwd_ms: float | None                    # end to end, median
     fwdbwd_ms: float | None
-    backward_reason: str | None
+    backward: bool                          # the backward's stages are in ``stages``
     stages: list[StageStat] = field(default_factory=list)
     ncu: NcuResult | None = None
+    # The configs as they launched (dispatch.launch_time) and what launch time changed.
+    launched: dict[str, dict[str, Any]] = field(default_factory=dict)
+    launch_changes: list[str] = field(default_factory=list)
 
     @property
     def stage_ms(self) -> float:
@@ -80,38 +81,18 @@ class ProfileReport:
 
 
 # ------------------------------------------------------------------------------------------------
-# Stage discovery
+# Observing the launches
 # ------------------------------------------------------------------------------------------------
 
-def _is_kernel_module(mod) -> bool:
-    from triton.runtime.jit import KernelInterface  # JITFunction, or InterpretedFunction
+def stage_of(kernel_name: str) -> str:
+    """The KernelSpec a kernel belongs to: ``_intra_bwd_pairwise_kernel`` -> ``intra_bwd``."""
+    from gdn2_kernels.configs import all_specs
 
-    return any(isinstance(v, KernelInterface) for v in vars(mod).values())
-
-
-def _library_modules() -> list:
-    import gdn2_kernels.kernels as kpkg
-    import gdn2_kernels.ops  # noqa: F401  (the op and everything it imports)
-
-    for m in pkgutil.iter_modules(kpkg.__path__):
-        importlib.import_module(f"gdn2_kernels.kernels.{m.name}")
-    return [m for n, m in sorted(sys.modules.items())
-            if m is not None and (n == "gdn2_kernels" or n.startswith("gdn2_kernels."))]
-
-
-def discover_launchers() -> list[tuple[Any, str, Callable]]:
-    """``(module, attribute, launcher)`` for every launcher reference outside kernel modules."""
-    mods = _library_modules()
-    kernel_mods = {m.__name__ for m in mods if _is_kernel_module(m)}
-    found = []
-    for mod in mods:
-        if mod.__name__ in kernel_mods:
-            continue
-        for name, obj in vars(mod).items():
-            if (inspect.isfunction(obj) and obj.__module__ in kernel_mods
-                    and not name.startswith("_") and not name.endswith("_grid")):
-                found.append((mod, name, obj))
-    return found
+    stem = kernel_name.removeprefix("_").removesuffix("_kernel")
+    for spec in all_specs():
+        if stem == spec.name or any(stem == f"{spec.name}_{part}" for part in spec.parts):
+            return spec.name
+    return stem
 
 
 class _Clock:
@@ -129,23 +110,6 @@ class _Clock:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
 
-def _tensor_bytes(*objs) -> int:
-    seen: dict[tuple[int, int], int] = {}
-
-    def visit(o):
-        if isinstance(o, torch.Tensor):
-            seen[(o.data_ptr(), o.nbytes)] = o.nbytes
-        elif isinstance(o, (tuple, list)):
-            for x in o:
-                visit(x)
-        elif isinstance(o, dict):
-            for x in o.values():
-                visit(x)
-    for o in objs:
-        visit(o)
-    return sum(seen.values())
-
-
 @dataclass
 class _Record:
     rep: int
@@ -153,40 +117,54 @@ class _Record:
     stage: str
     start: Any
     end: Any
-    bytes: int
+    tensors: dict[tuple[int, int], int]  # (data_ptr, nbytes) -> nbytes, over the call's launches
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.tensors.values())
 
 
-@contextmanager
-def instrument(clock: _Clock, state: dict) -> Iterator[list[_Record]]:
-    """Wrap every launcher reference; records go to the yielded list while ``state['on']``."""
-    records: list[_Record] = []
-    patched = []
+class StageTimer:
+    """The ``_launch`` observer: one :class:`_Record` per call of a stage while ``on``."""
 
-    def wrap(name: str, fn: Callable) -> Callable:
-        def timed(*args, **kwargs):
-            if not state.get("on"):
-                return fn(*args, **kwargs)
-            start = clock.mark()
-            out = fn(*args, **kwargs)
-            end = clock.mark()
-            records.append(_Record(state["rep"], state["phase"], name, start, end,
-                                   _tensor_bytes(args, kwargs, out)))
-            return out
-        timed.__wrapped__ = fn
-        return timed
+    def __init__(self, clock: _Clock):
+        self.clock = clock
+        self.records: list[_Record] = []
+        self.on = False
+        self.rep = 0
+        self.phase = "fwd"
+        self._open: _Record | None = None
 
-    for mod, name, fn in discover_launchers():
-        patched.append((mod, name, fn))
-        setattr(mod, name, wrap(name, fn))
-    try:
-        yield records
-    finally:
-        for mod, name, fn in patched:
-            setattr(mod, name, fn)
+    def start(self, rep: int, phase: str) -> None:
+        self.on, self.rep, self.phase, self._open = True, rep, phase, None
+
+    def set_phase(self, phase: str) -> None:
+        self.phase, self._open = phase, None
+
+    def stop(self) -> None:
+        self.on, self._open = False, None
+
+    def before(self, kernel, grid, kwargs) -> None:
+        if not self.on:
+            return
+        from gdn2_kernels import _launch
+
+        stage = stage_of(_launch.kernel_name(kernel))
+        r = self._open
+        if r is None or (r.rep, r.phase, r.stage) != (self.rep, self.phase, stage):
+            r = self._open = _Record(self.rep, self.phase, stage, self.clock.mark(), None, {})
+            self.records.append(r)
+        for value in kwargs.values():
+            if isinstance(value, torch.Tensor):
+                r.tensors[(value.data_ptr(), value.nbytes)] = value.nbytes
+
+    def after(self, kernel, grid, kwargs) -> None:
+        if self.on and self._open is not None:
+            self._open.end = self.clock.mark()
 
 
 # ------------------------------------------------------------------------------------------------
-# Profile
+# The breakdown
 # ------------------------------------------------------------------------------------------------
 
 def _summarize(records: list[_Record], clock: _Clock, shape: Shape, C: int,
@@ -219,17 +197,15 @@ CPU_SHAPE, CPU_REPS = Shape(1, 64, 1, 32, "float32"), 2
 
 
 def default_problem(interpreter: bool) -> tuple[Shape, int]:
-    """``(shape, reps)`` of a profile nobody sized: small under the interpreter."""
+    """``(shape, reps)`` of a breakdown nobody sized: small under the interpreter."""
     return (CPU_SHAPE, CPU_REPS) if interpreter else (GPU_SHAPE, GPU_REPS)
 
 
 def problem_from_options(shape: str | None, heads: int | None, dim: int | None,
                          dtype: str | None, reps: int | None,
                          interpreter: bool) -> tuple[Shape, int]:
-    """``(shape, reps)`` of ``gdn2 profile``: the options given over :func:`default_problem`,
+    """``(shape, reps)`` of ``gdn2 stages``: the options given over :func:`default_problem`,
     checked (:class:`OptionError`)."""
-    from gdn2_kernels.bench.runner import parse_shapes
-
     base, base_reps = default_problem(interpreter)
     if shape is not None:
         shapes = parse_shapes(shape, "--shape")
@@ -255,16 +231,16 @@ def check_options(shape: Shape, reps: int) -> None:
     integer(reps, "--reps")
 
 
-def profile(shape: Shape = GPU_SHAPE, backward: bool = True, reps: int = GPU_REPS,
-            seed: int = 0, end_to_end: Callable[[Callable], tuple[float, float]] | None = None,
-            ncu_stage: str | None = None, ncu_out: str | Path = "ncu") -> ProfileReport:
-    """Per-stage breakdown of ``chunk_gdn2`` at ``shape`` (and its backward when it exists).
+def breakdown(shape: Shape = GPU_SHAPE, backward: bool = True, reps: int = GPU_REPS,
+              seed: int = 0, end_to_end: Callable[[Callable], tuple[float, float]] | None = None,
+              ncu_stage: str | None = None, ncu_out: str | Path = "ncu") -> StagesReport:
+    """Per-stage breakdown of ``chunk_gdn2`` at ``shape`` (and of its backward).
 
     ``end_to_end`` times a whole call (median, iqr); default: ``CudaMeasurer`` on a GPU, none
     under the interpreter. ``ncu_stage``: also run Nsight Compute on that stage's kernel, the
     report going to ``ncu_out``. The CLI takes :func:`default_problem` when no shape is given.
     """
-    from gdn2_kernels import _device, dispatch
+    from gdn2_kernels import _device, _launch, dispatch
     from gdn2_kernels.configs import ProblemKey
     from gdn2_kernels.ops import chunk_gdn2
 
@@ -272,8 +248,8 @@ def profile(shape: Shape = GPU_SHAPE, backward: bool = True, reps: int = GPU_REP
 
     device = _device.default_device()
     cuda = device.type == "cuda"
-    clock = _Clock(cuda)
     pipe = dispatch.resolve(ProblemKey(shape.D, shape.D, shape.dtype))
+    launched = dispatch.launch_time(pipe, shape.B, shape.H, shape.T, shape.D, device)
     if end_to_end is None and cuda:
         from gdn2_kernels.bench.timing import CudaMeasurer
 
@@ -286,13 +262,6 @@ def profile(shape: Shape = GPU_SHAPE, backward: bool = True, reps: int = GPU_REP
 
     o = fwd()
     do = torch.randn_like(o)
-    backward_reason = None
-    if backward:
-        try:
-            torch.autograd.grad(o, leaves, do)
-        except NotImplementedError as exc:
-            backward_reason = " ".join(str(exc).split())
-    run_bwd = backward and backward_reason is None
 
     def fwdbwd():
         return torch.autograd.grad(fwd(), leaves, do)
@@ -302,27 +271,29 @@ def profile(shape: Shape = GPU_SHAPE, backward: bool = True, reps: int = GPU_REP
             return fwd()
 
     fwd_ms = end_to_end(fwd_only)[0] if end_to_end else None
-    fwdbwd_ms = end_to_end(fwdbwd)[0] if end_to_end and run_bwd else None
+    fwdbwd_ms = end_to_end(fwdbwd)[0] if end_to_end and backward else None
 
     flush = torch.empty(L2_FLUSH_BYTES if cuda else 1, dtype=torch.int8, device=device)
-    state: dict = {"on": False}
-    with instrument(clock, state) as records:
+    clock = _Clock(cuda)
+    with _launch.observed(StageTimer(clock)) as timer:
         for rep in range(reps):
             flush.zero_()
-            state.update(on=True, rep=rep, phase="fwd")
-            if run_bwd:
+            timer.start(rep, "fwd")
+            if backward:
                 out = fwd()
-                state["phase"] = "bwd"
+                timer.set_phase("bwd")
                 torch.autograd.grad(out, leaves, do)
             else:
                 fwd_only()
-            state["on"] = False
-        if cuda:
-            torch.cuda.synchronize()
-        stages = _summarize(records, clock, shape, pipe.chunk_size, reps)
-    ncu = run_ncu(ncu_stage, shape, ncu_out, run_bwd) if ncu_stage else None
-    return ProfileReport(shape, str(device), not cuda, pipe.chunk_size, pipe.source, reps,
-                         fwd_ms, fwdbwd_ms, backward_reason if backward else None, stages, ncu)
+            timer.stop()
+    if cuda:
+        torch.cuda.synchronize()
+    stages = _summarize(timer.records, clock, shape, pipe.chunk_size, reps)
+    ncu = run_ncu(ncu_stage, shape, ncu_out, backward) if ncu_stage else None
+    return StagesReport(shape, str(device), not cuda, pipe.chunk_size, pipe.source, reps,
+                        fwd_ms, fwdbwd_ms, backward, stages, ncu,
+                        {n: c.as_dict() for n, c in launched.pipeline.configs
+                         if any(st.stage == n for st in stages)}, list(launched.changes))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -332,7 +303,7 @@ def profile(shape: Shape = GPU_SHAPE, backward: bool = True, reps: int = GPU_REP
 def ncu_target(B: int, T: int, H: int, D: int, dtype: str, backward: bool) -> None:
     """What ``ncu`` runs: two passes (the first compiles), so ``--launch-skip 1`` is warm."""
     shape = Shape(B, T, H, D, dtype)
-    profile(shape, backward=backward, reps=2, end_to_end=lambda fn: (0.0, 0.0))
+    breakdown(shape, backward=backward, reps=2, end_to_end=lambda fn: (0.0, 0.0))
 
 
 def run_ncu(stage: str, shape: Shape, out_dir: str | Path, backward: bool = False,
@@ -344,8 +315,8 @@ def run_ncu(stage: str, shape: Shape, out_dir: str | Path, backward: bool = Fals
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rep = out / f"ncu_{stage}_{shape.label()}"
-    code = (f"from gdn2_kernels.bench.profile import ncu_target; ncu_target({shape.B}, {shape.T}, {shape.H}, "
-            f"{shape.D}, {shape.dtype!r}, {backward})")
+    code = (f"from gdn2_kernels.bench.stages import ncu_target; "
+            f"ncu_target({shape.B}, {shape.T}, {shape.H}, {shape.D}, {shape.dtype!r}, {backward})")
     cmd = [ncu, "--set", ncu_set, "--kernel-name", f"regex:_{stage}_kernel", "--launch-skip",
            "1", "--launch-count", "1", "--force-overwrite", "--export", str(rep),
            sys.executable, "-c", code]

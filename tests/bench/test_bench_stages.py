@@ -1,4 +1,4 @@
-"""gdn2 profile on the CPU: stages discovered from the launchers, through the interpreter."""
+"""gdn2 stages on the CPU: launches observed through _launch, grouped by KernelSpec."""
 from __future__ import annotations
 
 import json
@@ -8,37 +8,52 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
+from gdn2_kernels import _launch
 from gdn2_kernels.bench import report as render
 from gdn2_kernels.bench.model import Shape
-from gdn2_kernels.bench.profile import discover_launchers, profile, run_ncu
+from gdn2_kernels.bench.stages import breakdown, run_ncu, stage_of
 
 
-def test_launchers_are_discovered_from_the_orchestrators():
-    found = {(m.__name__.rsplit(".", 1)[-1], n) for m, n, _ in discover_launchers()}
-    assert ("chunk_fwd", "intra_fwd") in found and ("chunk_fwd", "state_fwd") in found
-    assert all(not n.endswith("_grid") and not n.startswith("_") for _, n in found)
+def test_kernels_map_to_their_specs():
+    assert stage_of("_intra_fwd_kernel") == "intra_fwd"
+    assert stage_of("_intra_bwd_pairwise_kernel") == "intra_bwd"  # a part of intra_bwd
+    assert stage_of("_state_bwd_kernel") == "state_bwd"
+    assert stage_of("_something_new_kernel") == "something_new"
 
 
-def test_profile_forward_stages_and_restores_launchers():
-    import gdn2_kernels.kernels.chunk_fwd as orchestrator
-
-    before = orchestrator.intra_fwd
-    rep = profile(Shape(1, 70, 1, 16, "float32"), backward=True, reps=1)
-    assert orchestrator.intra_fwd is before
+def test_breakdown_of_forward_and_backward_leaves_no_observer():
+    rep = breakdown(Shape(1, 70, 1, 16, "float32"), backward=True, reps=1)
+    assert not _launch._observers
     stages = {(s.phase, s.stage): s for s in rep.stages}
-    assert {("fwd", "intra_fwd"), ("fwd", "state_fwd")} <= set(stages)
+    assert {("fwd", "intra_fwd"), ("fwd", "state_fwd"), ("bwd", "state_fwd"),
+            ("bwd", "state_bwd"), ("bwd", "intra_bwd")} <= set(stages)
     assert sum(s.share for s in rep.stages) == pytest.approx(100.0)
     intra = stages[("fwd", "intra_fwd")]
     assert intra.calls == 1 and intra.bytes > 0 and intra.flops > 0 and intra.tflops is not None
-    assert rep.interpreter and rep.fwd_ms is None
+    assert rep.interpreter and rep.fwd_ms is None and rep.backward
+    assert rep.launched["intra_fwd"]["BT"] == rep.chunk_size
+    assert rep.launch_changes == []  # no SM count on the CPU
     console = Console(record=True, width=160)
-    console.print(render.profile_table(rep))
+    console.print(render.stages_table(rep))
     assert "intra_fwd" in console.export_text()
-    assert any("sum of stages" in line for line in render.profile_lines(rep))
+    assert any("sum of stages" in line for line in render.stages_lines(rep))
+
+
+def test_profile_is_the_deprecated_name_of_stages():
+    from gdn2_kernels.cli import app
+
+    args = ["--shape", "1x20", "--heads", "1", "--dim", "16", "--reps", "1", "--forward-only",
+            "--json"]
+    new = CliRunner().invoke(app, ["stages", *args])
+    old = CliRunner().invoke(app, ["profile", *args])
+    assert new.exit_code == 0 and old.exit_code == 0, old.output
+    assert "deprecated" in old.stderr.lower()
+    a, b = json.loads(new.stdout), json.loads(old.stdout)
+    assert [s["stage"] for s in a["stages"]] == [s["stage"] for s in b["stages"]]
 
 
 def test_ncu_missing_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr("gdn2_kernels.bench.profile.shutil.which", lambda name: None)
+    monkeypatch.setattr("gdn2_kernels.bench.stages.shutil.which", lambda name: None)
     with pytest.raises(RuntimeError, match="ncu"):
         run_ncu("intra_fwd", Shape(1, 64, 1, 16), tmp_path)
 
