@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gdn2_kernels.tuner.strategies import options_help
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Tune, verify and benchmark the GDN-2 Triton kernels.")
 console = Console()
@@ -283,8 +285,6 @@ def _render_info(report) -> None:
             at = report.shape
             console.print(f"  launched at {at['B']}x{at['T']} H{at['H']}: "
                           + ",".join(f"{n}={v}" for n, v in k.launched.items()))
-        for rule in k.arch_rules:
-            console.print(f"  arch rule {rule}")
     if report.shape is not None:
         at = report.shape
         console.print(f"launch time at {at['B']}x{at['T']} H{at['H']}: "
@@ -443,7 +443,7 @@ def tune(
     strategy: str = typer.Option("halving", help="exhaustive, random or halving (see --option)"),
     option: list[str] = typer.Option(None, "--option", "-o",
                                      help="strategy option name=value (repeat): "
-                                          "random n, seed; halving n, eta, seed; effort"),
+                                          + options_help()),
     max_minutes: float = typer.Option(None, help="time budget [GPU 9, CPU 1.5]"),
     max_configs: int = typer.Option(None, help="distinct configs to try, split over the searches"),
     devices: str = typer.Option("auto", help="'auto' (current GPU), 'all' (shard over every "

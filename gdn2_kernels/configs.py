@@ -1,10 +1,10 @@
-"""KernelSpec registry: every kernel's tunable parameters, constraints, arch rules and checks.
+"""KernelSpec registry: every kernel's tunable parameters, constraints and checks.
 
 A :class:`KernelSpec` is data. It names the kernel (same stem as the Triton kernel, STYLE 8),
 lists the parameters with candidate values and a default that is correct everywhere, the
-constraints between them (named predicates with a reason), the architecture rules (which configs
-are refused on which GPU architecture or Triton version, and why), the tuning key, and the output
-tensors a candidate must reproduce. The tuner enumerates :meth:`KernelSpec.space`; ``dispatch``
+constraints between them (named predicates with a reason), the tuning key, and the output
+tensors a candidate must reproduce. No config is refused by GPU architecture: the hazards known
+on Hopper need no rule (:data:`HOPPER_NOTE`), and every config is verified before it is used. The tuner enumerates :meth:`KernelSpec.space`; ``dispatch``
 resolves one :class:`KernelConfig` per launch; kernels receive that resolved config.
 
 ``BT`` (the chunk size) is pipeline-wide: every stage of the forward and backward of one call uses
@@ -13,7 +13,7 @@ the same value, because the stages exchange per-chunk intermediates.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 from gdn2_kernels._parallel import NARROW_MAX_WARPS
@@ -85,31 +85,6 @@ class Constraint:
     name: str
     reason: str
     allows: Callable[[Mapping[str, Any], ProblemKey], bool]
-
-
-@dataclass(frozen=True)
-class ArchRule:
-    """A config family refused on an architecture (and Triton versions), with the reason.
-
-    ``forbids(config, key)`` is True for refused configs. ``arch`` is matched as a prefix of the
-    device's 'smXY' string ('sm90' matches sm90 only; 'sm' would match all GPUs).
-    ``triton`` is an inclusive-exclusive version range ``(low, high)``, None for all versions.
-    """
-
-    name: str
-    arch: str
-    reason: str
-    source: str
-    forbids: Callable[[Mapping[str, Any], ProblemKey], bool]
-    triton: tuple[str, str] | None = None
-
-    def applies(self, arch: str, triton_version: str) -> bool:
-        if not arch.startswith(self.arch):
-            return False
-        if self.triton is None:
-            return True
-        v = version_tuple(triton_version)
-        return version_tuple(self.triton[0]) <= v < version_tuple(self.triton[1])
 
 
 def version_tuple(v: str) -> tuple[int, ...]:
@@ -188,7 +163,6 @@ class KernelSpec:
     params: tuple[Param, ...]
     outputs: tuple[str, ...]
     constraints: tuple[Constraint, ...] = ()
-    arch_rules: tuple[ArchRule, ...] = ()
     key_fields: tuple[str, ...] = ("K", "V", "dtype")
     op: str = "chunk"  # the public op that launches it: 'chunk' (chunk_gdn2) or 'recurrent'
     # Further kernels the same launcher starts under this config, ``_<name>_<part>_kernel``.
@@ -219,9 +193,8 @@ class KernelSpec:
     def tolerance(self, output: str, dtype: str) -> float:
         return TOLERANCES[dtype][output]
 
-    def check(self, config: KernelConfig, key: ProblemKey, arch: str = "cpu",
-              triton_version: str = "0") -> Pruned | None:
-        """The first constraint or arch rule that refuses ``config``, or None if it is allowed."""
+    def check(self, config: KernelConfig, key: ProblemKey) -> Pruned | None:
+        """The first value or constraint that refuses ``config``, or None if it is allowed."""
         d = config.as_dict()
         for p in self.params:
             if d[p.name] not in p.values:
@@ -229,9 +202,6 @@ class KernelSpec:
         for c in self.constraints:
             if not c.allows(d, key):
                 return Pruned(config, c.name, c.reason)
-        for r in self.arch_rules:
-            if r.applies(arch, triton_version) and r.forbids(d, key):
-                return Pruned(config, r.name, f"{r.reason} ({r.source})")
         return None
 
     def _all(self, fixed: Mapping[str, Any]) -> Iterator[KernelConfig]:
@@ -240,12 +210,11 @@ class KernelSpec:
         for combo in itertools.product(*(vals for _, vals in grids)):
             yield KernelConfig(self.name, tuple(zip((n for n, _ in grids), combo)))
 
-    def space(self, key: ProblemKey, arch: str = "cpu", triton_version: str = "0",
-              **fixed: Any) -> SpaceReport:
+    def space(self, key: ProblemKey, **fixed: Any) -> SpaceReport:
         """Enumerate the space (``fixed`` pins parameters, e.g. BT=64), pruning with reasons."""
         valid, pruned = [], []
         for cfg in self._all(fixed):
-            refusal = self.check(cfg, key, arch, triton_version)
+            refusal = self.check(cfg, key)
             (valid.append(cfg) if refusal is None else pruned.append(refusal))
         return SpaceReport(self.name, tuple(valid), tuple(pruned))
 
@@ -393,22 +362,19 @@ L2NORM_FWD = register(KernelSpec(
 # Backward kernels
 # ---------------------------------------------------------------------------------------------
 
-SM90_WY_BWD_8_WARPS = (
-    "Issue 3 reports that 8-warp schedules of a 64x64 WY backward trip a Triton WGMMA layout "
-    "assertion on Hopper. Our intra_bwd with num_warps=8 and BT=64 compiled and reproduced the "
-    "default config's gradients (max rel diff 3.4e-7) on an H200 with Triton 3.6.0 (2026-11-26, "
-    "scripts/device_variants.py), so no rule prunes it here; a config that fails to compile on "
-    "another Triton is recorded by the tuner as compile_error and never chosen."
-)
-
-SM90_NO_ACC_TRANSPOSE = (
+# Hopper (sm90) hazards reported for this kind of kernel (issue 3), and why no config is pruned
+# for them: every config is verified numerically before use, and one that fails to compile or
+# faults is recorded by the tuner (compile_error, crash) and never chosen.
+HOPPER_NOTE = (
     "No kernel transposes an mma accumulator: Triton 3.4 to 3.7.0 miscompile that pattern on sm90 "
     "(issue 3). Transposed products are formed from loaded operands instead, so no config needs "
-    "pruning for it. A state_bwd variant that loaded Q_gamma/K_tail (instead of forming them from "
-    "q, k, g_cum) faulted on sm90 with Triton 3.6 (compute-sanitizer: out-of-range shared or local "
-    "address in the dS update, 255 registers with spills; 2026-11-26), when the loop also "
-    "recomputed R from h. state_bwd's OPERANDS chooses between the two (default formed); every "
-    "config is verified before use, so a faulting one is recorded and never chosen."
+    "pruning for it. 8-warp schedules of a 64x64 WY backward are reported to trip a WGMMA layout "
+    "assertion; our intra_bwd with num_warps=8 and BT=64 compiled and reproduced the default "
+    "config's gradients (max rel diff 3.4e-7) on an H200 with Triton 3.6.0 (2026-11-26). A "
+    "state_bwd variant that loaded Q_gamma/K_tail (instead of forming them from q, k, g_cum) "
+    "faulted on sm90 with Triton 3.6 (compute-sanitizer: out-of-range shared or local address in "
+    "the dS update, 255 registers with spills; 2026-11-26), when the loop also recomputed R from "
+    "h. state_bwd's OPERANDS chooses between the two (default formed)."
 )
 
 STATE_BWD = register(KernelSpec(
@@ -475,7 +441,6 @@ L2NORM_BWD = register(KernelSpec(
 
 
 __all__ = [
-    "ArchRule",
     "Constraint",
     "KernelConfig",
     "KernelSpec",

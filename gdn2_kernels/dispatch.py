@@ -68,12 +68,12 @@ def complete_pipeline(partial: Mapping[str, KernelConfig], source: str) -> Pipel
     bts = {c["BT"] for c in partial.values() if "BT" in c.as_dict()}
     if len(bts) > 1:
         raise ValueError(f"configs from {source} disagree on the chunk size BT: {sorted(bts)}")
-    chunk = bts.pop() if bts else DEFAULT_CHUNK_SIZE
-    base = default_pipeline(chunk, source).as_dict()
+    chunk_size = bts.pop() if bts else DEFAULT_CHUNK_SIZE
+    base = default_pipeline(chunk_size, source).as_dict()
     for name, cfg in partial.items():
         get_spec(name)  # raises for unknown kernels
         base[name] = cfg
-    return PipelineConfig(chunk, tuple(base.items()), source)
+    return PipelineConfig(chunk_size, tuple(base.items()), source)
 
 
 def with_chunk_size(pipe: PipelineConfig, chunk_size: int, key: ProblemKey) -> PipelineConfig:
@@ -135,8 +135,8 @@ def _key_distance(a: ProblemKey, b: ProblemKey) -> float:
     return abs(math.log2(a.K / b.K)) + abs(math.log2(a.V / b.V))
 
 
-def pipeline_from(cache: config_files.CacheFile, key: ProblemKey, arch: str,
-                  triton_version: str, source: str) -> PipelineConfig | None:
+def pipeline_from(cache: config_files.CacheFile, key: ProblemKey,
+                  source: str) -> PipelineConfig | None:
     """The pipeline for ``key`` from ``cache``: the exact key, else the nearest usable one.
 
     Keys whose entries are unverified hints (``CacheEntry.hint``) come after every verified key,
@@ -150,12 +150,12 @@ def pipeline_from(cache: config_files.CacheFile, key: ProblemKey, arch: str,
                         key=lambda k: (k in hinted, _key_distance(k, key), k.K, k.V))
     for k in candidates:
         partial = {e.kernel: e.kernel_config() for e in groups[k]}
-        refusals = [r for r in (get_spec(n).check(c, key, arch, triton_version)
+        refusals = [r for r in (get_spec(n).check(c, key)
                                 for n, c in partial.items()) if r is not None]
         if refusals:
             if k == key:
                 config_files.report(cache.path or source,
-                                    f"{refusals[0].config.kernel} config refused for {arch}: "
+                                    f"{refusals[0].config.kernel} config refused: "
                                     f"{refusals[0].reason}")
             continue
         label = source if k == key else f"{source} (nearest key {k.as_dict()})"
@@ -197,7 +197,6 @@ def clear_cache() -> None:
 @functools.lru_cache(maxsize=256)
 def _lookup(key: ProblemKey, gpu: str, arch: str, generation: int) -> PipelineConfig:
     global _warned_untuned
-    import triton
 
     for source in SOURCES:
         path = source.file(gpu) if source.file is not None else None
@@ -206,7 +205,7 @@ def _lookup(key: ProblemKey, gpu: str, arch: str, generation: int) -> PipelineCo
         cache = config_files.load(path, gpu)
         if cache is None:
             continue
-        found = pipeline_from(cache, key, arch, triton.__version__, f"{source.name} {path}")
+        found = pipeline_from(cache, key, f"{source.name} {path}")
         if found is not None:
             log.info("configs for %s on %s from %s", key, gpu, found.source)
             return found

@@ -44,15 +44,10 @@ def _spec_section(spec: KernelSpec) -> list[str]:
     else:
         lines.append("Constraints: none beyond the candidate values.")
     lines.append("")
-    if spec.arch_rules:
-        lines += ["Architecture rules (configs refused on a GPU architecture, whatever the timing):",
-                  "", "| rule | arch | Triton | reason | source |", "| --- | --- | --- | --- | --- |"]
-        for r in spec.arch_rules:
-            tri = f"{r.triton[0]} to {r.triton[1]} (excl.)" if r.triton else "all"
-            lines.append(f"| `{r.name}` | `{r.arch}` | {tri} | {_cell(r.reason)} | "
-                         f"{_cell(r.source)} |")
-    else:
-        lines.append("Architecture rules: none.")
+    if spec.serial:
+        lines += ["", "A serial pass: `BV` and `num_warps` change at launch for few sequences x "
+                      "heads (see [where a launch's configs come from](#where-a-launchs-configs-"
+                      "come-from))."]
     lines += ["", f"Tuning key: {', '.join(spec.key_fields)} (and the GPU).", ""]
     dtypes = [d for d in ("bfloat16", "float16", "float32") if d in TOLERANCES]
     lines += ["Outputs a candidate must reproduce (relative RMS error against the float64 "
@@ -89,30 +84,29 @@ def _resolution_section() -> list[str]:
 
 
 def tuning_markdown() -> str:
-    """docs/tuning.md: every KernelSpec's parameters, constraints, arch rules and checks."""
+    """docs/tuning.md: every KernelSpec's parameters, constraints and checks, and where a launch's
+    configs come from."""
     specs = all_specs()
     lines = [
         "# Tuning space and rules", "", GENERATED_NOTE, "",
         "Every Triton kernel declares its tunables in one `KernelSpec` "
         "(`gdn2_kernels/configs.py`); `gdn2 tune` enumerates the space, prunes it with the "
-        "constraints and architecture rules below, checks each surviving config against the "
+        "constraints below, checks each surviving config against the "
         "float64 reference and times it. The default of every parameter is correct on every GPU.",
         "",
         "`BT` (the chunk size) is pipeline-wide: all stages of one call, forward and backward, use "
         "the same value because they exchange per-chunk intermediates. `num_warps` and "
         "`num_stages` are launch options, not kernel constexprs.", "",
-        "| kernel | direction | parameters | constraints | arch rules |",
-        "| --- | --- | --- | --- | --- |",
+        "| kernel | direction | parameters | constraints |",
+        "| --- | --- | --- | --- |",
     ]
     for s in specs:
         lines.append(f"| [`{s.name}`](#{s.name}-{s.direction}) | {s.direction} | "
-                     f"{', '.join(p.name for p in s.params)} | {len(s.constraints)} | "
-                     f"{len(s.arch_rules)} |")
+                     f"{', '.join(p.name for p in s.params)} | {len(s.constraints)} |")
     lines.append("")
     lines += _resolution_section()
-    note = getattr(configs, "SM90_NO_ACC_TRANSPOSE", None)
-    if note:
-        lines += ["Hopper note (no rule needed): " + note, ""]
+    lines += ["Hopper (no config is refused by architecture; every config is verified before it is "
+              "used): " + configs.HOPPER_NOTE, ""]
     for s in specs:
         lines += _spec_section(s)
     return "\n".join(lines).rstrip() + "\n"

@@ -11,14 +11,16 @@ def test_generated_pages_are_current():
     assert docs.main(["--check"]) == 0
 
 
-def test_tuning_page_lists_every_spec_and_rule():
+def test_tuning_page_lists_every_spec_and_the_sources():
+    from gdn2_kernels import dispatch
+
     text = docs.tuning_markdown()
     for spec in all_specs():
         assert f"## `{spec.name}` ({spec.direction})" in text
         for p in spec.params:
             assert f"| `{p.name}` |" in text
-        for rule in spec.arch_rules:
-            assert rule.reason in text
+    assert dispatch.precedence_table() in text
+    assert all(f"`{s.name}`" in text for s in dispatch.SOURCES)
 
 
 def test_cli_page_lists_every_command():

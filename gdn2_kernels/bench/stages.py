@@ -167,7 +167,7 @@ class StageTimer:
 # The breakdown
 # ------------------------------------------------------------------------------------------------
 
-def _summarize(records: list[_Record], clock: _Clock, shape: Shape, C: int,
+def _summarize(records: list[_Record], clock: _Clock, shape: Shape, chunk_size: int,
                reps: int) -> list[StageStat]:
     per: dict[tuple[str, str], dict[int, list[_Record]]] = {}
     for r in records:
@@ -178,7 +178,7 @@ def _summarize(records: list[_Record], clock: _Clock, shape: Shape, C: int,
         first = next(iter(by_rep.values()))
         ms = statistics.median(times)
         nbytes = sum(r.bytes for r in first)
-        fl = model.stage_flops(stage, shape.B, shape.T, shape.H, shape.D, shape.D, C)
+        fl = model.stage_flops(stage, shape.B, shape.T, shape.H, shape.D, shape.D, chunk_size)
         fl = None if fl is None else fl * len(first)
         w = model.Work(fl or 0.0, nbytes)
         stats.append(StageStat(phase, stage, len(first), ms, 0.0, nbytes, model.gbps(w, ms),

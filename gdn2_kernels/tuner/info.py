@@ -21,7 +21,6 @@ class KernelInfo:
     space_total: int
     space_valid: int
     pruned_by_rule: dict[str, int]
-    arch_rules: list[str]
     resolved: dict[str, Any] | None = None  # the config dispatch resolves for the key
     launched: dict[str, Any] | None = None  # ... as it launches at the asked shape (--shape)
 
@@ -47,8 +46,6 @@ def collect(key: ProblemKey | None = None, shape: tuple[int, int] | None = None,
     """Everything ``gdn2 info`` shows, for ``key`` (default: the paper's K = V = 128, bf16);
     with ``shape`` ``(B, T)`` also the configs as they launch there with ``heads`` heads
     (``dispatch.launch_time``)."""
-    import triton
-
     key = key or ProblemKey(GPU_PROBLEM.K, GPU_PROBLEM.V, GPU_PROBLEM.dtype)
     arch = _device.arch()
     try:
@@ -62,7 +59,7 @@ def collect(key: ProblemKey | None = None, shape: tuple[int, int] | None = None,
                                         _device.default_device())
     kernels = []
     for spec in all_specs():
-        rep = spec.space(key, arch, triton.__version__)
+        rep = spec.space(key)
         by_rule: dict[str, int] = {}
         for pr in rep.pruned:
             by_rule[pr.rule] = by_rule.get(pr.rule, 0) + 1
@@ -72,7 +69,6 @@ def collect(key: ProblemKey | None = None, shape: tuple[int, int] | None = None,
             {p.name: {"values": list(p.values), "default": p.default, "doc": p.doc}
              for p in spec.params},
             rep.total, len(rep.valid), by_rule,
-            [f"{r.name} ({r.arch}): {r.reason} [{r.source}]" for r in spec.arch_rules],
             resolved.as_dict() if resolved is not None else None,
             launched.pipeline[spec.name].as_dict() if launched is not None else None))
     return InfoReport(gpu.report(), _device.gpu_name(), arch, _device.interpreter_active(),

@@ -1,15 +1,15 @@
 """``gdn2 tune``: plan the search, run a strategy per kernel and chunk size, pick the pipeline.
 
 The plan (:func:`make_plan`, also ``--dry-run``): every selected KernelSpec's space for the
-problem key on this device, pruned by its constraints and arch rules (each pruned config with the
-rule and reason). Specs with a ``BT`` parameter get one space per chunk size, because BT is
-pipeline-wide. A ``bwd`` spec is timed through forward+backward; while ``chunk_gdn2`` has no
-backward (``NotImplementedError``) bwd specs are skipped and the plan says so.
+problem key, pruned by its constraints (each pruned config with the rule and reason). Specs with a
+``BT`` parameter get one space per chunk size, because BT is pipeline-wide. A ``bwd`` spec is
+timed through forward+backward; with ``--forward-only`` bwd specs are skipped and the plan says
+so.
 
 The tune (:func:`tune`): for each (kernel, BT) the strategy searches that kernel's configs with
 every other kernel at its default (at that BT), so one trial varies one kernel. Then, per BT, the
-pipeline of the per-kernel winners is verified and timed as a whole (forward+backward when the
-backward exists), as are the spec defaults, on the tune problem and (``long_check``, when B > 1) on
+pipeline of the per-kernel winners is verified and timed as a whole (forward+backward unless
+``--forward-only``), as are the spec defaults, on the tune problem and (``long_check``, when B > 1) on
 one sequence of the same token count (B = 1, T = B*T). The BT whose pipeline has the smallest
 geometric mean of the two medians wins, and its configs are written to the user cache (and
 ``output``) as one group. The second problem guards the choice: configs are keyed on (K, V, dtype),
@@ -28,7 +28,7 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from gdn2_kernels import _device, _env, config_files, dispatch, gpu
 from gdn2_kernels.configs import (CHUNK_SIZES, DEFAULT_CHUNK_SIZE, KEY_DTYPES, MAX_HEAD_DIM,
@@ -36,7 +36,7 @@ from gdn2_kernels.configs import (CHUNK_SIZES, DEFAULT_CHUNK_SIZE, KEY_DTYPES, M
 from gdn2_kernels.options import OptionError, integer, one_of, positive_number
 from gdn2_kernels.tuner.evaluate import EvalSettings, PoolEvaluator, WorkerPool
 from gdn2_kernels.tuner.strategies import STRATEGIES, get_strategy, parse_options
-from gdn2_kernels.tuner.trial import FAILED, Budget, Candidate, Problem, Trial, TrialLog, best
+from gdn2_kernels.tuner.trial import Budget, Candidate, Problem, Trial, TrialLog, best
 
 
 CPU_PROBLEM = Problem(B=1, T=64, H=1, K=32, V=32, dtype="float32", decode_batch=2)
@@ -54,7 +54,7 @@ class TuneOptions:
     problem: Problem | None = None
     kernels: tuple[str, ...] | None = None  # default: every registered spec
     chunk_sizes: tuple[int, ...] | None = None  # default: the BT values of the specs
-    backward: bool = True  # tune bwd specs (fwd+bwd) when the backward exists
+    backward: bool = True  # also tune the bwd specs (timed through fwd+bwd)
     strategy: str = "halving"
     strategy_options: dict[str, Any] = field(default_factory=dict)
     max_minutes: float | None = None
@@ -251,24 +251,6 @@ def resolve_devices(spec: str) -> list[int]:
     return out
 
 
-def backward_status() -> str | None:
-    """None when chunk_gdn2 has a backward; else the reason (probed on a tiny problem)."""
-    import torch
-
-    from gdn2_kernels import chunk_gdn2
-    from gdn2_kernels.inputs import make_inputs
-
-    x = make_inputs(1, 16, 1, 16, 16, torch.float32, _device.default_device(), seed=0)
-    x = x.to(torch.float32, _device.default_device(), requires_grad=True)
-    try:
-        with dispatch.override(dispatch.default_pipeline()):
-            o, _ = chunk_gdn2(x.q, x.k, x.v, x.g, x.b, x.w)
-            o.sum().backward()
-    except NotImplementedError as exc:
-        return f"chunk_gdn2 has no backward yet ({exc})"
-    return None
-
-
 def workload_of(spec: KernelSpec) -> str:
     """The workload that times a kernel: decode for the recurrent op, else its direction."""
     if spec.op == "recurrent":
@@ -307,7 +289,7 @@ def make_plan(options: TuneOptions) -> TunePlan:
     arch, name = _device.arch(), _device.gpu_name()
     devices = resolve_devices(options.devices)
     specs = _select_specs(options)
-    bwd_reason = backward_status() if options.backward else "backward tuning off (--forward-only)"
+    bwd_reason = None if options.backward else "backward tuning off (--forward-only)"
     chunk_sizes = list(options.chunk_sizes or get_spec(next(
         (s.name for s in all_specs() if _has_bt(s)))).param("BT").values)
     searches, skipped = [], []
@@ -317,7 +299,7 @@ def make_plan(options: TuneOptions) -> TunePlan:
             continue
         for bt in (chunk_sizes if _has_bt(spec) else [None]):
             fixed = {"BT": bt} if bt else {}
-            rep = spec.space(key, arch, triton.__version__, **fixed)
+            rep = spec.space(key, **fixed)
             by_rule: dict[str, int] = {}
             reasons: dict[str, str] = {}
             for pr in rep.pruned:
@@ -356,12 +338,12 @@ def pipeline_score(main: Trial | None, long: Trial | None, checked: bool) -> flo
 # Tuning
 # ------------------------------------------------------------------------------------------------
 
-def _candidates(kp: KernelPlan, key: ProblemKey, arch: str, triton_version: str) -> list[Candidate]:
+def _candidates(kp: KernelPlan, key: ProblemKey) -> list[Candidate]:
     spec = get_spec(kp.kernel)
     bt = kp.chunk_size or DEFAULT_CHUNK_SIZE
     base = dispatch.default_pipeline(bt).as_dict()
     fixed = {"BT": kp.chunk_size} if kp.chunk_size else {}
-    valid = list(spec.space(key, arch, triton_version, **fixed).valid)
+    valid = list(spec.space(key, **fixed).valid)
     default = spec.default_config(**fixed)
     if default in valid:  # the default first: random and halving samples always include it
         valid.remove(default)
@@ -410,8 +392,6 @@ def _expected_trials(plan: TunePlan, sizes: list[int], options: TuneOptions) -> 
 
 def tune(options: TuneOptions, progress: Progress | None = None) -> TuneResult:
     """Run the tune described in the module docstring; returns what was found and written."""
-    import triton
-
     t_start = time.monotonic()
     check_options(options)
     options = defaults(options)
@@ -426,7 +406,7 @@ def tune(options: TuneOptions, progress: Progress | None = None) -> TuneResult:
     settings = EvalSettings(plan.problem, options.verify_T, options.warmup, options.reps,
                             timeout_s=options.timeout_s, trial_fn=options.trial_fn)
     strategy = get_strategy(options.strategy)
-    spaces = [_candidates(kp, key, plan.arch, triton.__version__) for kp in plan.searches]
+    spaces = [_candidates(kp, key) for kp in plan.searches]
     expected = _expected_trials(plan, [len(s) for s in spaces], options)
     bests: dict[str, Trial] = {}
     state = {"done": 0, "search": "", "phase": "search"}
@@ -576,5 +556,5 @@ def _write(plan: TunePlan, entries: list[config_files.CacheEntry],
 
 
 __all__ = ["CPU_PROBLEM", "GPU_PROBLEM", "KernelPlan", "ProgressEvent", "SearchResult",
-           "TuneError", "TuneOptions", "TunePlan", "TuneResult", "backward_status", "check_options",
+           "TuneError", "TuneOptions", "TunePlan", "TuneResult", "check_options",
            "defaults", "make_plan", "resolve_devices", "tune", "workload_of"]

@@ -188,7 +188,7 @@ class _GateInputs:
 
 
 def _fused_recurrent():
-    from gdn2_kernels import ops  # fused_recurrent_gdn2 arrives with the decoding kernel
+    from gdn2_kernels import ops
 
     return ops.fused_recurrent_gdn2
 

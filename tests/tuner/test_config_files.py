@@ -86,7 +86,7 @@ def test_every_shipped_profile_loads_and_resolves_its_keys(path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for key in cache.keys():
-            pipe = dispatch.pipeline_from(cache, key, "sm90", cache.software["triton"], "test")
+            pipe = dispatch.pipeline_from(cache, key, "test")
             stored = {e.kernel: e.kernel_config() for e in cache.entries
                       if e.problem_key() == key}
             assert {"intra_fwd", "state_fwd", "intra_bwd", "state_bwd"} <= set(stored)

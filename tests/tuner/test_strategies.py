@@ -6,7 +6,7 @@ import pytest
 from helpers import logged, state_fwd_candidates
 
 from gdn2_kernels.tuner.evaluate import ReplayEvaluator
-from gdn2_kernels.tuner.strategies import get_strategy, help_text, parse_options
+from gdn2_kernels.tuner.strategies import get_strategy, options_help, parse_options
 from gdn2_kernels.tuner.strategies.exhaustive import exhaustive
 from gdn2_kernels.tuner.strategies.halving import halving
 from gdn2_kernels.tuner.strategies.random import random
@@ -57,7 +57,7 @@ def test_tune_pins_the_config_this_gpu_resolves_to():
     in_use = dispatch.default_pipeline(32).as_dict()
     in_use["state_fwd"] = in_use["state_fwd"].replace(BV=16, num_warps=2, num_stages=1)
     with dispatch.override(in_use):
-        cands = _candidates(plan, key, "cpu", "3.6.0")
+        cands = _candidates(plan, key)
     pinned = [c.config for c in cands if c.pinned]
     assert in_use["state_fwd"] in pinned and cands[0].pinned and len(pinned) == 2
     # SCAN is not tuned: every candidate keeps its default
@@ -85,7 +85,7 @@ def test_wrong_results_never_win():
 
 def test_options_table_parses_and_documents():
     assert parse_options("halving", ["eta=2", "n=4"]) == {"eta": 2, "n": 4}
-    assert "eta" in help_text() and get_strategy("random").options
+    assert "halving n, eta, seed" in options_help() and get_strategy("random").options
     try:
         parse_options("random", ["eta=2"])
     except ValueError as exc:
@@ -125,7 +125,7 @@ def test_tune_pins_the_configs_of_every_shipped_profile(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="broken.json: not valid JSON"):
         assert config_files.shipped_configs("state_fwd", key) == [sibling]
     assert config_files.shipped_configs("state_fwd", ProblemKey(128, 128, "float32")) == []
-    cands = _candidates(plan, key, "cpu", "3.6.0")
+    cands = _candidates(plan, key)
     assert sibling in [c.config for c in cands if c.pinned]
 
 
@@ -143,7 +143,7 @@ def test_tune_pins_the_other_algorithm_of_every_pinned_config():
     key = ProblemKey(64, 64, "float32")
     plan = next(kp for kp in make_plan(TuneOptions(kernels=["intra_fwd"], chunk_sizes=[32]))
                 .searches if kp.kernel == "intra_fwd")
-    cands = _candidates(plan, key, "cpu", "3.6.0")
+    cands = _candidates(plan, key)
     pinned = {c.config for c in cands if c.pinned}
     default = get_spec("intra_fwd").default_config(BT=32)
     assert default in pinned and default.replace(DIAG_INVERSE="doubling") in pinned

@@ -67,13 +67,10 @@ def parse_options(name: str, pairs: Mapping[str, str] | list[str]) -> dict[str, 
     return out
 
 
-def help_text() -> str:
-    """One line per strategy with its options, for the CLI help."""
-    lines = []
-    for info in STRATEGIES.values():
-        opts = ", ".join(f"{o.name}={o.default} ({o.help})" for o in info.options)
-        lines.append(f"{info.name}: {info.doc} Options: {opts}.")
-    return "\n".join(lines)
+def options_help() -> str:
+    """The strategies' options, for ``gdn2 tune --option``'s help: 'random n, seed; ...'."""
+    return "; ".join(f"{info.name} " + ", ".join(o.name for o in info.options)
+                     for info in STRATEGIES.values() if info.options)
 
 
-__all__ = ["STRATEGIES", "StrategyInfo", "get_strategy", "help_text", "parse_options"]
+__all__ = ["STRATEGIES", "StrategyInfo", "get_strategy", "options_help", "parse_options"]
