@@ -146,7 +146,8 @@ def bench(
     decode_context: int = typer.Option(4096, help="attention KV-cache length in decode"),
     provider: list[str] = typer.Option(None, "--provider", "-p",
                                        help="only these providers (repeat); default all"),
-    rep_ms: int = typer.Option(200, help="timing budget per row (ms) for do_bench"),
+    rep_ms: int = typer.Option(200, help="timing budget per row (ms): runs of the clock the "
+                                          "tuner uses (gdn2_kernels.timing)"),
     mamba_src: str = typer.Option(None, help="folder holding mamba_ssm/ (Triton SSD sources)"),
     save: str = typer.Option(None, help="also write the JSON report to this file (rewritten "
                                         "after every row, so an interrupted run keeps its rows)"),

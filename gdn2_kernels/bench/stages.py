@@ -28,12 +28,12 @@ from typing import Any, Callable
 
 import torch
 
+from gdn2_kernels import timing
 from gdn2_kernels.bench import model
 from gdn2_kernels.bench.inputs import ProblemInputs
 from gdn2_kernels.bench.model import Shape
 from gdn2_kernels.options import OptionError, integer, one_of, parse_shapes
 
-L2_FLUSH_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -273,7 +273,7 @@ def breakdown(shape: Shape = GPU_SHAPE, backward: bool = True, reps: int = GPU_R
     fwd_ms = end_to_end(fwd_only)[0] if end_to_end else None
     fwdbwd_ms = end_to_end(fwdbwd)[0] if end_to_end and backward else None
 
-    flush = torch.empty(L2_FLUSH_BYTES if cuda else 1, dtype=torch.int8, device=device)
+    flush = torch.empty(timing.L2_FLUSH_BYTES if cuda else 1, dtype=torch.int8, device=device)
     clock = _Clock(cuda)
     with _launch.observed(StageTimer(clock)) as timer:
         for rep in range(reps):

@@ -1,9 +1,10 @@
 """How the benchmark measures: median latency with the L2 flushed, peak memory, the ceilings.
 
 :class:`Measurer` is the seam the CPU tests use to inject fake timings; :class:`CudaMeasurer` is
-the real one (``triton.testing.do_bench``: median of many runs, the L2 cache cleared before each
-run, warm-up runs excluded; the runner calls each function once more before that, so Triton
-autotuning and compilation are never timed).
+the real one (:func:`gdn2_kernels.timing.measure_for`, the clock the tuner chooses configs by:
+median of the runs that fill a time budget, the L2 cache cleared before each run, warm-up runs
+excluded; the runner calls each function once more before that, so Triton autotuning and
+compilation are never timed).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from gdn2_kernels import timing
 from gdn2_kernels.bench.model import Ceilings, copy_gbps, matmul_tflops
 
 MATMUL_N = 8192                    # ceiling probe: 8192^3 bf16 matmul
@@ -39,11 +41,9 @@ class CudaMeasurer:
         self.rep_ms = rep_ms
 
     def time_ms(self, fn: Callable[[], object]) -> tuple[float, float]:
-        import triton.testing
-
-        q1, med, q3 = triton.testing.do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
-                                              quantiles=[0.25, 0.5, 0.75])
-        return float(med), float(q3 - q1)
+        t = timing.measure_for(fn, torch.device("cuda", torch.cuda.current_device()),
+                               self.warmup_ms, self.rep_ms)
+        return t.median_ms, t.iqr_ms
 
     def peak_bytes(self, fn: Callable[[], object]) -> int | None:
         torch.cuda.synchronize()

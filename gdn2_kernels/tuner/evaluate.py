@@ -3,7 +3,7 @@
 :func:`run_trial` is what a worker does for one candidate: run the workload under
 ``dispatch.override(candidate pipeline)`` on fresh random inputs and compare every output (and
 gradient, for fwd+bwd) with the fp64 recurrence (:func:`gdn2_kernels.tuner.verify.run_case`); only a verified
-candidate is timed (:func:`gdn2_kernels.tuner.timing.measure`), with NVML samples around the timing and up to
+candidate is timed (:func:`gdn2_kernels.timing.measure`), with NVML samples around the timing and up to
 ``retime_throttled`` re-timings when the GPU throttled.
 
 :class:`WorkerPool` keeps one spawned worker per device (``-1`` = the CPU interpreter). A worker
@@ -125,7 +125,7 @@ def run_trial(task: Task, device_index: int) -> Trial:
     import torch
 
     from gdn2_kernels import _device, dispatch, gpu
-    from gdn2_kernels.tuner import timing
+    from gdn2_kernels import timing
     from gdn2_kernels.tuner.verify import run_case
 
     cand, s = task.candidate, task.settings

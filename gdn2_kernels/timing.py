@@ -1,4 +1,7 @@
-"""Timing of one callable: median and IQR over repetitions, warm-up excluded, L2 flushed.
+"""The one clock of the toolkit: median and IQR of a callable over repetitions, warm-up
+excluded, L2 flushed. The tuner chooses configs by it (:func:`measure`, a fixed number of
+repetitions) and the benchmarks report by it (:func:`measure_for`, repetitions filling a time
+budget), so a config is reported by the clock that chose it.
 
 On a GPU this follows ``triton.testing.do_bench``: CUDA events around each repetition, a 256 MB
 buffer zeroed before each one so the L2 cache starts cold, gradients reset outside the timed
@@ -71,4 +74,15 @@ def measure(fn: Callable[[], object], reps: int, warmup: int, device: torch.devi
     return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)], CUDA_CLOCK)
 
 
-__all__ = ["CUDA_CLOCK", "L2_FLUSH_BYTES", "Timing", "WALL_CLOCK", "measure", "summarize"]
+def measure_for(fn: Callable[[], object], device: torch.device, warmup_ms: float = 25,
+                rep_ms: float = 200, grads: Sequence[torch.Tensor] = ()) -> Timing:
+    """:func:`measure` with the repetitions that fill ``rep_ms`` (and the warm-up calls that fill
+    ``warmup_ms``), estimated from five timed calls as ``do_bench`` does; at least one of each."""
+    estimate = measure(fn, 5, 1, device, grads).median_ms
+    per_call = max(estimate, 1e-6)
+    return measure(fn, max(1, int(rep_ms / per_call)), max(1, int(warmup_ms / per_call)), device,
+                   grads)
+
+
+__all__ = ["CUDA_CLOCK", "L2_FLUSH_BYTES", "Timing", "WALL_CLOCK", "measure", "measure_for",
+           "summarize"]
