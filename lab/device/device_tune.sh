@@ -7,7 +7,8 @@
 #   info.json                  `gdn2 info --json` before the tune (GPU/NVML, software, spaces)
 #   trials.jsonl               the trial log (every trial, appended as it finished; resumable)
 #   <GPU>.json                 the profile (cache schema) -> commit it as profiles/<GPU>.json
-#   tune.json                  `gdn2 tune --json` (searches, per-BT pipelines, speed-up, counts)
+#   tune.json.gz               `gdn2 tune --json` (searches, per-BT pipelines, speed-up, counts),
+#                              gzipped as it is committed to profiles/logs/
 #   cold_start.json            fresh process, empty Triton cache, first fwd+bwd with the profile
 #   cold_start_serial.json     the same with GDN2_COMPILE_AHEAD=0 (kernels compiled one by one)
 #   verify.json                `gdn2 verify --backward --json` with the profile
@@ -28,6 +29,7 @@ PROFILE="$OUT/$($PY -c 'from gdn2_kernels import _device, config_files; print(co
 start=$(date +%s)
 $PY -m gdn2_kernels.cli tune --max-minutes 9 --log "$OUT/trials.jsonl" --output "$PROFILE" --json "$@" \
     > "$OUT/tune.json"
+gzip -9 -n "$OUT/tune.json"
 tune_s=$(( $(date +%s) - start ))
 
 cold_cache="$(mktemp -d)"
