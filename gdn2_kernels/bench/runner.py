@@ -294,9 +294,12 @@ def run_bench(options: BenchOptions = BenchOptions(), measurer: Measurer | None 
     return _report(rows)
 
 
+SCHEMA = "gdn2.bench/1"  # the JSON report's layout (bench/render_results.py reads it)
+
+
 def report_dict(report: BenchReport) -> dict:
     """The report as plain JSON data (what ``--json`` prints and ``bench/results/`` holds)."""
-    d = asdict(report)
+    d = {"schema": SCHEMA, **asdict(report)}
     d["rows"] = [{**asdict(r), "label": f"{r.B}x{r.T}"} for r in report.rows]
     return d
 

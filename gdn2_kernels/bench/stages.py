@@ -58,6 +58,9 @@ class NcuResult:
     details: str
 
 
+SCHEMA = "gdn2.stages/1"  # the JSON report's layout (bench/render_results.py reads it)
+
+
 @dataclass
 class StagesReport:
     shape: Shape
@@ -74,6 +77,7 @@ class StagesReport:
     # The configs as they launched (dispatch.launch_time) and what launch time changed.
     launched: dict[str, dict[str, Any]] = field(default_factory=dict)
     launch_changes: list[str] = field(default_factory=list)
+    schema: str = SCHEMA
 
     @property
     def stage_ms(self) -> float:

@@ -1,6 +1,6 @@
 """Every rank's steps of ``chunk_gdn2_cp`` in one process, the all-gathers replaced by stacking.
 
-For accuracy at any number of ranks on one device (tests; scripts/device_cp_summary.py): the
+For accuracy at any number of ranks on one device (tests; lab/device_cp_summary.py): the
 numerics are those of the distributed op (same steps, same chain), only the ranks run one after
 another and nothing is communicated. Not a way to run faster.
 """

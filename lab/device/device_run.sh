@@ -1,25 +1,25 @@
 #!/usr/bin/env bash
-# Benchmarks and profile on a GPU machine without internet; results land in OUT_DIR.
+# Benchmarks and the per-stage breakdown on a GPU machine without internet; results land in OUT_DIR.
 #
-#   bash lab/device/device_run.sh OUT_DIR [all|bench|decode|profile] [extra `gdn2 bench` options]
+#   bash lab/device/device_run.sh OUT_DIR [all|bench|decode|stages] [extra `gdn2 bench` options]
 #
 # Installs the carried wheels (.whl/*.whl: fla-core) into /tmp/site; Mamba-2's Triton SSD sources
 # are read from .whl/mamba_ssd (no install). Writes, per GPU (name sanitised) and UTC date:
 #   <date>_<GPU>.json / .png          gdn2 bench, fwd and fwd+bwd, default token budget
 #   <date>_<GPU>_decode.json / .png   gdn2 bench, decode batch sweep
-#   <date>_<GPU>_profile.json         gdn2 profile (2x8192), plus bench.log / profile.log
+#   <date>_<GPU>_stages.json          gdn2 stages (2x8192), plus bench.log / stages.log
 # Copy the JSON/PNG files to bench/results/ and run `python bench/render_results.py`.
 # The JSON reports are rewritten after every row and resumed (`--resume`): a run cut off by a time
 # limit keeps its rows, and running the same command again on the same machine measures only the
 # missing ones. TRITON_CACHE_AUTOTUNING=1 keeps FLA's autotune choices in the Triton cache, so the
 # second run does not autotune again.
 set -uo pipefail
-OUT=${1:?usage: lab/device/device_run.sh OUT_DIR [all|bench|decode|profile] [gdn2 bench options]}
+OUT=${1:?usage: lab/device/device_run.sh OUT_DIR [all|bench|decode|stages] [gdn2 bench options]}
 PART=${2:-all}
 shift $(( $# >= 2 ? 2 : 1 ))
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -46,9 +46,9 @@ if [[ $PART == all || $PART == decode ]]; then
   $GDN2 bench -m decode --save "$OUT/${STEM}_decode.json" --resume --plot "$OUT/${STEM}_decode.png" "$@" \
     2>&1 | tee -a "$OUT/bench.log" || rc=1
 fi
-if [[ $PART == all || $PART == profile ]]; then
-  $GDN2 profile --shape 2x8192 --json > "$OUT/${STEM}_profile.json" || rc=1
-  $GDN2 profile --shape 1x16384 2>&1 | tee "$OUT/profile.log" || rc=1
+if [[ $PART == all || $PART == stages ]]; then
+  $GDN2 stages --shape 2x8192 --json > "$OUT/${STEM}_stages.json" || rc=1
+  $GDN2 stages --shape 1x16384 2>&1 | tee "$OUT/stages.log" || rc=1
 fi
 ls -la "$OUT"
 exit $rc

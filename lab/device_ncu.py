@@ -5,7 +5,7 @@ Usage (on the GPU machine):
     ncu --clock-control none --kernel-name regex:'_(intra|state)_' --launch-skip 5 \
         --launch-count 5 --section SpeedOfLight --section MemoryWorkloadAnalysis \
         --section LaunchStats --section Occupancy --section WarpStateStats \
-        python scripts/device_ncu.py 8x2048
+        python lab/device_ncu.py 8x2048
 
 The first step (5 launches: intra_fwd, state_fwd, the backward's state_fwd, state_bwd,
 intra_bwd) compiles and warms; the second is the one profiled. Configs are the resolved ones

@@ -3,7 +3,7 @@ from the same initialisation and data, with FLA's chunk_gdn2 swapped in.
 
 Task: y_t = x_{t-3} on random tokens (vocab 64), which the model can only solve by carrying
 tokens through the recurrent state. fp32 parameters (AdamW), fp32 activations into the op.
-Usage: python scripts/device_train_check.py OUT_DIR [--fla-configs=N]
+Usage: python lab/device_train_check.py OUT_DIR [--fla-configs=N]
 
 ``--fla-configs=N`` keeps only the first N configs of every Triton autotuner before FLA is
 imported: FLA's first fp32 fwd+bwd otherwise compiles and times every config of every kernel,

@@ -1,6 +1,6 @@
 """Pipeline variants side by side: end-to-end fwd and fwd+bwd, per-stage times, output drift.
 
-Usage: python scripts/device_variants.py OUT_DIR [--base=resolved|default] [--shapes=8x2048,1x16384]
+Usage: python lab/device_variants.py OUT_DIR [--base=resolved|default] [--shapes=8x2048,1x16384]
                                          [VARIANT ...]
 
 A VARIANT is ``kernel:{"PARAM": value, ...}`` (one kernel's config changed from the base) or
@@ -14,12 +14,10 @@ goes.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 
 import torch
-import triton
 
 from gdn2_kernels.bench.model import Shape
 from gdn2_kernels.bench.stages import breakdown
@@ -27,6 +25,7 @@ from gdn2_kernels import chunk_gdn2, dispatch
 from gdn2_kernels.accuracy import rel_rms
 from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import ProblemKey
+from gdn2_kernels.bench.provenance import collect
 
 out_dir = sys.argv[1]
 opts = dict(a[2:].split("=", 1) for a in sys.argv[2:] if a.startswith("--"))
@@ -37,9 +36,7 @@ key = ProblemKey(D, D, "bfloat16")
 base = (dispatch.resolve(key) if opts.get("base", "resolved") == "resolved"
         else dispatch.default_pipeline(64))
 result = {
-    "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-    "triton": triton.__version__,
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "schema": "gdn2.lab/1", "experiment": "variants", "provenance": collect(),
     "base_source": base.source, "base": {k: c.as_dict() for k, c in base.configs}, "rows": [],
 }
 

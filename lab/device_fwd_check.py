@@ -1,18 +1,16 @@
 """Device run for issue 2: forward correctness beside FLA, forward timing beside FLA, a small sweep.
 
-Usage (on a GPU machine): python scripts/device_fwd_check.py OUT_DIR [--quick]
+Usage (on a GPU machine): python lab/device_fwd_check.py OUT_DIR [--quick]
 Writes OUT_DIR/fwd_check.json incrementally (a partial file survives a timeout).
 """
 from __future__ import annotations
 
-import datetime
 import itertools
 import json
 import sys
 import time
 
 import torch
-import triton
 from triton.testing import do_bench
 
 from gdn2_kernels import dispatch
@@ -21,16 +19,13 @@ from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import get_spec
 from gdn2_kernels.ops import chunk_gdn2
 from gdn2_kernels.reference import naive_recurrent_gdn2
+from gdn2_kernels.bench.provenance import collect
 
 out_dir = sys.argv[1]
 quick = "--quick" in sys.argv
 dev = torch.device("cuda")
-result: dict = {
-    "device": torch.cuda.get_device_name(0),
-    "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "correctness": [], "timing": [], "sweep": [],
-}
+result: dict = {"schema": "gdn2.lab/1", "experiment": "fwd_check", "provenance": collect(),
+                "correctness": [], "timing": [], "sweep": []}
 
 
 def save():

@@ -2,7 +2,7 @@
 (the shipped profile on a tuned GPU), with the spec defaults, and of FLA, against the fp64
 recurrence: forward at T=16384, forward and all gradients at T=4096.
 
-Usage: python scripts/device_accuracy_long.py OUT_DIR
+Usage: python lab/device_accuracy_long.py OUT_DIR
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """fp32 accuracy of chunk_gdn2 against fp64 at the `gdn2 verify` case (B2 T1000 H4 K64 V96).
 
-Usage: python scripts/device_fp32_check.py   (run once plain and once with TRITON_F32_DEFAULT=ieee)
+Usage: python lab/device_fp32_check.py   (run once plain and once with TRITON_F32_DEFAULT=ieee)
 Prints o / ht relative RMS for the spec defaults and for SOLVE_PRECISION=ieee in both intra kernels.
 """
 import os

@@ -1,7 +1,7 @@
 """Device run for issue 19 (one GPU): the span summary's cost beside a forward of the same span,
 and context parallelism's accuracy at 8 and 16 emulated ranks.
 
-Usage: python scripts/device_cp_summary.py OUT_DIR [--seconds=S]
+Usage: python lab/device_cp_summary.py OUT_DIR [--seconds=S]
 
 Writes OUT_DIR/cp_summary_device.json (rewritten as it goes):
   * timing, per T in (8192, 32768, 131072), one sequence, H=16, K=V=128, bf16 (median ms,

@@ -1,6 +1,6 @@
 """Device run for issue 4: decode step beside FLA, state-traffic bandwidth, config sweep, compile.
 
-Usage: python scripts/decode_device.py OUT_DIR [--seconds=S]
+Usage: python lab/decode_device.py OUT_DIR [--seconds=S]
 
 Writes OUT_DIR/decode_device.json (updated as it goes) with:
   * copy_gbps: measured HBM copy bandwidth (1 GiB device-to-device copy, read + write bytes);
@@ -19,16 +19,15 @@ import time
 import traceback
 
 import torch
-import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-import gdn2_kernels
 from gdn2_kernels import GatedDeltaNet2, GDN2Cache, dispatch, fused_recurrent_gdn2
 from gdn2_kernels.accuracy import max_rel_err, rel_rms
 from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import ProblemKey, get_spec
 from gdn2_kernels.kernels.recurrent_fwd import recurrent_fwd
 from gdn2_kernels.reference import naive_recurrent_gdn2
+from gdn2_kernels.bench.provenance import collect
 
 out_dir = sys.argv[1]
 budget = float(next((a.split("=")[1] for a in sys.argv if a.startswith("--seconds=")), 400))
@@ -37,9 +36,7 @@ dev = torch.device("cuda")
 H, K, V = 16, 128, 128
 BATCHES = (1, 16, 64, 256)
 result: dict = {
-    "gpu": torch.cuda.get_device_name(0),
-    "torch": torch.__version__, "triton": triton.__version__,
-    "gdn2_kernels": gdn2_kernels.__version__,
+    "schema": "gdn2.lab/1", "experiment": "decode", "provenance": collect(),
     "shape": {"H": H, "K": K, "V": V, "T": 1, "dtype": "bfloat16"},
 }
 

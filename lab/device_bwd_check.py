@@ -1,33 +1,28 @@
 """Device run for issue 3: gradient errors beside FLA, fwd+bwd time and peak memory beside FLA,
-(the training loop is scripts/device_train_check.py).
+(the training loop is lab/device_train_check.py).
 
-Usage: python scripts/device_bwd_check.py OUT_DIR
+Usage: python lab/device_bwd_check.py OUT_DIR
 Writes OUT_DIR/bwd_check.json incrementally.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import sys
 import time
 
 import torch
-import triton
 from triton.testing import do_bench
 
 import gdn2_kernels.ops as ops
 from gdn2_kernels.accuracy import rel_rms
 from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.reference import naive_recurrent_gdn2
+from gdn2_kernels.bench.provenance import collect
 
 out_dir = sys.argv[1]
 dev = torch.device("cuda")
-result: dict = {
-    "device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-    "triton": triton.__version__, "cuda": torch.version.cuda,
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "gradients": [], "timing": [],
-}
+result: dict = {"schema": "gdn2.lab/1", "experiment": "bwd_check", "provenance": collect(),
+                "gradients": [], "timing": []}
 
 
 def save():

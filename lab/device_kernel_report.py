@@ -1,7 +1,7 @@
 """Compiler resource report (registers, spills, shared memory) of every kernel after one
 fwd+bwd at 8x2048 (H=16, D=128, bf16) with the configs dispatch resolves.
 
-Usage: python scripts/device_kernel_report.py [OUT_DIR]
+Usage: python lab/device_kernel_report.py [OUT_DIR]
 """
 from __future__ import annotations
 

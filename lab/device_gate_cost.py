@@ -1,6 +1,6 @@
 """What the in-kernel g check costs: the default call against ``validate_values=False``.
 
-Usage: python scripts/device_gate_cost.py OUT_DIR [8x2048,1x16384]
+Usage: python lab/device_gate_cost.py OUT_DIR [8x2048,1x16384]
 
 For each shape, fwd and fwd+bwd medians (``triton.testing.do_bench``) of ``chunk_gdn2`` with its
 default arguments and with ``validate_values=False``, the two interleaved twice so drift shows.

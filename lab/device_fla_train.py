@@ -6,7 +6,7 @@ RMSNorm residual blocks, an embedding and a head: the same module objects, weigh
 ways; only the op behind the layer changes. Task: y_t = x_(t-3) on random tokens (learnable only
 through the recurrent state). Each run starts from the same initialisation and data stream.
 
-Usage: python scripts/device_fla_train.py OUT_DIR [--steps=N] [--dtype=bf16|fp32]
+Usage: python lab/device_fla_train.py OUT_DIR [--steps=N] [--dtype=bf16|fp32]
        [--fla-configs=N]
 
 Writes OUT_DIR/fla_train.json (after each run, so a run cut short keeps the first half):

@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # One device call for what v5 built without a GPU (docs/performance.md): checks, then timings.
 #
-#   bash scripts/device_v5_check.sh OUT_DIR
+#   bash lab/device/device_v5_check.sh OUT_DIR
 #
 # Writes under OUT_DIR:
 #   pytest_gpu.log            the GPU tests of compile-ahead, the segmented scans, split phase D
 #                             and the device guard (the last needs 2 GPUs, else it is skipped)
 #   cold_start.json           fresh process, empty Triton cache, shipped profile, compile ahead on
 #   cold_start_serial.json    the same with GDN2_COMPILE_AHEAD=0
-#   variants.json             scripts/device_variants.py: split phase D, BK = 128 (one value loop
+#   variants.json             lab/device_variants.py: split phase D, BK = 128 (one value loop
 #                             for phases A and B), both, and the segmented state scans
 set -uo pipefail
-OUT=${1:?usage: scripts/device_v5_check.sh OUT_DIR}
+OUT=${1:?usage: lab/device/device_v5_check.sh OUT_DIR}
 mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 
@@ -34,7 +34,7 @@ done
 
 $PY -c "from gdn2_kernels import dispatch; from gdn2_kernels.configs import ProblemKey; \
 print('base pipeline:', dispatch.resolve(ProblemKey(128, 128, 'bfloat16')).source)"
-timeout 300 $PY scripts/device_variants.py "$OUT" \
+timeout 300 $PY lab/device_variants.py "$OUT" \
     'intra_bwd:{"PHASE_D": "split"}' \
     'intra_bwd:{"BK": 128}' \
     'intra_bwd:{"BK": 128, "num_warps": 8}' \

@@ -3,10 +3,10 @@
 # with the shipped H200 profile, the bench of the default call beside every baseline of the issue
 # (FLA chunk_gdn2 / chunk_kda, cuDNN KDA, cuDNN attention; 1x65536 for the providers linear in T),
 # and gradient accuracy vs fp64 beside FLA.
-#   bash scripts/device_issue16_call3.sh OUT_DIR      (carry .whl: fla-core, cudnn-frontend, tvm-ffi)
+#   bash lab/device/device_issue16_call3.sh OUT_DIR      (carry .whl: fla-core, cudnn-frontend, tvm-ffi)
 set -uo pipefail
-OUT=${1:?usage: scripts/device_issue16_call3.sh OUT_DIR}
-cd "$(dirname "$0")/.."
+OUT=${1:?usage: lab/device/device_issue16_call3.sh OUT_DIR}
+cd "$(dirname "$0")/../.."
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
@@ -30,5 +30,5 @@ timeout 330 bash lab/device/device_run.sh "$OUT" bench -p gdn2 -p gdn2-kda -p fl
   -p cudnn-kda -p sdpa-cudnn --long 2>&1 | grep -v -E "leaked|nanobind" | tail -45
 left=$(( 575 - ($(date +%s) - start) ))
 echo "accuracy check with ${left}s left"
-[ "$left" -gt 40 ] && timeout "$left" python3 scripts/device_bwd_check.py "$OUT" 2>&1 | tail -12
+[ "$left" -gt 40 ] && timeout "$left" python3 lab/device_bwd_check.py "$OUT" 2>&1 | tail -12
 ls -la "$OUT"

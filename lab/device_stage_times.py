@@ -1,6 +1,6 @@
 """Per-stage forward timing on the device: each launcher timed alone over a small config grid.
 
-Usage: python scripts/device_stage_times.py OUT_DIR [--seconds=S]
+Usage: python lab/device_stage_times.py OUT_DIR [--seconds=S]
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 import time
 
 import torch
-import triton
 from triton.testing import do_bench
 
 from gdn2_kernels import _varlen
