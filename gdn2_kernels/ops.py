@@ -47,7 +47,7 @@ def chunk_gdn2(
     check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | tuple[torch.Tensor, torch.Tensor | None,
                                                       torch.Tensor]:
-    """Chunkwise Gated Delta Rule-2 (MATH.md), with fla-core 0.6.0's signature.
+    """Chunkwise Gated Delta Rule-2 (docs/math.md), with fla-core 0.6.0's signature.
 
     Args:
         q: queries ``[B, T, H, K]``, float32 / bfloat16 / float16.
@@ -192,7 +192,7 @@ def fused_recurrent_gdn2(
     validate_values: bool | str = True,
     check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token-by-token Gated Delta Rule-2 (MATH.md "Recurrence") for decoding, with fla-core
+    """Token-by-token Gated Delta Rule-2 (docs/math.md "Recurrence") for decoding, with fla-core
     0.6.0's signature; forward only.
 
     The same recurrence as :func:`chunk_gdn2` with the state kept in fp32 registers one token at

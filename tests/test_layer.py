@@ -101,7 +101,7 @@ def test_decode_from_first_token_with_init_cache():
 
 
 def test_layer_matches_hand_written_forward():
-    """The layer's math against MATH.md "Layer", written out with the fp64 recurrence."""
+    """The layer's math against docs/math.md "Layer", written out with the fp64 recurrence."""
     import torch.nn.functional as F
 
     case = CASES[1]

@@ -1,6 +1,6 @@
 """FLOP and byte model of the benchmarked problems, and every metric derived from a latency.
 
-The derivation (per stage, from MATH.md) is in ``docs/bench_model.md``; this module is its only
+The derivation (per stage, from docs/math.md) is in ``docs/bench_model.md``; this module is its only
 implementation. Conventions:
 
 - FLOPs count matrix products only (2 per multiply-add); a product with a triangular factor

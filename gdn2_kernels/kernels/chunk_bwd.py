@@ -1,6 +1,6 @@
 """Backward orchestration of ``chunk_gdn2``: launcher calls only, tensors in and out.
 
-Pipeline (MATH.md "Backward"):
+Pipeline (docs/math.md "Backward"):
 
     [state_fwd]  recompute the chunk states h and residuals R (unless the forward kept them:
                  disable_recompute)

@@ -1,6 +1,6 @@
 """Forward orchestration of ``chunk_gdn2``: launcher calls only, tensors in and out.
 
-Pipeline (MATH.md "Chunkwise form"):
+Pipeline (docs/math.md "Chunkwise form"):
 
     [l2norm_fwd]  q, k -> normalised q, k                    (optional)
     intra_fwd     q, k, v, g, b, w -> g_cum, A, A_qk, Y, U, Qg, Kt, gC  (per chunk and head;

@@ -1,4 +1,4 @@
-"""Intra-chunk backward: output, WY and pairwise VJPs, gate gradients (MATH.md "Backward").
+"""Intra-chunk backward: output, WY and pairwise VJPs, gate gradients (docs/math.md "Backward").
 
 One program per (chunk, head). With S = h (state entering the chunk), dS' = dh (gradient of the
 state leaving it), R and dR from the reverse state pass, and the forward's A, A_qk, g_cum:

@@ -1,4 +1,4 @@
-"""Row-wise L2 normalisation of q and k for ``use_qk_l2norm_in_kernel`` (MATH.md "Recurrence").
+"""Row-wise L2 normalisation of q and k for ``use_qk_l2norm_in_kernel`` (docs/math.md "Recurrence").
 
     x_n = x / sqrt(sum_c x_c^2 + eps)       rstd = 1 / sqrt(sum_c x_c^2 + eps)
 

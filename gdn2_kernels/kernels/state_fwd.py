@@ -1,4 +1,4 @@
-"""Inter-chunk state pass fused with the output (MATH.md "Chunkwise form", last three lines).
+"""Inter-chunk state pass fused with the output (docs/math.md "Chunkwise form", last three lines).
 
 For each chunk, in order, with S the state entering it (fp32, on chip):
 
