@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 SAFE_SPAN = tl.constexpr(60.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _intra_fwd_kernel(
     q,
     k,

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _state_bwd_kernel(
     q,
     k,
