@@ -54,13 +54,12 @@ def wall_ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-try:
+try:  # the version is in the provenance (software.fla_core)
     from fla.ops.gdn2 import fused_recurrent_gdn2 as fla_fused_recurrent_gdn2
-    result["fla"] = __import__("fla").__version__
 except Exception as exc:  # noqa: BLE001
     fla_fused_recurrent_gdn2 = None
-    result["fla"] = f"unavailable: {type(exc).__name__}: {exc}"
-print("fla:", result["fla"], flush=True)
+    result["fla_unavailable"] = f"{type(exc).__name__}: {exc}"
+print("fla:", result["provenance"]["software"]["fla_core"] or result["fla_unavailable"], flush=True)
 
 src = torch.empty(1 << 28, dtype=torch.float32, device=dev)
 dst = torch.empty_like(src)
