@@ -215,7 +215,8 @@ def _lab(d) -> list[str]:
 # Files written before the schema field: version 0 of the layout that wrote them, one rule each.
 LEGACY = (
     ("gdn2.bench/0", lambda d: isinstance(d, dict) and {"options", "rows", "providers"} <= set(d)),
-    ("gdn2.stages/0", lambda d: isinstance(d, dict) and {"stages", "chunk_size", "shape"} <= set(d)),
+    ("gdn2.stages/0",
+     lambda d: isinstance(d, dict) and {"stages", "chunk_size", "shape"} <= set(d)),
     ("gdn2.lab/0", lambda d: bool(_lab(d))),
 )
 RENDERERS = {"gdn2.bench": ("product", render_bench), "gdn2.stages": ("product", render_stages),

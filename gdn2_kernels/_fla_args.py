@@ -108,7 +108,8 @@ def gate_args(fn: str, use_gate_in_kernel: bool, A_log, dt_bias, lower_bound, sa
                          "-exp(A_log) * softplus(g + dt_bias)) or lower_bound (the bounded gate)")
     HV, K = v.shape[2], q.shape[-1]
     if A_log is not None:
-        A_log = _gate_param(fn, "A_log", A_log, HV, "one per value head, HV", q).reshape(HV).contiguous()
+        A_log = _gate_param(fn, "A_log", A_log, HV, "one per value head, HV",
+                            q).reshape(HV).contiguous()
     if dt_bias is not None:
         dt_bias = _gate_param(fn, "dt_bias", dt_bias, HV * K, "one per value head and key "
                               "channel, HV * K", q).reshape(HV * K).contiguous()

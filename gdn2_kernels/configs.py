@@ -4,8 +4,9 @@ A :class:`KernelSpec` is data. It names the kernel (same stem as the Triton kern
 lists the parameters with candidate values and a default that is correct everywhere, the
 constraints between them (named predicates with a reason), the tuning key, and the output
 tensors a candidate must reproduce. No config is refused by GPU architecture: the hazards known
-on Hopper need no rule (:data:`HOPPER_NOTE`), and every config is verified before it is used. The tuner enumerates :meth:`KernelSpec.space`; ``dispatch``
-resolves one :class:`KernelConfig` per launch; kernels receive that resolved config.
+on Hopper need no rule (:data:`HOPPER_NOTE`), and every config is verified before it is used.
+The tuner enumerates :meth:`KernelSpec.space`; ``dispatch`` resolves one :class:`KernelConfig`
+per launch; kernels receive that resolved config.
 
 ``BT`` (the chunk size) is pipeline-wide: every stage of the forward and backward of one call uses
 the same value, because the stages exchange per-chunk intermediates.

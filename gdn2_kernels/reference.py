@@ -1,7 +1,7 @@
 """PyTorch references for the Gated Delta Rule-2 (docs/math.md).
 
-* :func:`naive_recurrent_gdn2` is the token recurrence of docs/math.md "Recurrence", the ground truth
-  every kernel is tested against (run it on float64 inputs for tests).
+* :func:`naive_recurrent_gdn2` is the token recurrence of docs/math.md "Recurrence", the ground
+  truth every kernel is tested against (run it on float64 inputs for tests).
 * :func:`naive_chunk_gdn2` is an independent implementation of docs/math.md "Chunkwise form"; its
   per-stage outputs (:func:`chunk_stages_fwd`) are laid out like the kernels' intermediates so
   each kernel stage is tested on its own.
@@ -212,7 +212,8 @@ def _pair_decay(G: Tensor) -> Tensor:
 
 
 def _chunk_forward(q, k, v, g, b, w, S0, C):
-    """One chunk of docs/math.md "Chunkwise form" (rows of one sequence, all heads). Returns the pieces."""
+    """One chunk of docs/math.md "Chunkwise form" (rows of one sequence, all heads). Returns the
+    pieces."""
     n, H, K = k.shape
     G = g.cumsum(0)                                                  # [n, H, K]
     decay = _pair_decay(G)                                           # [H, n, n, K]

@@ -133,8 +133,9 @@ def test_imports_go_down_the_layers_only():
             if target is None or target == module:
                 continue
             if layer_of(target) > layer_of(module):
-                upward.append(f"{MODULES[module].relative_to(ROOT)}:{line} ({LAYERS[layer_of(module)][0]}) "
-                              f"imports {target} ({LAYERS[layer_of(target)][0]})")
+                where = f"{MODULES[module].relative_to(ROOT)}:{line}"
+                upward.append(f"{where} ({LAYERS[layer_of(module)][0]}) imports {target} "
+                              f"({LAYERS[layer_of(target)][0]})")
     assert not upward, "imports against the layers:\n" + "\n".join(upward)
 
 
@@ -250,8 +251,8 @@ def test_a_built_wheel_installs_only_the_namespace_and_the_gdn2_script(tmp_path)
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
-    assert tops == {"gdn2_kernels", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info",
-                    f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.data"}, tops
+    stem = "-".join(wheel.name.split("-")[:2])
+    assert tops == {"gdn2_kernels", f"{stem}.dist-info", f"{stem}.data"}, tops
     entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry).decode().split()
     assert scripts == ["[console_scripts]", "gdn2", "=", "gdn2_kernels.cli:main"]

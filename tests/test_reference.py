@@ -1,4 +1,5 @@
-"""The references against each other (docs/math.md "Recurrence" vs "Chunkwise form") and the special cases.
+"""The references against each other (docs/math.md "Recurrence" vs "Chunkwise form") and the
+special cases.
 
 Everything here is float64 PyTorch: no kernels run. The token recurrence is the ground truth of
 the whole suite, so it is checked three ways: against the independently written chunkwise form,

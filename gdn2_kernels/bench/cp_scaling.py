@@ -1,6 +1,7 @@
 """Weak and strong scaling of context-parallel ``chunk_gdn2_cp`` on the GPUs of one host.
 
-    torchrun --standalone --nproc_per_node N -m gdn2_kernels.bench.cp_scaling [--out FILE.json] [options]
+    torchrun --standalone --nproc_per_node N -m gdn2_kernels.bench.cp_scaling \
+        [--out FILE.json] [options]
 
 One launch measures every world size w in 1, 2, 4, ... up to N (and N) through process subgroups
 of the first w ranks: *weak* scaling keeps ``--tokens-per-gpu`` per rank (one sequence of

@@ -1,4 +1,5 @@
-"""Where a benchmark ran: GPU (NVML via ``gdn2_kernels.gpu``), clocks, software versions, commit, date.
+"""Where a benchmark ran: GPU (NVML via ``gdn2_kernels.gpu``), clocks, software versions, commit,
+date.
 
 Everything is best effort: a field that cannot be read is None, with the reason where useful,
 so a missing NVML or git never stops a benchmark.

@@ -1,4 +1,5 @@
-"""Rendering of a :class:`gdn2_kernels.bench.runner.BenchReport`: rich tables, the JSON file, the PNG plot.
+"""Rendering of a :class:`gdn2_kernels.bench.runner.BenchReport`: rich tables, the JSON file, the
+PNG plot.
 
 The CLI only calls these; tests call them directly with fake timings.
 """

@@ -1,9 +1,9 @@
 """Cold start: the first ``chunk_gdn2`` forward+backward of a fresh process, compile included.
 
-Run it as its own process (``python -m gdn2_kernels.tuner.cold_start``), with ``TRITON_CACHE_DIR`` pointing at
-an empty folder for a true cold start: it times the package import, the first call (config
-lookup + Triton compile + run) and a second call, and reports where dispatch took the configs
-from. While ``chunk_gdn2`` has no backward, the forward alone is timed and the report says so.
+Run it as its own process (``python -m gdn2_kernels.tuner.cold_start``), with
+``TRITON_CACHE_DIR`` pointing at an empty folder for a true cold start: it times the package
+import, the first call (config lookup + Triton compile + run) and a second call, and reports
+where dispatch took the configs from.
 """
 from __future__ import annotations
 

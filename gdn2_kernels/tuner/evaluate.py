@@ -2,9 +2,9 @@
 
 :func:`run_trial` is what a worker does for one candidate: run the workload under
 ``dispatch.override(candidate pipeline)`` on fresh random inputs and compare every output (and
-gradient, for fwd+bwd) with the fp64 recurrence (:func:`gdn2_kernels.tuner.verify.run_case`); only a verified
-candidate is timed (:func:`gdn2_kernels.timing.measure`), with NVML samples around the timing and up to
-``retime_throttled`` re-timings when the GPU throttled.
+gradient, for fwd+bwd) with the fp64 recurrence (:func:`gdn2_kernels.tuner.verify.run_case`);
+only a verified candidate is timed (:func:`gdn2_kernels.timing.measure`), with NVML samples
+around the timing and up to ``retime_throttled`` re-timings when the GPU throttled.
 
 :class:`WorkerPool` keeps one spawned worker per device (``-1`` = the CPU interpreter). A worker
 that dies (segfault, ``os.abort``, illegal memory access) yields a ``crash`` trial, one that
@@ -184,7 +184,7 @@ STARTUP_TIMEOUT_S = 600.0
 def _worker_main(conn, device_index: int, trial_fn: str) -> None:
     import torch
 
-    import gdn2_kernels  # noqa: F401  (sets the interpreter when there is no GPU)
+    import gdn2_kernels  # noqa: F401  (imported before READY: a slow import is not a trial's time)
 
     if device_index >= 0:
         torch.cuda.set_device(device_index)

@@ -124,8 +124,9 @@ def source_path(source: str | None = None) -> Path:
     for path in (config_files.user_cache_path(name), config_files.shipped_profile_path(name)):
         if path.is_file():
             return path
-    raise ExportError(f"no tuned configs for {name!r}: neither {config_files.user_cache_path(name)} "
-                      f"nor {config_files.shipped_profile_path(name)} exists; "
+    raise ExportError(f"no tuned configs for {name!r}: neither "
+                      f"{config_files.user_cache_path(name)} nor "
+                      f"{config_files.shipped_profile_path(name)} exists; "
                       + where_configs_come_from("--from"))
 
 

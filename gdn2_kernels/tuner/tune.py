@@ -9,8 +9,8 @@ so.
 The tune (:func:`tune`): for each (kernel, BT) the strategy searches that kernel's configs with
 every other kernel at its default (at that BT), so one trial varies one kernel. Then, per BT, the
 pipeline of the per-kernel winners is verified and timed as a whole (forward+backward unless
-``--forward-only``), as are the spec defaults, on the tune problem and (``long_check``, when B > 1) on
-one sequence of the same token count (B = 1, T = B*T). The BT whose pipeline has the smallest
+``--forward-only``), as are the spec defaults, on the tune problem and (``long_check``, when
+B > 1) on one sequence of the same token count (B = 1, T = B*T). The BT whose pipeline has the smallest
 geometric mean of the two medians wins, and its configs are written to the user cache (and
 ``output``) as one group. The second problem guards the choice: configs are keyed on (K, V, dtype),
 not on B or T, and a small chunk that wins when B*H fills the GPU can lose on one long sequence,

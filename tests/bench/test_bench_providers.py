@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gdn2_kernels.bench import providers
-from gdn2_kernels.bench.providers import Provider, Registry, Unavailable, default_registry, load_provider
+from gdn2_kernels.bench.providers import (Provider, Registry, Unavailable, default_registry,
+                                          load_provider)
 
 
 def test_default_registry_as_data():

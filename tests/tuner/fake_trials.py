@@ -1,7 +1,8 @@
 """Trial functions for worker tests: run inside spawned workers instead of the real kernels.
 
-Each takes ``(task, device_index)`` like :func:`gdn2_kernels.tuner.evaluate.run_trial`. The candidate's config
-decides the behaviour, so one sweep mixes good, crashing and hanging candidates.
+Each takes ``(task, device_index)`` like :func:`gdn2_kernels.tuner.evaluate.run_trial`. The
+candidate's config decides the behaviour, so one sweep mixes good, crashing and hanging
+candidates.
 """
 from __future__ import annotations
 

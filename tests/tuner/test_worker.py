@@ -8,7 +8,8 @@ import torch
 from helpers import state_fwd_candidates, tiny_problem
 
 from gdn2_kernels import pipeline
-from gdn2_kernels.tuner.evaluate import EvalSettings, PoolEvaluator, Task, WorkerPool, classify, run_trial
+from gdn2_kernels.tuner.evaluate import (EvalSettings, PoolEvaluator, Task, WorkerPool, classify,
+                                         run_trial)
 from gdn2_kernels.tuner.trial import Budget, TrialLog, read_log
 
 FAKE = "fake_trials:by_config"
