@@ -93,14 +93,23 @@ def twin(jit_fn: Any) -> Any:
     return hit[1]
 
 
+_warmed: list[bool] = []
+
+
 def _warm_lazy_imports() -> None:
     """Import what Triton imports lazily at a launch before any function is swapped: a module
-    imported while swapped would see twins where it checks for jit functions."""
+    imported while swapped would see twins where it checks for jit functions (Triton 3.9 imports
+    its gluon package when it first mangles an argument type)."""
+    if _warmed:
+        return
+    _warmed.append(True)
     import torch
     from triton.runtime import jit
 
-    jit.mangle_type(torch.empty(1))
-    jit.mangle_type(1)
+    mangle = getattr(jit, "mangle_type", None)
+    if mangle is not None:
+        mangle(torch.empty(1))
+        mangle(1)
 
 
 @contextlib.contextmanager
