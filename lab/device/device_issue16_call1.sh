@@ -4,10 +4,7 @@
 #   bash lab/device/device_issue16_call1.sh OUT_DIR      (carry .whl: fla-core, cudnn-frontend, tvm-ffi)
 set -uo pipefail
 OUT=${1:?usage: lab/device/device_issue16_call1.sh OUT_DIR}
-cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/setup.sh"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.limit --format=csv
 timeout 150 python3 -m pytest -q -m gpu tests/test_gate_check.py 2>&1 | tail -5 | tee "$OUT/gpu_tests.log"
 timeout 120 python3 lab/device_gate_cost.py "$OUT" 8x2048,1x16384 2>&1 | tail -20

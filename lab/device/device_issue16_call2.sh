@@ -5,10 +5,7 @@
 #   bash lab/device/device_issue16_call2.sh OUT_DIR      (carry .whl: fla-core, cudnn-frontend, tvm-ffi)
 set -uo pipefail
 OUT=${1:?usage: lab/device/device_issue16_call2.sh OUT_DIR}
-cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source "$(dirname "$0")/setup.sh"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.limit --format=csv
 timeout 200 python3 -m pytest -q -m gpu tests/kernels tests/test_ops.py tests/test_gate_check.py \
   tests/test_compile_ahead.py tests/test_segments.py 2>&1 | tail -8 | tee "$OUT/gpu_tests.log"

@@ -6,10 +6,7 @@
 #   bash lab/device/device_issue16_call3.sh OUT_DIR      (carry .whl: fla-core, cudnn-frontend, tvm-ffi)
 set -uo pipefail
 OUT=${1:?usage: lab/device/device_issue16_call3.sh OUT_DIR}
-cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+source "$(dirname "$0")/setup.sh"
 start=$(date +%s)
 timeout 110 python3 -m gdn2_kernels.cli verify --backward --json > "$OUT/verify.json"
 echo "verify rc=$? ($(( $(date +%s) - start )) s)"

@@ -7,10 +7,7 @@
 #                                                 cudnn-frontend, tvm-ffi)
 set -uo pipefail
 OUT=${1:?usage: lab/device/device_issues17_19.sh OUT_DIR}
-cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+source "$(dirname "$0")/setup.sh"
 start=$(date +%s)
 timeout 170 python3 -m pytest -q -m gpu tests/test_fla_api.py tests/test_layer.py \
   tests/test_layer_fla.py tests/test_gate_check.py tests/test_cp_summary.py 2>&1 \

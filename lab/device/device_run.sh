@@ -19,16 +19,7 @@ PART=${2:-all}
 shift $(( $# >= 2 ? 2 : 1 ))
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/../.."
-
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1
-export TRITON_CACHE_AUTOTUNING=${TRITON_CACHE_AUTOTUNING:-1}
+source "$(dirname "$0")/setup.sh"
 GDN2="python3 -m gdn2_kernels.cli"
 
 GPU=$(python3 -c "import torch; from gdn2_kernels._device import sanitize_gpu_name; \
