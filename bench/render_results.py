@@ -1,11 +1,20 @@
-"""Build ``docs/results.md`` from the committed ``bench/results/*.json`` (numbers never typed).
+"""Build ``docs/results.md`` (the product's measurements) and ``docs/experiments.md`` (the lab's)
+from the committed ``bench/results/*.json``; numbers are never typed.
 
     python bench/render_results.py [--results bench/results] [--out docs/results.md]
+                                   [--experiments docs/experiments.md]
 
-A bench report (``gdn2 bench --save``) becomes its provenance, the measured ceilings, one table
-per mode and the speed ratios of ours against each baseline; a PNG with the same stem is shown
-above it. A profile report (``gdn2 profile --json``, file ending ``_profile.json``) becomes its
-stage table.
+A file is rendered by the schema it declares (its ``schema`` field), newest file first:
+
+- ``gdn2.bench/1``: a ``gdn2 bench --save`` report: its provenance, the measured ceilings, one
+  table per mode and the speed ratios of ours against each baseline; a PNG with the same stem is
+  shown above it. ``gdn2.stages/1``: a ``gdn2 stages --json`` report, its stage table and the
+  configs as they launched. Both go to ``docs/results.md``.
+- ``gdn2.lab/1``: a lab experiment (``lab/*.py``), with its ``experiment`` name; it goes to
+  ``docs/experiments.md``.
+
+Files written before the schema field are read as version 0 of the layout that wrote them
+(:data:`LEGACY`, one rule per layout); anything else is listed as not rendered.
 """
 from __future__ import annotations
 
@@ -52,8 +61,9 @@ def render_bench(d: dict, png: str | None) -> list[str]:
         if note:
             lines.append(f"Note: {note}")
     o = d["options"]
-    lines += [f"H = {o['H']}, D = {o['D']}, {o['dtype']}; median of `triton.testing.do_bench` "
-              f"runs with the L2 flushed, warm-up and autotuning excluded.", ""]
+    clock = "`triton.testing.do_bench`" if "schema" not in d else "`gdn2_kernels.timing`"
+    lines += [f"H = {o['H']}, D = {o['D']}, {o['dtype']}; median of {clock} runs with the L2 "
+              "flushed, warm-up and autotuning excluded.", ""]
     if png:
         lines += [f"![tokens/s]({png})", ""]
     down = [p for p in d["providers"] if not p["available"]]
@@ -90,9 +100,9 @@ def render_bench(d: dict, png: str | None) -> list[str]:
     return lines
 
 
-def render_profile(d: dict) -> list[str]:
+def render_stages(d: dict, png: str | None = None) -> list[str]:
     s = d["shape"]
-    lines = [f"### Profile: B={s['B']} T={s['T']} H={s['H']} K=V={s['D']} {s['dtype']}, "
+    lines = [f"### Stages: B={s['B']} T={s['T']} H={s['H']} K=V={s['D']} {s['dtype']}, "
              f"chunk {d['chunk_size']} ({d['config_source']} configs), {d['device']}", ""]
     lines += _table(["phase", "stage", "calls", "ms", "share %", "GB/s", "TFLOP/s"],
                     [[st["phase"], st["stage"], str(st["calls"]), _f(st["ms"], ".4f"),
@@ -102,14 +112,29 @@ def render_profile(d: dict) -> list[str]:
         lines += [f"Forward end to end: {d['fwd_ms']:.4f} ms.", ""]
     if d.get("backward_reason"):
         lines += [f"Backward not profiled: {d['backward_reason']}", ""]
+    if d.get("launch_changes"):
+        lines += ["Launched: " + "; ".join(d["launch_changes"]) + ".", ""]
     return lines
 
 
+def _lab_header(d: dict) -> tuple[str, str, str]:
+    """``(device, date, software line)`` of a lab file: from its ``provenance`` (``gdn2.lab/1``)
+    or from the top-level fields the scripts wrote before."""
+    prov = d.get("provenance")
+    if prov:
+        sw = prov.get("software") or {}
+        return ((prov.get("gpu") or {}).get("name") or "unknown GPU", prov.get("date", ""),
+                f"torch {sw.get('torch')}, triton {sw.get('triton')}, CUDA {sw.get('cuda')}, "
+                f"fla-core {sw.get('fla_core')}")
+    return (d.get("device") or d.get("gpu") or "unknown GPU", d.get("date", ""),
+            f"torch {d.get('torch')}, triton {d.get('triton')}, CUDA {d.get('cuda')}, "
+            f"fla-core {d.get('fla')}")
+
+
 def render_correctness_timing(d: dict, title: str) -> list[str]:
-    """``scripts/device_fwd_check.py`` / ``device_bwd_check.py``: errors vs fp64 and timings."""
-    lines = [f"### {title}: {d['device']}, {d['date'][:10]}", "",
-             f"torch {d['torch']}, triton {d['triton']}, CUDA {d['cuda']}, fla-core {d.get('fla')}.",
-             ""]
+    """``lab/device_fwd_check.py`` / ``device_bwd_check.py``: errors vs fp64 and timings."""
+    device, date, software = _lab_header(d)
+    lines = [f"### {title}: {device}, {date[:10]}", "", software + ".", ""]
     errs = d.get("correctness") or d.get("gradients") or []
     if errs:
         rows = []
@@ -131,8 +156,8 @@ def render_correctness_timing(d: dict, title: str) -> list[str]:
 
 
 def render_decode(d: dict) -> list[str]:
-    """``scripts/decode_device.py``: one decode step, ours beside FLA, and torch.compile."""
-    lines = [f"### Decode step (T = 1): {d['gpu']}", "",
+    """``lab/decode_device.py``: one decode step, ours beside FLA, and torch.compile."""
+    lines = [f"### Decode step (T = 1): {_lab_header(d)[0]}", "",
              f"{d['shape']}; measured copy bandwidth {d['copy_gbps']:.0f} GB/s; CUDA-graph time "
              "of one step; bandwidth counts the state read + write.", ""]
     lines += _table(["B", "ours ms", "ours GB/s", "ours % copy", "FLA ms", "FLA % copy",
@@ -152,7 +177,7 @@ def render_decode(d: dict) -> list[str]:
 
 
 def render_variants(rows: list) -> list[str]:
-    """``scripts/device_variants.py``: fwd+bwd with one kernel's config changed at a time."""
+    """``lab/device_variants.py``: fwd+bwd with one kernel's config changed at a time."""
     lines = ["### One-kernel config variants (fwd+bwd, spec defaults elsewhere)", ""]
     return lines + _table(["B x T", "variant", "ms", "x default", "max grad diff"],
                           [[f"{r['B']}x{r['T']}", r["variant"].replace("|", "/"),
@@ -161,53 +186,94 @@ def render_variants(rows: list) -> list[str]:
 
 
 def render_kernel_report(rows: list) -> list[str]:
-    """``scripts/device_kernel_report.py``: registers, spills, shared memory per kernel."""
+    """``lab/device_kernel_report.py``: registers, spills, shared memory per kernel."""
     lines = ["### Compiler resource report (spec defaults)", ""]
     return lines + _table(["kernel", "registers", "spills", "shared B", "warps", "stages"],
                           [[r["kernel"], str(r["n_regs"]), str(r["n_spills"]), str(r["shared"]),
                             str(r["num_warps"]), str(r["num_stages"])] for r in rows])
 
 
-def _render_file(d, png: str | None) -> list[str]:
-    """Pick the renderer from the file's content."""
-    if isinstance(d, list):
-        if d and "n_regs" in d[0]:
-            return render_kernel_report(d)
-        if d and "variant" in d[0]:
-            return render_variants(d)
+def _lab(d) -> list[str]:
+    """A lab experiment, by its ``experiment`` name (or, before the schema, its layout)."""
+    rows = d.get("rows") if isinstance(d, dict) and d.get("schema") else d
+    name = d.get("experiment") if isinstance(d, dict) else None
+    if name == "kernel_report" or (isinstance(rows, list) and rows and "n_regs" in rows[0]):
+        return render_kernel_report(rows)
+    if name == "variants" or (isinstance(rows, list) and rows and "variant" in rows[0]):
+        return render_variants(rows)
+    if not isinstance(d, dict):
         return []
-    if "stages" in d:
-        return render_profile(d)
-    if "options" in d and "rows" in d:
-        return render_bench(d, png)
-    if "gradients" in d:
+    if name == "bwd_check" or "gradients" in d:
         return render_correctness_timing(d, "Backward check")
-    if "correctness" in d:
+    if name == "fwd_check" or "correctness" in d:
         return render_correctness_timing(d, "Forward check")
-    if "batches" in d:
+    if name == "decode" or "batches" in d:
         return render_decode(d)
     return []
 
 
-def render(results: Path, out: Path) -> str:
-    lines = ["# Benchmark results", "",
-             "Generated by `python bench/render_results.py` from the JSON files in "
-             "`bench/results/` (written on the device by `bench/device_run.sh`); do not edit by "
-             "hand. Metrics and the roofline are defined in [bench_model.md](bench_model.md).", ""]
-    files = sorted(results.glob("*.json"))
-    if not files:
-        lines += ["No results committed yet.", ""]
+# Files written before the schema field: version 0 of the layout that wrote them, one rule each.
+LEGACY = (
+    ("gdn2.bench/0", lambda d: isinstance(d, dict) and {"options", "rows", "providers"} <= set(d)),
+    ("gdn2.stages/0",
+     lambda d: isinstance(d, dict) and {"stages", "chunk_size", "shape"} <= set(d)),
+    ("gdn2.lab/0", lambda d: bool(_lab(d))),
+)
+RENDERERS = {"gdn2.bench": ("product", render_bench), "gdn2.stages": ("product", render_stages),
+             "gdn2.lab": ("lab", lambda d, png: _lab(d))}
+
+
+def schema_of(d) -> str | None:
+    """The schema a results file declares, or the legacy layout it has, or None."""
+    if isinstance(d, dict) and isinstance(d.get("schema"), str):
+        return d["schema"]
+    return next((name for name, matches in LEGACY if matches(d)), None)
+
+
+def render(results: Path, out: Path, experiments: Path | None = None) -> str:
+    """Write ``out`` (product results) and ``experiments`` (lab results, default beside ``out``);
+    returns the text of ``out``."""
+    experiments = experiments or out.with_name("experiments.md")
+    product = ["# Benchmark results", "",
+               "Generated by `python bench/render_results.py` from the `gdn2 bench` and `gdn2 "
+               "stages` reports in `bench/results/` (written on the device by "
+               "`lab/device/device_run.sh`), newest first; do not edit by hand. Metrics and the "
+               "roofline are defined in [bench_model.md](bench_model.md); development "
+               "experiments are on their own page, [experiments.md](experiments.md).", ""]
+    lab = ["# Lab experiments", "",
+           "Generated by `python bench/render_results.py` from the lab's files in "
+           "`bench/results/` (written on the device by the one-off scripts in `lab/`), newest "
+           "first; do not edit by hand. The product's measurements are in "
+           "[results.md](results.md).", ""]
+    files = sorted(results.glob("*.json"), key=lambda f: f.name, reverse=True)
     rel = Path("..") / results.resolve().relative_to(REPO) if results.resolve().is_relative_to(
         REPO) else results.resolve()
+    skipped = []
     for f in files:
+        d = json.loads(f.read_text())
+        schema = schema_of(d)
+        family = (schema or "").split("/")[0]
+        if family not in RENDERERS:
+            skipped.append(f.name)
+            continue
+        page, renderer = RENDERERS[family]
         png = f.with_suffix(".png")
-        section = _render_file(json.loads(f.read_text()), str(rel / png.name) if png.is_file()
-                               else None)
+        section = renderer(d, str(rel / png.name) if png.is_file() else None)
         if section:
-            lines += section + [f"Source: `bench/results/{f.name}`.", ""]
-    text = "\n".join(lines).rstrip() + "\n"
+            (product if page == "product" else lab).extend(
+                section + [f"Source: `bench/results/{f.name}` ({schema}).", ""])
+        else:
+            skipped.append(f.name)
+    if len(product) == 3:
+        product += ["No results committed yet.", ""]
+    if skipped:
+        lab += ["Not rendered (no known schema): " + ", ".join(f"`{n}`" for n in skipped) + ".",
+                ""]
+    text = "\n".join(product).rstrip() + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+    experiments.parent.mkdir(parents=True, exist_ok=True)
+    experiments.write_text("\n".join(lab).rstrip() + "\n")
     return text
 
 
@@ -215,9 +281,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "results.md")
+    ap.add_argument("--experiments", type=Path, default=None)
     args = ap.parse_args(argv)
-    render(args.results, args.out)
-    print(f"wrote {args.out}")
+    render(args.results, args.out, args.experiments)
+    print(f"wrote {args.out} and {args.experiments or args.out.with_name('experiments.md')}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,10 @@
-"""gdn2_kernels: tuned, verified Triton kernels for Gated DeltaNet-2 (MATH.md).
+"""gdn2_kernels: tuned, verified Triton kernels for Gated DeltaNet-2 (docs/math.md).
 
-Without a CUDA device, importing this package turns on Triton's interpreter (unless
-TRITON_INTERPRET is already set), so the same kernels run on the CPU, slowly, for testing.
+Importing the package sets no environment variable and patches nothing. Without a CUDA device
+the same kernels run on CPU tensors through Triton's interpreter, launch by launch, slowly, for
+testing (``_interpreter``).
 """
 from gdn2_kernels import _env
-
-if _env.enable_interpreter_without_gpu():
-    from gdn2_kernels import _interpreter
-
-    _interpreter.apply()
-
 from gdn2_kernels.ops import (  # noqa: E402
     chunk_gdn2,
     fused_recurrent_gdn2,

@@ -10,8 +10,11 @@ from gdn2_kernels import _env, _launch
 
 
 def interpreter_active() -> bool:
-    """True when Triton kernels run through the CPU interpreter."""
-    return _env.interpreter_requested()
+    """True when our kernels run through Triton's interpreter on the CPU: without a CUDA device
+    (each launch on CPU tensors is interpreted, ``_interpreter``), or when the user set
+    ``TRITON_INTERPRET=1``; ``TRITON_INTERPRET=0`` keeps it off."""
+    choice = _env.interpreter_choice()
+    return choice if choice is not None else not torch.cuda.is_available()
 
 
 def default_device() -> torch.device:

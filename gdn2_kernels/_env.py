@@ -5,7 +5,6 @@ Kernel modules never read the environment; everything that does goes through her
 from __future__ import annotations
 
 import os
-import warnings
 
 CACHE_DIR_VAR = "GDN2_CACHE_DIR"
 CONFIG_FILE_VAR = "GDN2_CONFIG_FILE"
@@ -14,31 +13,13 @@ COMPILE_AHEAD_VAR = "GDN2_COMPILE_AHEAD"
 FLA_VAR = "GDN2_FLA"
 
 
-def interpreter_requested() -> bool:
-    return os.environ.get(INTERPRET_VAR, "0").lower() in ("1", "true", "yes", "on")
-
-
-def enable_interpreter_without_gpu(warn: bool = True) -> bool:
-    """Turn on Triton's interpreter when no CUDA device exists and the user has not chosen.
-
-    Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, so this must run before any
-    kernel module is imported. Results are the same as on a GPU (up to float rounding); only speed
-    differs, so this is not a fallback that changes results. Returns whether the interpreter is on.
-    """
-    if INTERPRET_VAR in os.environ:
-        return interpreter_requested()
-    import torch
-
-    if torch.cuda.is_available():
-        return False
-    os.environ[INTERPRET_VAR] = "1"
-    if warn:
-        warnings.warn(
-            "gdn2_kernels: no CUDA device found; Triton kernels run through the interpreter "
-            f"(slow, for testing). Set {INTERPRET_VAR}=0 to disable.",
-            stacklevel=3,
-        )
-    return True
+def interpreter_choice() -> bool | None:
+    """The user's ``TRITON_INTERPRET``: True (the interpreter for every Triton kernel of the
+    process, read by Triton when a kernel is decorated), False (never), None when unset."""
+    value = os.environ.get(INTERPRET_VAR)
+    if value is None:
+        return None
+    return value.lower() in ("1", "true", "yes", "on")
 
 
 def config_file() -> str | None:

@@ -79,7 +79,7 @@ def _gate_param(fn: str, name: str, x, numel: int, what: str, like: torch.Tensor
 def gate_args(fn: str, use_gate_in_kernel: bool, A_log, dt_bias, lower_bound, safe_gate: bool,
               q: torch.Tensor, v: torch.Tensor) -> _gate.GateArgs:
     """Check the gate arguments (FLA's rules, plus refusing arguments that would have no effect)
-    and return the kernels' :class:`GateArgs` (A_log and dt_bias flattened, not yet contiguous).
+    and return the kernels' :class:`GateArgs` (A_log and dt_bias flattened and contiguous).
 
     Heads of A_log / dt_bias are the value heads HV = ``v.shape[2]`` (those of g), K = q's.
     """
@@ -108,10 +108,11 @@ def gate_args(fn: str, use_gate_in_kernel: bool, A_log, dt_bias, lower_bound, sa
                          "-exp(A_log) * softplus(g + dt_bias)) or lower_bound (the bounded gate)")
     HV, K = v.shape[2], q.shape[-1]
     if A_log is not None:
-        A_log = _gate_param(fn, "A_log", A_log, HV, "one per value head, HV", q).reshape(HV)
+        A_log = _gate_param(fn, "A_log", A_log, HV, "one per value head, HV",
+                            q).reshape(HV).contiguous()
     if dt_bias is not None:
         dt_bias = _gate_param(fn, "dt_bias", dt_bias, HV * K, "one per value head and key "
-                              "channel, HV * K", q).reshape(HV * K)
+                              "channel, HV * K", q).reshape(HV * K).contiguous()
     kind = _gate.GATE_SOFTPLUS if lower_bound is None else _gate.GATE_BOUNDED
     return _gate.GateArgs(kind, A_log, dt_bias,
                           0.0 if lower_bound is None else float(lower_bound))

@@ -27,6 +27,7 @@ it anyway, and per call a 4-byte device-to-host copy and an event record (host t
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -116,6 +117,21 @@ def after_call(device: torch.device, validate, op: str) -> None:
     event = torch.cuda.Event()
     event.record()
     _pending[device] = _Pending(event, host, op)
+
+
+@contextlib.contextmanager
+def checked(device: torch.device, validate_values, op: str):
+    """Around one call's launches: report an earlier call's bad g before (never waiting), and
+    read or start reading this call's error flag after."""
+    if validate_values is not False:
+        before_call(device)
+    yield
+    after_call(device, validate_values, op)
+
+
+def error_flag(device: torch.device, validate_values) -> torch.Tensor | None:
+    """The error flag the forward kernels set on a bad g, or None without the check."""
+    return flag(device) if validate_values is not False else None
 
 
 def check(device: torch.device | str | None = None) -> None:

@@ -38,16 +38,62 @@ _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def launch(kernel: Any, grid: tuple[int, ...], **kwargs: Any) -> None:
-    """``kernel[grid](**kwargs)``; inside a compile-ahead walk, only compile it (see module doc)."""
-    if _walk_device.get() is None:
-        kernel[grid](**kwargs)
-        return
-    from triton.runtime.jit import MockTensor
+_host: list[bool] = []  # [whether launches run through the interpreter], decided at the first
+_observers: list[Any] = []
 
-    mocked = {name: MockTensor(value.dtype) if isinstance(value, torch.Tensor) else value
-              for name, value in kwargs.items()}
-    kernel.warmup(grid=grid, **mocked)
+
+def launch(kernel: Any, grid: tuple[int, ...], **kwargs: Any) -> None:
+    """``kernel[grid](**kwargs)``; without a CUDA device (or with ``TRITON_INTERPRET=1``) through
+    Triton's interpreter (``_interpreter.launch``); inside a compile-ahead walk, only compile it
+    (see module doc). Observers (:func:`observed`) see every launch."""
+    if _walk_device.get() is not None:
+        from triton.runtime.jit import MockTensor
+
+        mocked = {name: MockTensor(value.dtype) if isinstance(value, torch.Tensor) else value
+                  for name, value in kwargs.items()}
+        kernel.warmup(grid=grid, **mocked)
+        return
+    if _observers:
+        for o in _observers:
+            o.before(kernel, grid, kwargs)
+        _run(kernel, grid, kwargs)
+        for o in reversed(_observers):
+            o.after(kernel, grid, kwargs)
+        return
+    _run(kernel, grid, kwargs)
+
+
+def _run(kernel: Any, grid: tuple[int, ...], kwargs: dict[str, Any]) -> None:
+    if not _host:
+        from gdn2_kernels import _env
+
+        choice = _env.interpreter_choice()
+        _host.append(choice if choice is not None else not torch.cuda.is_available())
+    if _host[0]:
+        from gdn2_kernels import _interpreter
+
+        _interpreter.launch(kernel, grid, kwargs)
+    else:
+        kernel[grid](**kwargs)
+
+
+def kernel_name(kernel: Any) -> str:
+    """The Python name of a ``@triton.jit`` kernel (``_state_fwd_kernel``)."""
+    fn = getattr(kernel, "fn", kernel)
+    return getattr(fn, "__name__", type(kernel).__name__)
+
+
+@contextlib.contextmanager
+def observed(observer: Any) -> Iterator[Any]:
+    """Inside the block, every launch of this process calls ``observer.before(kernel, grid,
+    kwargs)`` before it and ``observer.after(...)`` after it (the per-stage breakdown of
+    ``gdn2 stages`` times launches so; tests read the launched configs). Compile-ahead warm-ups
+    are not launches."""
+    _observers.append(observer)
+    try:
+        yield observer
+    finally:
+        _observers.remove(observer)
 
 
 def walk_device(device: torch.device) -> torch.device:

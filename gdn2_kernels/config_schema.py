@@ -2,7 +2,7 @@
 
 Config files are untrusted input: the user cache, the shipped profiles, ``$GDN2_CONFIG_FILE``,
 ``gdn2 cache import`` and ``gdn2 export --from`` all come through here before any value is used
-(schema: :mod:`gdn2_kernels.config_store`, docs/formats.md).
+(schema: :mod:`gdn2_kernels.config_files`, docs/formats.md).
 
 Reading (:func:`read_json`): only regular files (a FIFO, a device such as ``/dev/zero`` or a
 folder is refused after ``stat``, before it is opened for reading, and again on the open file), at

@@ -1,11 +1,12 @@
-"""KernelSpec registry: every kernel's tunable parameters, constraints, arch rules and checks.
+"""KernelSpec registry: every kernel's tunable parameters, constraints and checks.
 
 A :class:`KernelSpec` is data. It names the kernel (same stem as the Triton kernel, STYLE 8),
 lists the parameters with candidate values and a default that is correct everywhere, the
-constraints between them (named predicates with a reason), the architecture rules (which configs
-are refused on which GPU architecture or Triton version, and why), the tuning key, and the output
-tensors a candidate must reproduce. The tuner enumerates :meth:`KernelSpec.space`; ``dispatch``
-resolves one :class:`KernelConfig` per launch; kernels receive that resolved config.
+constraints between them (named predicates with a reason), the tuning key, and the output
+tensors a candidate must reproduce. No config is refused by GPU architecture: the hazards known
+on Hopper need no rule (:data:`HOPPER_NOTE`), and every config is verified before it is used.
+The tuner enumerates :meth:`KernelSpec.space`; ``dispatch`` resolves one :class:`KernelConfig`
+per launch; kernels receive that resolved config.
 
 ``BT`` (the chunk size) is pipeline-wide: every stage of the forward and backward of one call uses
 the same value, because the stages exchange per-chunk intermediates.
@@ -13,15 +14,25 @@ the same value, because the stages exchange per-chunk intermediates.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
 from gdn2_kernels._parallel import NARROW_MAX_WARPS
-from gdn2_kernels._testing import TOLERANCES
+from gdn2_kernels.accuracy import TOLERANCES
 
 MAX_HEAD_DIM = 256
 # The input dtypes a problem key (and so a tuned config) can have, as torch names them.
 KEY_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def dtype_name(dtype) -> str:
+    """A torch dtype as problem keys and tolerance tables spell it: 'bfloat16', 'float32'."""
+    return str(dtype).removeprefix("torch.")
+
+
+def short_dtype_name(dtype) -> str:
+    """'fp32', 'bf16', 'fp16', 'fp64': the dtype in readable test ids and labels."""
+    return dtype_name(dtype).replace("float", "fp").replace("bfp", "bf")
 
 
 def next_pow2(n: int) -> int:
@@ -42,6 +53,11 @@ class ProblemKey:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ProblemKey":
         return cls(int(d["K"]), int(d["V"]), str(d["dtype"]))
+
+    @classmethod
+    def of(cls, k, v) -> "ProblemKey":
+        """The key of a call with keys ``k`` ``[.., K]`` and values ``v`` ``[.., V]``."""
+        return cls(k.shape[-1], v.shape[-1], dtype_name(k.dtype))
 
 
 @dataclass(frozen=True)
@@ -70,31 +86,6 @@ class Constraint:
     name: str
     reason: str
     allows: Callable[[Mapping[str, Any], ProblemKey], bool]
-
-
-@dataclass(frozen=True)
-class ArchRule:
-    """A config family refused on an architecture (and Triton versions), with the reason.
-
-    ``forbids(config, key)`` is True for refused configs. ``arch`` is matched as a prefix of the
-    device's 'smXY' string ('sm90' matches sm90 only; 'sm' would match all GPUs).
-    ``triton`` is an inclusive-exclusive version range ``(low, high)``, None for all versions.
-    """
-
-    name: str
-    arch: str
-    reason: str
-    source: str
-    forbids: Callable[[Mapping[str, Any], ProblemKey], bool]
-    triton: tuple[str, str] | None = None
-
-    def applies(self, arch: str, triton_version: str) -> bool:
-        if not arch.startswith(self.arch):
-            return False
-        if self.triton is None:
-            return True
-        v = version_tuple(triton_version)
-        return version_tuple(self.triton[0]) <= v < version_tuple(self.triton[1])
 
 
 def version_tuple(v: str) -> tuple[int, ...]:
@@ -173,11 +164,13 @@ class KernelSpec:
     params: tuple[Param, ...]
     outputs: tuple[str, ...]
     constraints: tuple[Constraint, ...] = ()
-    arch_rules: tuple[ArchRule, ...] = ()
     key_fields: tuple[str, ...] = ("K", "V", "dtype")
     op: str = "chunk"  # the public op that launches it: 'chunk' (chunk_gdn2) or 'recurrent'
     # Further kernels the same launcher starts under this config, ``_<name>_<part>_kernel``.
     parts: tuple[str, ...] = ()
+    # A serial pass over the sequence: its launcher narrows BV (and caps num_warps) when the
+    # programs would leave SMs idle (_parallel.serial_launch; dispatch.launch_time reports it).
+    serial: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -201,9 +194,8 @@ class KernelSpec:
     def tolerance(self, output: str, dtype: str) -> float:
         return TOLERANCES[dtype][output]
 
-    def check(self, config: KernelConfig, key: ProblemKey, arch: str = "cpu",
-              triton_version: str = "0") -> Pruned | None:
-        """The first constraint or arch rule that refuses ``config``, or None if it is allowed."""
+    def check(self, config: KernelConfig, key: ProblemKey) -> Pruned | None:
+        """The first value or constraint that refuses ``config``, or None if it is allowed."""
         d = config.as_dict()
         for p in self.params:
             if d[p.name] not in p.values:
@@ -211,9 +203,6 @@ class KernelSpec:
         for c in self.constraints:
             if not c.allows(d, key):
                 return Pruned(config, c.name, c.reason)
-        for r in self.arch_rules:
-            if r.applies(arch, triton_version) and r.forbids(d, key):
-                return Pruned(config, r.name, f"{r.reason} ({r.source})")
         return None
 
     def _all(self, fixed: Mapping[str, Any]) -> Iterator[KernelConfig]:
@@ -222,12 +211,11 @@ class KernelSpec:
         for combo in itertools.product(*(vals for _, vals in grids)):
             yield KernelConfig(self.name, tuple(zip((n for n, _ in grids), combo)))
 
-    def space(self, key: ProblemKey, arch: str = "cpu", triton_version: str = "0",
-              **fixed: Any) -> SpaceReport:
+    def space(self, key: ProblemKey, **fixed: Any) -> SpaceReport:
         """Enumerate the space (``fixed`` pins parameters, e.g. BT=64), pruning with reasons."""
         valid, pruned = [], []
         for cfg in self._all(fixed):
-            refusal = self.check(cfg, key, arch, triton_version)
+            refusal = self.check(cfg, key)
             (valid.append(cfg) if refusal is None else pruned.append(refusal))
         return SpaceReport(self.name, tuple(valid), tuple(pruned))
 
@@ -350,6 +338,7 @@ STATE_FWD = register(KernelSpec(
         _warps(),
         _stages(2, (1, 2, 3, 4)),
     ),
+    serial=True,
     outputs=("o", "ht"),
     constraints=(
         _tile_fits("BV", "V"),
@@ -374,22 +363,19 @@ L2NORM_FWD = register(KernelSpec(
 # Backward kernels
 # ---------------------------------------------------------------------------------------------
 
-SM90_WY_BWD_8_WARPS = (
-    "Issue 3 reports that 8-warp schedules of a 64x64 WY backward trip a Triton WGMMA layout "
-    "assertion on Hopper. Our intra_bwd with num_warps=8 and BT=64 compiled and reproduced the "
-    "default config's gradients (max rel diff 3.4e-7) on an H200 with Triton 3.6.0 (2026-11-26, "
-    "scripts/device_variants.py), so no rule prunes it here; a config that fails to compile on "
-    "another Triton is recorded by the tuner as compile_error and never chosen."
-)
-
-SM90_NO_ACC_TRANSPOSE = (
+# Hopper (sm90) hazards reported for this kind of kernel (issue 3), and why no config is pruned
+# for them: every config is verified numerically before use, and one that fails to compile or
+# faults is recorded by the tuner (compile_error, crash) and never chosen.
+HOPPER_NOTE = (
     "No kernel transposes an mma accumulator: Triton 3.4 to 3.7.0 miscompile that pattern on sm90 "
     "(issue 3). Transposed products are formed from loaded operands instead, so no config needs "
-    "pruning for it. A state_bwd variant that loaded Q_gamma/K_tail (instead of forming them from "
-    "q, k, g_cum) faulted on sm90 with Triton 3.6 (compute-sanitizer: out-of-range shared or local "
-    "address in the dS update, 255 registers with spills; 2026-11-26), when the loop also "
-    "recomputed R from h. state_bwd's OPERANDS chooses between the two (default formed); every "
-    "config is verified before use, so a faulting one is recorded and never chosen."
+    "pruning for it. 8-warp schedules of a 64x64 WY backward are reported to trip a WGMMA layout "
+    "assertion; our intra_bwd with num_warps=8 and BT=64 compiled and reproduced the default "
+    "config's gradients (max rel diff 3.4e-7) on an H200 with Triton 3.6.0 (2026-11-26). A "
+    "state_bwd variant that loaded Q_gamma/K_tail (instead of forming them from q, k, g_cum) "
+    "faulted on sm90 with Triton 3.6 (compute-sanitizer: out-of-range shared or local address in "
+    "the dS update, 255 registers with spills; 2026-11-26), when the loop also recomputed R from "
+    "h. state_bwd's OPERANDS chooses between the two (default formed)."
 )
 
 STATE_BWD = register(KernelSpec(
@@ -406,6 +392,7 @@ STATE_BWD = register(KernelSpec(
         _warps(),
         _stages(1, (1, 2, 3)),
     ),
+    serial=True,
     outputs=("dh0", "dv"),
     constraints=(
         _tile_fits("BV", "V"),
@@ -455,7 +442,6 @@ L2NORM_BWD = register(KernelSpec(
 
 
 __all__ = [
-    "ArchRule",
     "Constraint",
     "KernelConfig",
     "KernelSpec",
@@ -466,9 +452,11 @@ __all__ = [
     "Pruned",
     "SpaceReport",
     "all_specs",
+    "dtype_name",
     "get_spec",
     "next_pow2",
     "register",
+    "short_dtype_name",
     "version_tuple",
 ]
 
@@ -495,4 +483,5 @@ RECURRENT_FWD = register(KernelSpec(
                          lambda c, k: 2 * next_pow2(k.K) * c["BV"]),
     ),
     op="recurrent",
+    serial=True,
 ))

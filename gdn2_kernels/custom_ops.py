@@ -3,12 +3,12 @@
 Three custom ops in the ``gdn2`` namespace, each with a fake (meta) implementation that gives the
 output shapes without running anything:
 
-* ``gdn2::chunk_gdn2``: the chunkwise forward (``ops._run_forward``, as the eager op), with
+* ``gdn2::chunk_gdn2``: the chunkwise forward (``pipeline.run_forward``, as the eager op), with
   autograd registered through ``gdn2::chunk_gdn2_bwd``.
 * ``gdn2::chunk_gdn2_bwd``: the gradients of ``chunk_gdn2``. It delegates to the autograd of
   :func:`gdn2_kernels.ops.chunk_gdn2` by recomputing the forward under ``enable_grad`` and calling
   ``torch.autograd.grad``: one extra forward per backward, in exchange for a single source of
-  truth for the backward (until ops.py has one, this raises its NotImplementedError).
+  truth for the backward.
 * ``gdn2::fused_recurrent_gdn2``: the decoding forward; its registered backward raises.
 
 Custom ops cannot return None, so an absent final state travels as an empty tensor and the
@@ -25,9 +25,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from gdn2_kernels import _device, dispatch, ops
-from gdn2_kernels._testing import dtype_name
-from gdn2_kernels.configs import ProblemKey
+from gdn2_kernels import _device, _gate_check, checks, ops, pipeline
 
 Tensor = torch.Tensor
 # The kernels read contiguous rows; saying so lets Inductor hand over contiguous buffers instead
@@ -87,16 +85,15 @@ def _autograd_enabled() -> Iterator[None]:
 
 def _chunk_gdn2_impl(q, k, v, g, b, w, initial_state, cu_seqlens, scale, output_final_state,
                      use_qk_l2norm_in_kernel, validate_values):
-    ops._check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens)
+    checks.check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens)
     q, k, v, g, b, w = (x.contiguous() for x in (q, k, v, g, b, w))
-    opts = ops.GDN2Options(scale, output_final_state, use_qk_l2norm_in_kernel,
-                           initial_state is not None, cu_seqlens is not None,
-                           disable_recompute=False, check_g=validate_values)
-    with _device.guard(q), ops.gate_checked(q.device, validate_values, "chunk_gdn2"):
-        pipe = dispatch.resolve(ProblemKey(q.shape[-1], v.shape[-1], dtype_name(q.dtype)))
-        res = ops._run_forward(q, k, v, g, b, w,
-                               None if initial_state is None else initial_state.contiguous(),
-                               cu_seqlens, opts, pipe).fwd
+    opts = pipeline.GDN2Options(scale, output_final_state, use_qk_l2norm_in_kernel,
+                                initial_state is not None, cu_seqlens is not None,
+                                disable_recompute=False, check_g=validate_values)
+    with _device.guard(q), _gate_check.checked(q.device, validate_values, "chunk_gdn2"):
+        res = pipeline.run_forward(q, k, v, g, b, w,
+                                   None if initial_state is None else initial_state.contiguous(),
+                                   cu_seqlens, opts, pipeline.resolve(q, v, opts, cu_seqlens)).fwd
     return res.o, _state_or_empty(res.ht, q)
 
 
@@ -226,7 +223,7 @@ def fused_recurrent_gdn2(
     validate_values: bool = True,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """:func:`gdn2_kernels.ops.fused_recurrent_gdn2` as a compilable custom op (same Args)."""
-    ops._check_no_grad(q, k, v, g, b, w, initial_state)
+    checks.check_no_grad(q, k, v, g, b, w, initial_state)
     return _call_fwd(torch.ops.gdn2.fused_recurrent_gdn2, q, k, v, g, b, w, scale, initial_state,
                      output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, validate_values)
 

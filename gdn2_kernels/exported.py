@@ -10,7 +10,7 @@ mapping token-count buckets (B*T of the timed problem, as strings) to one config
 
 :func:`load_exported` is the few lines a downstream library needs: find the file, take the bucket
 nearest to its token count. Our own dispatch does not read these files (it reads the cache schema,
-``config_store``); this module is the reference reader for others. Format: docs/formats.md.
+``config_files``); this module is the reference reader for others. Format: docs/formats.md.
 """
 from __future__ import annotations
 

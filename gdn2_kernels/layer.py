@@ -1,4 +1,4 @@
-"""``GatedDeltaNet2``: the GDN-2 token mixer (MATH.md "Layer") and its decode cache.
+"""``GatedDeltaNet2``: the GDN-2 token mixer (docs/math.md "Layer") and its decode cache.
 
     q, k = L2norm(SiLU(conv(Linear(x))))      [B, T, H, K]     (L2 norm inside the op)
     v    = SiLU(conv(Linear(x)))              [B, T, H_v, V]
@@ -23,8 +23,8 @@ FLA's forward: a 0/1 padding mask (left padding: padded tokens are kept out of t
 convolutions and the output, which is zero there), FLA's cache object (``past_key_values[layer_idx]``
 read, ``past_key_values.update(...)`` written), and ``(o, None, past_key_values)`` returned. A
 call with only ``x`` (and our ``cache=`` / ``mode=``) returns the output tensor as before.
-Parameters are the paper's layer (MATH.md), not FLA's: checkpoints do not transfer (to run an FLA
-model on these kernels, see ``gdn2_kernels.integrations.fla``).
+Parameters are the paper's layer (docs/math.md), not FLA's: checkpoints do not transfer (to run
+an FLA model on these kernels, see ``gdn2_kernels.integrations.fla``).
 While ``torch.compile`` traces the layer, the ops go through their ``torch.library``
 registrations (:mod:`gdn2_kernels.custom_ops`), so ``fullgraph=True`` holds.
 """
@@ -173,7 +173,8 @@ def _check_arguments(**args) -> None:
 
 
 class GatedDeltaNet2(nn.Module):
-    """Gated DeltaNet-2 token mixer (MATH.md "Layer"); input and output ``[B, T, hidden_size]``.
+    """Gated DeltaNet-2 token mixer (docs/math.md "Layer"); input and output
+    ``[B, T, hidden_size]``.
 
     Args (flash-linear-attention 0.6.0's, in its order, then ours keyword-only):
         hidden_size: model width d_model. Default 2048.

@@ -1,8 +1,8 @@
-"""PyTorch references for the Gated Delta Rule-2 (MATH.md).
+"""PyTorch references for the Gated Delta Rule-2 (docs/math.md).
 
-* :func:`naive_recurrent_gdn2` is the token recurrence of MATH.md "Recurrence", the ground truth
-  every kernel is tested against (run it on float64 inputs for tests).
-* :func:`naive_chunk_gdn2` is an independent implementation of MATH.md "Chunkwise form"; its
+* :func:`naive_recurrent_gdn2` is the token recurrence of docs/math.md "Recurrence", the ground
+  truth every kernel is tested against (run it on float64 inputs for tests).
+* :func:`naive_chunk_gdn2` is an independent implementation of docs/math.md "Chunkwise form"; its
   per-stage outputs (:func:`chunk_stages_fwd`) are laid out like the kernels' intermediates so
   each kernel stage is tested on its own.
 * :func:`naive_recurrent_kda` and :func:`naive_recurrent_gdn` are separately written recurrences of
@@ -97,7 +97,7 @@ def naive_recurrent_gdn2(
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Token-by-token GDN-2 (MATH.md "Recurrence").
+    """Token-by-token GDN-2 (docs/math.md "Recurrence").
 
     Computes in float64 when any input is float64, else float32.
 
@@ -203,7 +203,7 @@ class ChunkStages:
 def _pair_decay(G: Tensor) -> Tensor:
     """exp(G_r - G_s) for r >= s, zero above the diagonal; [C, H, K] -> [H, C, C, K].
 
-    Formed from differences so nothing overflows (MATH.md "Never form gamma^-1 alone").
+    Formed from differences so nothing overflows (docs/math.md "Never form gamma^-1 alone").
     """
     diff = G.permute(1, 0, 2)[:, :, None, :] - G.permute(1, 0, 2)[:, None, :, :]
     C = G.shape[0]
@@ -212,7 +212,8 @@ def _pair_decay(G: Tensor) -> Tensor:
 
 
 def _chunk_forward(q, k, v, g, b, w, S0, C):
-    """One chunk of MATH.md "Chunkwise form" (rows of one sequence, all heads). Returns the pieces."""
+    """One chunk of docs/math.md "Chunkwise form" (rows of one sequence, all heads). Returns the
+    pieces."""
     n, H, K = k.shape
     G = g.cumsum(0)                                                  # [n, H, K]
     decay = _pair_decay(G)                                           # [H, n, n, K]
@@ -294,7 +295,7 @@ def naive_chunk_gdn2(
     cu_seqlens: Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor | None]:
-    """Chunkwise GDN-2 (MATH.md "Chunkwise form"), independent of the token recurrence.
+    """Chunkwise GDN-2 (docs/math.md "Chunkwise form"), independent of the token recurrence.
 
     Not differentiable through the in-place assembly; use :func:`naive_recurrent_gdn2` for grads.
     """

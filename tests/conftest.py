@@ -1,19 +1,16 @@
-"""Shared test set-up: interpreter on CPU, NaN-poisoned allocations, the gpu marker, readable ids.
+"""Shared test set-up: NaN-poisoned allocations, the gpu marker, readable ids.
 
 The default run (``pytest -q -m "not gpu"``) executes the real Triton kernels through Triton's
-interpreter on the CPU. ``TRITON_INTERPRET`` must be set before any kernel module is decorated,
-so it is set here, at conftest import, before a test module imports ``gdn2_kernels``.
+interpreter on the CPU: without a CUDA device each launch on CPU tensors is interpreted
+(``gdn2_kernels._interpreter``), exactly as a user's call is; nothing is set here.
 """
 from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
 
 def _on_gpu() -> bool:
     return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -35,7 +32,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_make_parametrize_id(config: pytest.Config, val: object, argname: str) -> str | None:
     """Ids like ``B2-T100-H2-K32-V48-fp32``: dtypes shortened, cases by their ``label()``."""
     if isinstance(val, torch.dtype):
-        from gdn2_kernels._testing import short_dtype_name  # after TRITON_INTERPRET is set
+        from gdn2_kernels.configs import short_dtype_name
 
         return short_dtype_name(val)
     label = getattr(val, "label", None)

@@ -4,7 +4,7 @@
 states h entering every chunk). From them:
 
 * :func:`state_bwd_reference` is autograd through the inter-chunk state recurrence alone
-  (R = U - Y S, O = Q_gamma S + A_qk R, S' = Diag(gamma_C) S + K_tail^T R; MATH.md "Chunkwise
+  (R = U - Y S, O = Q_gamma S + A_qk R, S' = Diag(gamma_C) S + K_tail^T R; docs/math.md "Chunkwise
   form"), with U and every state as leaves: dR = dL/dU, dh = dL/dS' per chunk, dh0 = dL/dS_0.
   These are exactly ``state_bwd``'s outputs.
 * :func:`intra_bwd_reference` is, per chunk, autograd through the reference's one-chunk forward

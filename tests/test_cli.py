@@ -10,9 +10,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-import tuner.verify
-from gdn2_kernels._testing import ErrorReport
-from tuner.cli import app
+import gdn2_kernels.tuner.verify
+from gdn2_kernels.accuracy import ErrorReport
+from gdn2_kernels.cli import app
 
 
 @pytest.fixture
@@ -49,13 +49,13 @@ def test_verify_json_parses(runner: CliRunner):
 
 def test_verify_failure_exits_nonzero(runner: CliRunner, monkeypatch: pytest.MonkeyPatch):
     """A report with an error over tolerance renders FAIL and exits 1 (no kernels run here)."""
-    case = tuner.verify.VerifyCase(1, 8, 1, 16, 16)
+    case = gdn2_kernels.tuner.verify.VerifyCase(1, 8, 1, 16, 16)
 
     def failing_verify(**_):
-        bad = tuner.verify.VerifyResult(case, [ErrorReport("o", 1.0, 1.0, 1e-3)], 0.0)
-        return tuner.verify.VerifyReport("cpu-interpreter", True, [bad])
+        bad = gdn2_kernels.tuner.verify.VerifyResult(case, [ErrorReport("o", 1.0, 1.0, 1e-3)], 0.0)
+        return gdn2_kernels.tuner.verify.VerifyReport("cpu-interpreter", True, [bad])
 
-    monkeypatch.setattr(tuner.verify, "verify", failing_verify)
+    monkeypatch.setattr(gdn2_kernels.tuner.verify, "verify", failing_verify)
     result = runner.invoke(app, ["verify"])
     assert result.exit_code == 1
     assert "FAIL" in result.stdout and "some checks failed" in result.stdout

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdn2_kernels import _launch, dispatch, ops
-from gdn2_kernels._testing import dtype_name, make_inputs
+from gdn2_kernels import _launch, dispatch, ops, pipeline
+from gdn2_kernels.configs import dtype_name
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import ProblemKey
 
 
@@ -50,11 +51,11 @@ def test_walk_launches_what_the_real_call_launches(monkeypatch, force_segments, 
     loss.backward()
     assert all(t.grad is not None for t in leaves)
 
-    opts = ops.GDN2Options(scale=32 ** -0.5, output_final_state=final,
+    opts = pipeline.GDN2Options(scale=32 ** -0.5, output_final_state=final,
                            use_qk_l2norm_in_kernel=l2norm, has_initial_state=h0, is_varlen=False,
                            disable_recompute=not recompute)
     pipe = dispatch.resolve(ProblemKey(32, 48, dtype_name(torch.float32)))
-    walk = ops._compile_ahead_walk(x.q, x.k, x.v, x.g, x.b, x.w, x.h0, opts, pipe,
+    walk = pipeline.compile_ahead_walk(x.q, x.k, x.v, x.g, x.b, x.w, x.h0, opts, pipe,
                                    with_backward=True, need_dh0=h0)
     monkeypatch.setattr(_launch, "launch", _recorder(walk_calls, run_real=False))
     with _launch.walking(torch.device("cpu")):
@@ -88,9 +89,9 @@ def test_compile_ahead_only_for_gpu_inputs_and_when_enabled(monkeypatch):
     class Ctx:
         needs_input_grad = (True,) * 9
 
-    opts = ops.GDN2Options(0.25, False, False, False, False, False)
+    opts = pipeline.GDN2Options(0.25, False, False, False, False, False)
     pipe = dispatch.resolve(ProblemKey(16, 16, "float32"))
-    with ops._compile_ahead(Ctx(), x.q, x.k, x.v, x.g, x.b, x.w, None, None, opts, pipe) as did:
+    with pipeline.compile_ahead(Ctx(), x.q, x.k, x.v, x.g, x.b, x.w, None, None, opts, pipe) as did:
         assert did is False
     monkeypatch.setenv("GDN2_COMPILE_AHEAD", "0")
     from gdn2_kernels import _env
@@ -164,8 +165,8 @@ def test_a_failing_parallel_compile_falls_back_to_lazy_compiling(monkeypatch):
 
     x = make_inputs(1, 40, 2, 32, 32, torch.float32, "cpu")
     want, _ = ops.chunk_gdn2(x.q, x.k, x.v, x.g, x.b, x.w)
-    monkeypatch.setattr(ops, "_compile_ahead", broken)
-    monkeypatch.setattr(ops, "_compile_ahead_broken", [])
+    monkeypatch.setattr(pipeline, "compile_ahead", broken)
+    monkeypatch.setattr(pipeline, "_compile_ahead_broken", [])
     with pytest.warns(RuntimeWarning, match="compiling ahead failed.*async compile broke"):
         got, _ = ops.chunk_gdn2(x.q, x.k, x.v, x.g, x.b, x.w)
     assert torch.equal(got, want)
@@ -178,7 +179,7 @@ def test_a_real_kernel_error_is_not_swallowed(monkeypatch):
     def boom(*args, **kwargs):
         raise ValueError("kernel failed")
 
-    monkeypatch.setattr(ops, "_run_forward", boom)
+    monkeypatch.setattr(pipeline, "run_forward", boom)
     x = make_inputs(1, 20, 1, 16, 16, torch.float32, "cpu")
     with pytest.raises(ValueError, match="kernel failed"):
         ops.chunk_gdn2(x.q, x.k, x.v, x.g, x.b, x.w)

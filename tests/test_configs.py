@@ -12,7 +12,6 @@ import gdn2_kernels.kernels as kernels_pkg
 from gdn2_kernels import dispatch
 from gdn2_kernels.configs import (
     CHUNK_SIZES,
-    ArchRule,
     KernelSpec,
     Param,
     ProblemKey,
@@ -86,8 +85,6 @@ def test_spec_is_well_formed(spec: KernelSpec):
         assert p.default in p.values and p.doc
     for c in spec.constraints:
         assert c.name and c.reason
-    for r in spec.arch_rules:
-        assert r.arch.startswith("sm") and r.reason and r.source
     for out in spec.outputs:
         for dtype in ("float32", "bfloat16", "float16"):
             assert spec.tolerance(out, dtype) > 0
@@ -99,12 +96,12 @@ def test_spec_is_well_formed(spec: KernelSpec):
 
 @pytest.mark.parametrize("spec", all_specs(), ids=lambda s: s.name)
 def test_space_enumerates_and_prunes_with_reasons(spec: KernelSpec):
-    report = spec.space(ProblemKey(128, 128, "bfloat16"), arch="sm90", triton_version="3.9.0")
+    report = spec.space(ProblemKey(128, 128, "bfloat16"))
     assert report.valid, f"{spec.name}: every config pruned at K=V=128"
     assert report.total == len(report.valid) + len(report.pruned)
     assert all(p.reason for p in report.pruned)
     for cfg in report.valid:
-        assert spec.check(cfg, ProblemKey(128, 128, "bfloat16"), "sm90", "3.9.0") is None
+        assert spec.check(cfg, ProblemKey(128, 128, "bfloat16")) is None
 
 
 def test_space_can_pin_parameters():
@@ -137,14 +134,6 @@ def test_registry_rejects_duplicates_and_names_the_available_specs():
         register(bad)
 
 
-def test_arch_rules_match_arch_prefix_and_triton_range():
-    rule = ArchRule("r", "sm90", "why", "src", lambda c, k: True, triton=("3.2", "3.4"))
-    assert rule.applies("sm90", "3.3.1")
-    assert not rule.applies("sm90", "3.4.0")
-    assert not rule.applies("sm80", "3.3.0")
-    assert ArchRule("r", "sm9", "why", "src", lambda c, k: True).applies("sm90", "3.9.0")
-
-
 @pytest.mark.parametrize("chunk", CHUNK_SIZES)
 def test_default_pipeline_pins_one_chunk_size(chunk: int):
     pipe = dispatch.default_pipeline(chunk)
@@ -169,6 +158,6 @@ def test_untuned_params_stay_at_default_in_the_space_but_are_valid_configs():
     spec = get_spec("state_fwd")
     assert not spec.param("SCAN").tuned
     key = ProblemKey(128, 128, "bfloat16")
-    valid = spec.space(key, "sm90", "3.6.0").valid
+    valid = spec.space(key).valid
     assert valid and {c["SCAN"] for c in valid} == {"serial"}
-    assert spec.check(valid[0].replace(SCAN="segmented"), key, "sm90", "3.6.0") is None
+    assert spec.check(valid[0].replace(SCAN="segmented"), key) is None

@@ -25,7 +25,9 @@ from cp_worker import main as worker_main
 from cp_worker import row_spans, sequence_of
 
 from gdn2_kernels import chunk_gdn2, dispatch
-from gdn2_kernels._testing import TOLERANCES, dtype_name, make_inputs, rel_rms
+from gdn2_kernels.accuracy import TOLERANCES, rel_rms
+from gdn2_kernels.configs import dtype_name
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.cp import build_cp_context
 
 H, K, V, T = 1, 16, 24, 64      # one head: heads are covered by test_cp_summary.py

@@ -151,7 +151,7 @@ def test_ieee_guard_restores_the_precision_setting():
 
 
 def test_op_errors_that_need_no_collective():
-    from gdn2_kernels._testing import make_inputs
+    from gdn2_kernels.inputs import make_inputs
     from gdn2_kernels.cp import chunk_gdn2_cp
 
     x = make_inputs(1, 32, 1, 16, 16)
@@ -166,7 +166,7 @@ def test_op_errors_that_need_no_collective():
 def test_fla_context_without_group_is_the_local_op():
     """FLA's "CP disabled" (group None): chunk_gdn2 on the slice with the context's boundaries."""
     from gdn2_kernels import chunk_gdn2
-    from gdn2_kernels._testing import make_inputs
+    from gdn2_kernels.inputs import make_inputs
     from gdn2_kernels.cp import chunk_gdn2_cp
 
     ns = fla_context(None, [0, 10, 64], 0, 2, "contiguous")     # local boundaries [0, 10, 32]

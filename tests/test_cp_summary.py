@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from gdn2_kernels import _varlen, chunk_gdn2, dispatch
-from gdn2_kernels._testing import TOLERANCES, dtype_name, make_inputs, rel_rms, short_dtype_name
+from gdn2_kernels.accuracy import TOLERANCES, rel_rms
+from gdn2_kernels.configs import dtype_name, short_dtype_name
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.cp import chunk_gdn2_summary
 from gdn2_kernels.cp.emulate import emulate_cp
 from gdn2_kernels.kernels.intra_fwd import intra_fwd

@@ -1,29 +1,31 @@
-"""The generated pages (docs/tuning.md, docs/cli.md) match what ``tuner.docs`` writes now."""
+"""The generated pages (docs/tuning.md, docs/cli.md) match what ``gdn2_kernels.docs`` writes now."""
 from __future__ import annotations
 
 from gdn2_kernels.configs import all_specs
-from tuner import docs
+from gdn2_kernels import docs
 
 
 def test_generated_pages_are_current():
     stale = docs.stale_pages()
-    assert not stale, f"regenerate with `python -m tuner.docs`: stale {stale}"
+    assert not stale, f"regenerate with `python -m gdn2_kernels.docs`: stale {stale}"
     assert docs.main(["--check"]) == 0
 
 
-def test_tuning_page_lists_every_spec_and_rule():
+def test_tuning_page_lists_every_spec_and_the_sources():
+    from gdn2_kernels import dispatch
+
     text = docs.tuning_markdown()
     for spec in all_specs():
         assert f"## `{spec.name}` ({spec.direction})" in text
         for p in spec.params:
             assert f"| `{p.name}` |" in text
-        for rule in spec.arch_rules:
-            assert rule.reason in text
+    assert dispatch.precedence_table() in text
+    assert all(f"`{s.name}`" in text for s in dispatch.SOURCES)
 
 
 def test_cli_page_lists_every_command():
     text = docs.cli_markdown()
-    for cmd in ("verify", "bench", "profile", "info", "tune", "cache ls", "cache import"):
+    for cmd in ("verify", "bench", "stages", "info", "tune", "cache ls", "cache import"):
         assert f"`gdn2 {cmd}`" in text
 
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from gdn2_kernels import InvalidGateError, dispatch, ops
-from gdn2_kernels._testing import compare, make_inputs
+from gdn2_kernels.accuracy import compare
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import CHUNK_SIZES
 from gdn2_kernels.reference import chunk_stages_fwd, naive_gate, naive_recurrent_gdn2
 

@@ -12,7 +12,8 @@ import torch
 
 from gdn2_kernels import (InvalidGateError, _gate_check, check_gates, chunk_gdn2, dispatch,
                           fused_recurrent_gdn2)
-from gdn2_kernels._testing import compare, make_inputs
+from gdn2_kernels.accuracy import compare
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.kernels.chunk_fwd import chunk_gdn2_fwd
 from gdn2_kernels.kernels.recurrent_fwd import recurrent_fwd
 from gdn2_kernels.reference import naive_recurrent_gdn2
@@ -44,7 +45,7 @@ def test_chunk_forward_poisons_from_the_bad_chunk_on(value: float):
     flag = torch.zeros(1, dtype=torch.int32)
     pipe = dispatch.default_pipeline(CHUNK)
     res = chunk_gdn2_fwd(x.q, x.k, x.v, x.g, x.b, x.w, 24 ** -0.5, x.h0, True, None,
-                         pipe.as_dict(), g_err=flag)
+                         pipe, g_err=flag)
     assert int(flag) == 1
     start = t_bad // CHUNK * CHUNK
     assert torch.isnan(res.o[1, start:, 1]).all()           # from the bad chunk on: NaN
@@ -61,7 +62,7 @@ def test_chunk_forward_flag_stays_clear_on_good_g():
     x = make_inputs(1, 40, 2, 16, 16)
     flag = torch.zeros(1, dtype=torch.int32)
     res = chunk_gdn2_fwd(x.q, x.k, x.v, x.g, x.b, x.w, 0.25, None, False, None,
-                         dispatch.default_pipeline(CHUNK).as_dict(), g_err=flag)
+                         dispatch.default_pipeline(CHUNK), g_err=flag)
     assert int(flag) == 0 and torch.isfinite(res.o).all()
 
 

@@ -18,7 +18,7 @@ fla_gdn2 = pytest.importorskip("fla.ops.gdn2")
 fla_recurrent = pytest.importorskip("fla.ops.gdn2.fused_recurrent")
 
 from gdn2_kernels import ops  # noqa: E402
-from gdn2_kernels._testing import make_inputs  # noqa: E402
+from gdn2_kernels.inputs import make_inputs  # noqa: E402
 from gdn2_kernels.integrations import fla as integration  # noqa: E402
 
 

@@ -8,7 +8,8 @@ import torch
 
 import gdn2_kernels
 from gdn2_kernels import GatedDeltaNet2, GDN2Cache, custom_ops, ops, reference
-from gdn2_kernels._testing import make_inputs, rel_rms
+from gdn2_kernels.accuracy import rel_rms
+from gdn2_kernels.inputs import make_inputs
 
 # Layer outputs pass through projections and an RMSNorm; fp32 math on both sides.
 TOL = 1e-4
@@ -100,7 +101,7 @@ def test_decode_from_first_token_with_init_cache():
 
 
 def test_layer_matches_hand_written_forward():
-    """The layer's math against MATH.md "Layer", written out with the fp64 recurrence."""
+    """The layer's math against docs/math.md "Layer", written out with the fp64 recurrence."""
     import torch.nn.functional as F
 
     case = CASES[1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gdn2_kernels import GatedDeltaNet2, GDN2Cache
-from gdn2_kernels._testing import rel_rms
+from gdn2_kernels.accuracy import rel_rms
 
 TOL = 2e-4
 

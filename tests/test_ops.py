@@ -2,8 +2,8 @@
 
 The forward matrix is :data:`FWD_CASES` (module level, so gradient tests can reuse it through
 :func:`case_params`, :func:`case_inputs` and :func:`case_pipeline`). Every run draws fresh random
-inputs from ``_testing.make_inputs``; errors are compared per named tensor with the tolerances of
-``_testing.TOLERANCES`` for the input dtype, never relaxed.
+inputs from ``inputs.make_inputs``; errors are compared per named tensor with the tolerances of
+``accuracy.TOLERANCES`` for the input dtype, never relaxed.
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from gdn2_kernels import _device, chunk_gdn2, dispatch, fused_recurrent_gdn2
-from gdn2_kernels._testing import (GDN2Inputs, compare, dtype_name, make_inputs,
-                                   short_dtype_name)
+from gdn2_kernels.accuracy import compare
+from gdn2_kernels.configs import dtype_name, short_dtype_name
+from gdn2_kernels.inputs import GDN2Inputs, make_inputs
 from gdn2_kernels.configs import CHUNK_SIZES, MAX_HEAD_DIM
 from gdn2_kernels.reference import naive_recurrent_gdn, naive_recurrent_gdn2, naive_recurrent_kda
 
@@ -163,7 +164,7 @@ def test_outputs_are_nan_poisoned_before_launch():
 
 
 # ------------------------------------------------------------------------------------------------
-# Input validation (ops._check_inputs): every error names the argument
+# Input validation (checks.check_inputs): every error names the argument
 # ------------------------------------------------------------------------------------------------
 
 B_, T_, H_, K_, V_ = 2, 6, 2, 8, 4

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gdn2_kernels import _device, _parallel, fused_recurrent_gdn2
-from gdn2_kernels._testing import make_inputs
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import get_spec
 from gdn2_kernels.kernels.recurrent_fwd import recurrent_fwd
 

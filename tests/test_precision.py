@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from gdn2_kernels import _precision, chunk_gdn2
-from gdn2_kernels._testing import make_inputs, rel_rms
+from gdn2_kernels.accuracy import rel_rms
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.reference import naive_recurrent_gdn2
 
 

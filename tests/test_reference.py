@@ -1,4 +1,5 @@
-"""The references against each other (MATH.md "Recurrence" vs "Chunkwise form") and the special cases.
+"""The references against each other (docs/math.md "Recurrence" vs "Chunkwise form") and the
+special cases.
 
 Everything here is float64 PyTorch: no kernels run. The token recurrence is the ground truth of
 the whole suite, so it is checked three ways: against the independently written chunkwise form,
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from gdn2_kernels._testing import make_inputs, rel_rms
+from gdn2_kernels.accuracy import rel_rms
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.reference import (
     chunk_stages_fwd,
     naive_chunk_gdn2,

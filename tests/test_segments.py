@@ -72,7 +72,8 @@ def test_segmented_scans_match_the_serial_ones_on_gpu(T, monkeypatch):
     """On the GPU with its real SM count: chunk_gdn2 with SCAN="segmented" in both state passes
     against SCAN="serial" (same inputs, fwd + bwd), within rounding."""
     from gdn2_kernels import _parallel, chunk_gdn2, dispatch
-    from gdn2_kernels._testing import make_inputs, rel_rms
+    from gdn2_kernels.accuracy import rel_rms
+    from gdn2_kernels.inputs import make_inputs
     from gdn2_kernels.configs import ProblemKey
 
     x = make_inputs(1, T, 4, 128, 128, torch.bfloat16, "cuda", with_h0=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from gdn2_kernels.cp.context import LAYOUTS, CPContext, slots_of_rank
-from gdn2_kernels.ops import check_inputs
+from gdn2_kernels.checks import check_rank_inputs
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_PARTS = 2
@@ -22,7 +22,7 @@ def local_problem(q, k, v, g, b, w, scale, initial_state, cu_seqlens, validate_v
     """This rank's input problem as a message (None: fine): chunk_gdn2's checks on the slice,
     plus what the context requires of it."""
     try:
-        check_inputs(q, k, v, g, b, w, scale, None, None, validate_values)
+        check_rank_inputs(q, k, v, g, b, w, scale, None, None, validate_values)
     except (TypeError, ValueError) as exc:
         return str(exc)
     B, T, H, K = q.shape

@@ -8,18 +8,20 @@ ordinary backward once. The steps live in ``steps.py``, the collectives in ``com
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from gdn2_kernels import _device, dispatch
-from gdn2_kernels._testing import dtype_name
+from gdn2_kernels import _device, _gate_check, dispatch, pipeline
+from gdn2_kernels.checks import check_inputs
 from gdn2_kernels.configs import ProblemKey
 from gdn2_kernels.cp import checks, comm, steps
 from gdn2_kernels.cp.context import CPContext
+from gdn2_kernels.kernels import _gate
 from gdn2_kernels.kernels.chunk_fwd import FwdResult
-from gdn2_kernels.ops import GDN2Options, chunk_gdn2
+from gdn2_kernels.pipeline import GDN2Options
 
 
 class _ChunkGDN2CPFunction(torch.autograd.Function):
@@ -28,7 +30,7 @@ class _ChunkGDN2CPFunction(torch.autograd.Function):
     def forward(actx, q, k, v, g, b, w, initial_state, cp: CPContext, opts: GDN2Options):
         V = v.shape[-1]
         with _device.guard(q):
-            pipe = dispatch.resolve(ProblemKey(q.shape[-1], V, dtype_name(q.dtype)))
+            pipe = dispatch.resolve(ProblemKey.of(q, v))
             layout = steps.local_layout(cp, pipe.chunk_size, q.device)
             x = steps.prepare(q, k, v, g, b, w, opts, pipe, layout)
             mine = steps.summarize_forward(x, initial_state, cp, pipe)
@@ -59,6 +61,20 @@ class _ChunkGDN2CPFunction(torch.autograd.Function):
                                                   opts, pipe, actx.need_dh0)
         return (dq.to(q.dtype), dk.to(k.dtype), grads.dv, grads.dg.to(actx.g_dtype),
                 grads.db.to(b.dtype), grads.dw, grads.dh0, None, None)
+
+
+def _local_call(q, k, v, g, b, w, scale, initial_state, output_final_state,
+                use_qk_l2norm_in_kernel, cu_seqlens, disable_recompute, validate_values):
+    """FLA's "CP disabled" context (its group None): ``chunk_gdn2`` on the local slice."""
+    fn = "chunk_gdn2"
+    check_inputs(q, k, v, g, b, w, scale, initial_state, cu_seqlens, fn=fn)
+    validate_values = _gate_check.mode(validate_values)
+    opts = dataclasses.replace(
+        GDN2Options.of_call(q, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                            cu_seqlens is not None, disable_recompute),
+        check_g=validate_values is not False)
+    return pipeline.run(q, k, v, g, b, w, initial_state, cu_seqlens, None, opts, _gate.NO_GATE,
+                        validate_values, fn)
 
 
 def _is_fla_context(obj: Any) -> bool:
@@ -160,11 +176,9 @@ def chunk_gdn2_cp(
     Every rank must call the op and, when training, its backward (each runs one all-gather).
     """
     if _is_fla_context(cp_context) and cp_context.group is None:
-        return chunk_gdn2(q, k, v, g, b, w, scale=scale, initial_state=initial_state,
-                          output_final_state=output_final_state,
-                          use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-                          cu_seqlens=cp_context.cu_seqlens, disable_recompute=disable_recompute,
-                          validate_values=validate_values)
+        return _local_call(q, k, v, g, b, w, scale, initial_state, output_final_state,
+                           use_qk_l2norm_in_kernel, cp_context.cu_seqlens, disable_recompute,
+                           validate_values)
     group, rank, world, ctx, problem = _resolve(cp_context)
     if problem is None:
         problem = checks.local_problem(q, k, v, g, b, w, scale, initial_state, cu_seqlens,

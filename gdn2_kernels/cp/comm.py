@@ -11,7 +11,7 @@ hops, each a message latency plus a K x K by K x V product, with later ranks idl
 chain reaches them; the all-gather is one collective after which every rank chains the (at most
 2W - 1) summaries itself, redundantly but in parallel, with products of microseconds. The price is
 bandwidth: every rank receives all W summaries (W * parts * H * K * (K + V) * 4 bytes) where a
-ring would pass one state along. bench/cp_scaling.py reports the exchange time apart.
+ring would pass one state along. gdn2_kernels/bench/cp_scaling.py reports the exchange time apart.
 
 NCCL groups get CUDA tensors; gloo groups get CPU tensors (CUDA tensors are staged through host
 memory); a group with both backends picks by device.

@@ -1,6 +1,6 @@
 """Every rank's steps of ``chunk_gdn2_cp`` in one process, the all-gathers replaced by stacking.
 
-For accuracy at any number of ranks on one device (tests; scripts/device_cp_summary.py): the
+For accuracy at any number of ranks on one device (tests; lab/device_cp_summary.py): the
 numerics are those of the distributed op (same steps, same chain), only the ranks run one after
 another and nothing is communicated. Not a way to run faster.
 """
@@ -13,11 +13,10 @@ from typing import Sequence
 import torch
 
 from gdn2_kernels import _device, dispatch
-from gdn2_kernels._testing import dtype_name
 from gdn2_kernels.configs import ProblemKey
 from gdn2_kernels.cp import steps
 from gdn2_kernels.cp.context import CPContext, build_cp_context
-from gdn2_kernels.ops import GDN2Options
+from gdn2_kernels.pipeline import GDN2Options
 
 _GRADS = ("dq", "dk", "dv", "dg", "db", "dw")
 
@@ -48,14 +47,14 @@ def emulate_cp(q, k, v, g, b, w, cu_seqlens: Sequence[int], world_size: int,
     """``chunk_gdn2_cp`` of the global batch (``[1, T, ...]`` tensors, global ``cu_seqlens``,
     ``initial_state`` ``[N, H, K, V]`` per global sequence) over ``world_size`` emulated ranks;
     with ``do`` also the gradients of ``<o, do>``."""
-    T, K, V = q.shape[1], q.shape[-1], v.shape[-1]
+    T, V = q.shape[1], v.shape[-1]
     bounds = [int(c) for c in cu_seqlens]
     ctxs = [build_cp_context(bounds, layout=layout, rank=r, world_size=world_size)
             for r in range(world_size)]
     opts = GDN2Options.of_call(q, scale, initial_state, True, use_qk_l2norm_in_kernel, True,
                                False)
     with _device.guard(q):
-        pipe = dispatch.resolve(ProblemKey(K, V, dtype_name(q.dtype)))
+        pipe = dispatch.resolve(ProblemKey.of(q, v))
         ranks = []
         for ctx in ctxs:
             x = [ctx.local_slice(t).contiguous() for t in (q, k, v, g, b, w)]

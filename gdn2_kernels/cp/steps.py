@@ -27,7 +27,7 @@ from gdn2_kernels.kernels.intra_fwd import intra_fwd
 from gdn2_kernels.kernels.l2norm import l2norm_bwd, l2norm_fwd
 from gdn2_kernels.kernels.state_fwd import state_fwd
 from gdn2_kernels.kernels.summary import span_summary_bwd, span_summary_fwd
-from gdn2_kernels.ops import GDN2Options
+from gdn2_kernels.pipeline import GDN2Options
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def finish_backward(x: Local, do: torch.Tensor, dht: torch.Tensor | None, gather
     f, lay = x.fwd, x.layout
     grads = chunk_gdn2_bwd(x.q, x.k, x.v, x.b, x.w, f.g_cum, f.A, f.A_qk, f.Y, f.U, f.Qg, f.Kt,
                            f.gC, f.h, f.R, opts.scale, x.h0, do, dht, lay.cu_seqlens,
-                           lay.chunk_indices, lay.chunk_offsets, pipe.as_dict(),
+                           lay.chunk_indices, lay.chunk_offsets, pipe,
                            need_dh0=need_dh0)
     if grads.dh0 is not None:
         for part in ctx.parts:

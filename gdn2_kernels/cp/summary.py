@@ -8,12 +8,11 @@ from __future__ import annotations
 import torch
 
 from gdn2_kernels import _device, _varlen, dispatch
-from gdn2_kernels._testing import dtype_name
 from gdn2_kernels.configs import ProblemKey
 from gdn2_kernels.kernels.intra_fwd import intra_fwd
 from gdn2_kernels.kernels.l2norm import l2norm_fwd
 from gdn2_kernels.kernels.summary import span_summary_fwd
-from gdn2_kernels.ops import check_inputs
+from gdn2_kernels.checks import check_rank_inputs
 
 
 @torch.no_grad()
@@ -49,10 +48,10 @@ def chunk_gdn2_summary(
     Raises:
         TypeError / ValueError as chunk_gdn2 for bad shapes, dtypes, devices or boundaries.
     """
-    check_inputs(k, k, v, g, b, w, None, initial_state, cu_seqlens, validate_values)
+    check_rank_inputs(k, k, v, g, b, w, None, initial_state, cu_seqlens, validate_values)
     k, v, g, b, w = (x.contiguous() for x in (k, v, g, b, w))
     with _device.guard(k):
-        pipe = dispatch.resolve(ProblemKey(k.shape[-1], v.shape[-1], dtype_name(k.dtype)))
+        pipe = dispatch.resolve(ProblemKey.of(k, v))
         if use_qk_l2norm_in_kernel:
             k, _ = l2norm_fwd(k, pipe["l2norm_fwd"])
         idx = offs = None

@@ -1,6 +1,6 @@
 """Backward orchestration of ``chunk_gdn2``: launcher calls only, tensors in and out.
 
-Pipeline (MATH.md "Backward"):
+Pipeline (docs/math.md "Backward"):
 
     [state_fwd]  recompute the chunk states h and residuals R (unless the forward kept them:
                  disable_recompute)
@@ -12,7 +12,7 @@ Pipeline (MATH.md "Backward"):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,7 +23,7 @@ from gdn2_kernels.kernels.state_bwd import state_bwd
 from gdn2_kernels.kernels.state_fwd import state_fwd
 
 if TYPE_CHECKING:
-    from gdn2_kernels.configs import KernelConfig
+    from gdn2_kernels.dispatch import PipelineConfig
 
 
 @dataclass
@@ -62,7 +62,7 @@ def chunk_gdn2_bwd(
     cu_seqlens: torch.Tensor | None,
     chunk_indices: torch.Tensor | None,
     chunk_offsets: torch.Tensor | None,
-    configs: Mapping[str, "KernelConfig"],
+    pipe: "PipelineConfig",
     need_dh0: bool,
     grad_dtypes: tuple[torch.dtype, torch.dtype, torch.dtype] | None = None,
     gate: _gate.GateArgs = _gate.NO_GATE,
@@ -73,13 +73,13 @@ def chunk_gdn2_bwd(
     With the in-kernel ``gate`` (its ``g_raw`` set), dg is the gradient of the raw gate input,
     and the gradients of A_log and dt_bias come back too."""
     B, T, H, K = k.shape
-    BT = configs["intra_bwd"]["BT"]
+    BT = pipe.chunk_size
     if h is None or R is None:
         _, _, h, R = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, False, True, cu_seqlens,
                                chunk_offsets, _varlen.num_chunks(T, B, chunk_indices, BT),
-                               configs["state_fwd"], store_o=False, store_r=True)
+                               pipe["state_fwd"], store_o=False, store_r=True)
     dR, dh, dh0 = state_bwd(q, k, g_cum, Qg, Kt, gC, Y, A_qk, do, dht, scale, need_dh0,
-                            cu_seqlens, chunk_offsets, configs["state_bwd"])
+                            cu_seqlens, chunk_offsets, pipe["state_bwd"])
     if gate.kind != _gate.GATE_NONE:
         parts = (_varlen.num_chunks(T, B, chunk_indices, BT), H, K)
         def partials(param):
@@ -89,7 +89,7 @@ def chunk_gdn2_bwd(
         gate = gate._replace(dA_log=partials(gate.A_log), ddt_bias=partials(gate.dt_bias))
     dq, dk, dv, dg, db, dw = intra_bwd(q, k, v, b, w, g_cum, A, h, dh, do, R, dR, scale,
                                        cu_seqlens, chunk_indices, chunk_offsets,
-                                       configs["intra_bwd"], grad_dtypes, gate)
+                                       pipe["intra_bwd"], grad_dtypes, gate)
     dA_log, ddt_bias = (_gate.reduce_partials(gate, H, K) if gate.kind != _gate.GATE_NONE
                         else (None, None))
     return BwdResult(dq, dk, dv, dg, db, dw, dh0, dA_log, ddt_bias)

@@ -1,6 +1,6 @@
 """Forward orchestration of ``chunk_gdn2``: launcher calls only, tensors in and out.
 
-Pipeline (MATH.md "Chunkwise form"):
+Pipeline (docs/math.md "Chunkwise form"):
 
     [l2norm_fwd]  q, k -> normalised q, k                    (optional)
     intra_fwd     q, k, v, g, b, w -> g_cum, A, A_qk, Y, U, Qg, Kt, gC  (per chunk and head;
@@ -10,7 +10,7 @@ Pipeline (MATH.md "Chunkwise form"):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,7 +20,7 @@ from gdn2_kernels.kernels.intra_fwd import intra_fwd
 from gdn2_kernels.kernels.state_fwd import state_fwd
 
 if TYPE_CHECKING:
-    from gdn2_kernels.configs import KernelConfig
+    from gdn2_kernels.dispatch import PipelineConfig
 
 
 @dataclass
@@ -54,27 +54,28 @@ def chunk_gdn2_fwd(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
-    configs: Mapping[str, "KernelConfig"],
+    pipe: "PipelineConfig",
     store_h: bool = False,
     g_err: torch.Tensor | None = None,
     cu_seqlens_cpu: torch.Tensor | None = None,
     gate: _gate.GateArgs = _gate.NO_GATE,
 ) -> FwdResult:
-    """Run the forward kernels with the resolved ``configs`` (keys 'intra_fwd', 'state_fwd').
+    """Run the forward kernels with the resolved ``pipe`` (its chunk size and the configs of
+    'intra_fwd' and 'state_fwd').
 
     ``store_h`` keeps the chunk states and residuals for the backward; ``g_err`` turns on
     intra_fwd's check of g; ``cu_seqlens_cpu``: a host copy of ``cu_seqlens`` (the chunk indices
     are built from it, with no device-to-host copy); ``gate``: the in-kernel gate (``g`` is then
     the raw gate input)."""
-    BT = configs["intra_fwd"]["BT"]
+    BT = pipe.chunk_size
     B, T = k.shape[:2]
     idx = offs = None
     if cu_seqlens is not None:
         idx = _varlen.chunk_indices(cu_seqlens, BT, cu_seqlens_cpu)
         offs = _varlen.chunk_offsets(cu_seqlens, BT)
     g_cum, A, A_qk, Y, U, Qg, Kt, gC = intra_fwd(q, k, v, g, b, w, scale, cu_seqlens, idx,
-                                                 configs["intra_fwd"], g_err, gate)
+                                                 pipe["intra_fwd"], g_err, gate)
     o, ht, h, R = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state, store_h,
                             cu_seqlens, offs, _varlen.num_chunks(T, B, idx, BT),
-                            configs["state_fwd"], store_r=store_h)
+                            pipe["state_fwd"], store_r=store_h)
     return FwdResult(o, ht, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, R, idx, offs)

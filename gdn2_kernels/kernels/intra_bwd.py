@@ -1,4 +1,4 @@
-"""Intra-chunk backward: output, WY and pairwise VJPs, gate gradients (MATH.md "Backward").
+"""Intra-chunk backward: output, WY and pairwise VJPs, gate gradients (docs/math.md "Backward").
 
 One program per (chunk, head). With S = h (state entering the chunk), dS' = dh (gradient of the
 state leaving it), R and dR from the reverse state pass, and the forward's A, A_qk, g_cum:
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 SAFE_SPAN = tl.constexpr(60.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _intra_bwd_kernel(
     q,
     k,
@@ -410,7 +410,7 @@ def _phase_d_fused(q, k, b, g_cum, dT_buf, dAqk_buf, dq, dk, db, dg, dq_out, dk_
         tl.store(dg + p_t, b_rev, mask=m_tk)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _intra_bwd_pairwise_kernel(
     q,
     k,

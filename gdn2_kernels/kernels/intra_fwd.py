@@ -1,6 +1,6 @@
 """Intra-chunk forward: cumulative decay, T and A_qk, the WY inverse, and the WY factors.
 
-Computes, for each chunk of C = ``BT`` tokens and each head (MATH.md "Chunkwise form"):
+Computes, for each chunk of C = ``BT`` tokens and each head (docs/math.md "Chunkwise form"):
 
     G_r   = sum_{i<=r} g_i                                   -> g_cum  [B, T, H, K] fp32
             (g_i activated from the raw gate input first with GATE: ``_gate.activate``)
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 SAFE_SPAN = tl.constexpr(60.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _intra_fwd_kernel(
     q,
     k,

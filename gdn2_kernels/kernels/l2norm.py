@@ -1,4 +1,4 @@
-"""Row-wise L2 normalisation of q and k for ``use_qk_l2norm_in_kernel`` (MATH.md "Recurrence").
+"""Row-wise L2 normalisation of q and k for ``use_qk_l2norm_in_kernel`` (docs/math.md "Recurrence").
 
     x_n = x / sqrt(sum_c x_c^2 + eps)       rstd = 1 / sqrt(sum_c x_c^2 + eps)
 
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 L2NORM_EPS = 1e-6
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _l2norm_fwd_kernel(x, y, rstd, n_rows, eps, D: tl.constexpr, DP: tl.constexpr,
                        BR: tl.constexpr):
     i_r = tl.program_id(0)
@@ -36,7 +36,7 @@ def _l2norm_fwd_kernel(x, y, rstd, n_rows, eps, D: tl.constexpr, DP: tl.constexp
     tl.store(rstd + o_r, b_rstd, mask=o_r < n_rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _l2norm_bwd_kernel(y, rstd, dy, dx, n_rows, D: tl.constexpr, DP: tl.constexpr,
                        BR: tl.constexpr):
     i_r = tl.program_id(0)

@@ -1,4 +1,4 @@
-"""Token-by-token forward for decoding and short prompts (MATH.md "Recurrence").
+"""Token-by-token forward for decoding and short prompts (docs/math.md "Recurrence").
 
 For each sequence and value head, with the state S ``[K, V]`` held in fp32 registers, token by
 token:

@@ -1,4 +1,4 @@
-"""Reverse inter-chunk state pass (MATH.md "Backward", state and output paths).
+"""Reverse inter-chunk state pass (docs/math.md "Backward", state and output paths).
 
 The forward per chunk, with S the state entering it, is R = U - Y S, O = Q_gamma S + A_qk R and
 S' = Diag(gamma_C) S + K_tail^T R. Walking the chunks backwards with dS' = dL/dS' (``dht`` for
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _state_bwd_kernel(
     q,
     k,

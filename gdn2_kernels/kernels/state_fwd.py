@@ -1,4 +1,4 @@
-"""Inter-chunk state pass fused with the output (MATH.md "Chunkwise form", last three lines).
+"""Inter-chunk state pass fused with the output (docs/math.md "Chunkwise form", last three lines).
 
 For each chunk, in order, with S the state entering it (fp32, on chip):
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from gdn2_kernels.configs import KernelConfig
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _state_fwd_kernel(
     Qg,
     Kt,

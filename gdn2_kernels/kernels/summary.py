@@ -1,7 +1,7 @@
 """Span summaries (context parallelism): launcher calls only, tensors in and out.
 
 The state pass over one span of tokens (a sequence, or the piece of one that a rank holds) is
-affine in the state entering it (MATH.md "Chunkwise form"; chunk c maps S to
+affine in the state entering it (docs/math.md "Chunkwise form"; chunk c maps S to
 M_c S + K_tail^T U with M_c = Diag(gamma_C) - K_tail^T Y). So a span is summarised by
 
     S_end    = M^T S_start + H        H [N, H, K, V] fp32: the end state from S_start = 0

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.model import Ceilings
-from bench.providers import Provider, Registry, Unavailable
+from gdn2_kernels.bench.model import Ceilings
+from gdn2_kernels.bench.providers import Provider, Registry, Unavailable
 
 # ms per (provider, mode) at the smallest shape; larger shapes scale with T for attention.
 FAKE_MS = {

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import model
-from bench.inputs import ProblemInputs
-from bench.model import Shape
-from bench.providers import default_registry, load_provider
+from gdn2_kernels.bench import model
+from gdn2_kernels.bench.inputs import ProblemInputs
+from gdn2_kernels.bench.model import Shape
+from gdn2_kernels.bench.providers import default_registry, load_provider
 
 pytestmark = pytest.mark.gpu
 

@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from bench import model
-from bench.model import Ceilings, Shape, Work
+from gdn2_kernels.bench import model
+from gdn2_kernels.bench.model import Ceilings, Shape, Work
 
 
 def test_delta_stage_flops_hand_count():

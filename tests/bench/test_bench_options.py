@@ -1,6 +1,6 @@
-"""``gdn2 bench`` and ``gdn2 profile`` options: checked before any work (exit 2 naming the
+"""``gdn2 bench`` and ``gdn2 stages`` options: checked before any work (exit 2 naming the
 option), providers mapped to the mode asked for (``-p gdn2 -m decode`` times ``gdn2-decode``),
-a non-zero exit when no row was timed, and a profile a CPU can finish by default."""
+a non-zero exit when no row was timed, and a breakdown a CPU can finish by default."""
 from __future__ import annotations
 
 import json
@@ -8,11 +8,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from bench.profile import CPU_SHAPE, GPU_SHAPE, default_problem
-from bench.providers import default_registry
-from bench.runner import BenchOptions, check_options, select_providers
-from tuner.cli import app
-from tuner.options import OptionError
+from gdn2_kernels.bench.stages import CPU_SHAPE, GPU_SHAPE, default_problem
+from gdn2_kernels.bench.providers import default_registry
+from gdn2_kernels.bench.runner import BenchOptions, check_options, select_providers
+from gdn2_kernels.cli import app
+from gdn2_kernels.options import OptionError
 
 runner = CliRunner()
 
@@ -75,7 +75,7 @@ def test_the_library_checks_bench_options():
 
 
 def test_bench_exits_nonzero_when_no_row_was_timed_and_says_how_gdn2_was_mapped(monkeypatch):
-    monkeypatch.setattr("bench.provenance.collect", lambda: {"gpu": {"name": None}})
+    monkeypatch.setattr("gdn2_kernels.bench.provenance.collect", lambda: {"gpu": {"name": None}})
     res = runner.invoke(app, ["bench", "-m", "decode", "-p", "gdn2", "--decode-batches", "1"])
     assert res.exit_code == 1
     out = " ".join(res.stdout.split())
@@ -90,22 +90,22 @@ def test_bench_exits_nonzero_when_no_row_was_timed_and_says_how_gdn2_was_mapped(
     assert report["notes"][0].startswith("gdn2 has no decode mode")
 
 
-def test_profile_on_a_cpu_shrinks_its_default_problem():
+def test_stages_on_a_cpu_shrinks_its_default_problem():
     assert default_problem(True) == (CPU_SHAPE, 2) and default_problem(False)[0] == GPU_SHAPE
-    res = runner.invoke(app, ["profile", "--forward-only", "--json"])
+    res = runner.invoke(app, ["stages", "--forward-only", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["shape"] == {"B": 1, "T": 64, "H": 1, "D": 32, "dtype": "float32",
                                "context": 0}
     assert report["reps"] == 2 and report["stages"]
-    assert "Profiling 1x64 H1 D32 float32, 2 passes" in " ".join(res.stderr.split())
-    res = runner.invoke(app, ["profile", "--forward-only", "--json", "--shape", "1x40",
+    assert "Timing the stages of 1x64 H1 D32 float32, 2 passes" in " ".join(res.stderr.split())
+    res = runner.invoke(app, ["stages", "--forward-only", "--json", "--shape", "1x40",
                               "--dim", "16", "--reps", "1"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["shape"]["T"] == 40
 
 
-BAD_PROFILE = [
+BAD_STAGES = [
     (["--shape", "0x64"], "--shape", "B and T must be positive"),
     (["--shape", "2x64,1x128"], "--shape", "give one BxT (e.g. 2x8192), got "),
     (["--heads", "0"], "--heads", "must be >= 1, got 0"),
@@ -115,9 +115,9 @@ BAD_PROFILE = [
 ]
 
 
-@pytest.mark.parametrize("args, option, message", BAD_PROFILE,
-                         ids=[" ".join(b[0]) for b in BAD_PROFILE])
-def test_bad_profile_options_exit_2(args, option, message):
-    res = runner.invoke(app, ["profile", *args])
+@pytest.mark.parametrize("args, option, message", BAD_STAGES,
+                         ids=[" ".join(b[0]) for b in BAD_STAGES])
+def test_bad_stages_options_exit_2(args, option, message):
+    res = runner.invoke(app, ["stages", *args])
     assert res.exit_code == 2, res.output
     assert f"Invalid value for '{option}'" in _text(res) and message in _text(res)

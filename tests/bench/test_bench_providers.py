@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from bench import providers
-from bench.providers import Provider, Registry, Unavailable, default_registry, load_provider
+from gdn2_kernels.bench import providers
+from gdn2_kernels.bench.providers import (Provider, Registry, Unavailable, default_registry,
+                                          load_provider)
 
 
 def test_default_registry_as_data():
@@ -91,8 +92,8 @@ def test_mamba_decode_step_passes_what_selective_state_update_needs():
     iterable")."""
     import types
 
-    from bench.inputs import ProblemInputs
-    from bench.model import Shape
+    from gdn2_kernels.bench.inputs import ProblemInputs
+    from gdn2_kernels.bench.model import Shape
 
     calls = []
 
@@ -120,8 +121,8 @@ def test_mamba_decode_step_runs_the_real_state_update(monkeypatch):
         ns = providers.load_mamba_ssd()
     except providers.Unavailable as exc:
         pytest.skip(f"Mamba's sources are not here: {exc}")
-    from bench.inputs import ProblemInputs
-    from bench.model import Shape
+    from gdn2_kernels.bench.inputs import ProblemInputs
+    from gdn2_kernels.bench.model import Shape
 
     monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
     inputs = ProblemInputs(Shape(2, 1, 16, 128, "float32", 64), "cpu", 0)
@@ -157,8 +158,8 @@ def test_cudnn_kda_declines_cleanly_without_the_package(monkeypatch):
 
 def test_cudnn_kda_step_passes_the_thd_layout():
     """The step flattens the batch to tokens and passes cu_seqlens = [0, T, 2T, ...]."""
-    from bench.inputs import ProblemInputs
-    from bench.model import Shape
+    from gdn2_kernels.bench.inputs import ProblemInputs
+    from gdn2_kernels.bench.model import Shape
 
     seen = {}
 

@@ -6,9 +6,9 @@ import json
 import pytest
 from rich.console import Console
 
-from bench import report as render
-from bench.runner import (OK, UNAVAILABLE, BenchOptions, parse_ints, parse_shapes, report_dict,
-                          run_bench)
+from gdn2_kernels.bench import report as render
+from gdn2_kernels.bench.runner import OK, UNAVAILABLE, BenchOptions, report_dict, run_bench
+from gdn2_kernels.options import parse_ints, parse_shapes
 
 OPTS = BenchOptions(modes=("fwd", "fwdbwd"), shapes=((4, 1024), (1, 8192)))
 
@@ -119,7 +119,7 @@ def test_checkpoint_gets_every_finished_row(fake_measurer, fake_registry, fake_p
 
 def test_resume_keeps_saved_rows_and_measures_the_rest(fake_measurer, fake_registry,
                                                        fake_provenance, tmp_path):
-    from bench.runner import rows_from_json
+    from gdn2_kernels.bench.runner import rows_from_json
 
     first = run_bench(BenchOptions(modes=("fwd",), shapes=((4, 1024),)), measurer=fake_measurer,
                       registry=fake_registry, provenance=fake_provenance)

@@ -1,10 +1,10 @@
-"""bench/cp_scaling.py's pure parts: options, the plan of runs, the environment check, the
-summary and scaling efficiency, and the clear refusal without torchrun or GPUs."""
+"""gdn2_kernels.bench.cp_scaling's pure parts: options, the plan of runs, the environment check,
+the summary and scaling efficiency, and the clear refusal without torchrun or GPUs."""
 from __future__ import annotations
 
 import pytest
 
-from bench import cp_scaling as cs
+from gdn2_kernels.bench import cp_scaling as cs
 
 
 def test_options_and_their_errors():

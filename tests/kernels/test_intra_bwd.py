@@ -15,7 +15,9 @@ from stage_refs import intra_bwd_reference, state_bwd_reference
 from test_intra_fwd import IntraCase  # the backward spec has the forward's tunables
 
 from gdn2_kernels import _varlen
-from gdn2_kernels._testing import compare, dtype_name, make_inputs
+from gdn2_kernels.accuracy import compare
+from gdn2_kernels.configs import dtype_name
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import get_spec
 from gdn2_kernels.kernels.intra_bwd import intra_bwd
 from gdn2_kernels.reference import chunk_stages_fwd, naive_recurrent_gdn2
@@ -172,7 +174,7 @@ def test_split_phase_d_matches_fused_on_gpu(BT, BC, BK):
     gradients up to summation order, at the paper's head size (BK = 128: phases A and B share
     one value loop)."""
     from gdn2_kernels import chunk_gdn2, dispatch
-    from gdn2_kernels._testing import rel_rms
+    from gdn2_kernels.accuracy import rel_rms
 
     x = make_inputs(2, 1000, 4, 128, 128, torch.bfloat16, "cuda", with_h0=True)
     grads = []

@@ -1,7 +1,7 @@
 """intra_fwd (cumsum, T / A_qk, the WY inverse, Y and U) against its PyTorch stage reference.
 
 The stage reference is ``reference.chunk_stages_fwd`` in float64 on the same (rounded) inputs; each
-output is compared by name with the tolerance of ``_testing.TOLERANCES`` for the input dtype.
+output is compared by name with the tolerance of ``accuracy.TOLERANCES`` for the input dtype.
 """
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from gdn2_kernels import _varlen
-from gdn2_kernels._testing import compare, dtype_name, make_inputs, short_dtype_name
+from gdn2_kernels.accuracy import compare
+from gdn2_kernels.configs import dtype_name, short_dtype_name
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import get_spec
 from gdn2_kernels.kernels.intra_fwd import intra_fwd
 from gdn2_kernels.reference import chunk_stages_fwd

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gdn2_kernels._testing import compare, dtype_name
+from gdn2_kernels.accuracy import compare
+from gdn2_kernels.configs import dtype_name
 from gdn2_kernels.configs import get_spec
 from gdn2_kernels.kernels.l2norm import l2norm_bwd, l2norm_fwd
 from gdn2_kernels.reference import l2norm

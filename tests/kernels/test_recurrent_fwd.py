@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from gdn2_kernels import chunk_gdn2, fused_recurrent_gdn2
-from gdn2_kernels._testing import compare, dtype_name, make_inputs, short_dtype_name
+from gdn2_kernels.accuracy import compare
+from gdn2_kernels.configs import dtype_name, short_dtype_name
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import ProblemKey, get_spec
 from gdn2_kernels.kernels.recurrent_fwd import recurrent_fwd
 from gdn2_kernels.reference import naive_recurrent_gdn2

@@ -13,7 +13,9 @@ import torch
 from stage_refs import state_bwd_reference
 
 from gdn2_kernels import _varlen
-from gdn2_kernels._testing import compare, dtype_name, make_inputs, short_dtype_name
+from gdn2_kernels.accuracy import compare
+from gdn2_kernels.configs import dtype_name, short_dtype_name
+from gdn2_kernels.inputs import make_inputs
 from gdn2_kernels.configs import get_spec
 from gdn2_kernels.kernels.state_fwd import state_fwd
 from gdn2_kernels.reference import chunk_stages_fwd

@@ -12,14 +12,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    from gdn2_kernels import config_store, dispatch
+    from gdn2_kernels import config_files, dispatch
 
     monkeypatch.setenv("GDN2_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("GDN2_CONFIG_FILE", raising=False)
-    monkeypatch.setattr(config_store, "profiles_dir", lambda: tmp_path / "profiles")
-    config_store._loaded.clear()
-    config_store._warned.clear()
+    monkeypatch.setattr(config_files, "profiles_dir", lambda: tmp_path / "profiles")
+    config_files.forget()
     dispatch.clear_cache()
     yield tmp_path
-    config_store._loaded.clear()
+    config_files.forget()
     dispatch.clear_cache()

@@ -1,14 +1,15 @@
 """Trial functions for worker tests: run inside spawned workers instead of the real kernels.
 
-Each takes ``(task, device_index)`` like :func:`tuner.evaluate.run_trial`. The candidate's config
-decides the behaviour, so one sweep mixes good, crashing and hanging candidates.
+Each takes ``(task, device_index)`` like :func:`gdn2_kernels.tuner.evaluate.run_trial`. The
+candidate's config decides the behaviour, so one sweep mixes good, crashing and hanging
+candidates.
 """
 from __future__ import annotations
 
 import os
 import time
 
-from tuner.trial import Trial
+from gdn2_kernels.tuner.trial import Trial
 
 
 def _trial(task, status: str, median: float | None) -> Trial:

@@ -5,7 +5,7 @@ import itertools
 
 from gdn2_kernels import dispatch
 from gdn2_kernels.configs import get_spec
-from tuner.trial import Candidate, Problem, Trial
+from gdn2_kernels.tuner.trial import Candidate, Problem, Trial
 
 
 def tiny_problem() -> Problem:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from tuner.evaluate import EvalSettings, PoolEvaluator, WorkerPool
-from tuner.strategies.exhaustive import exhaustive
-from tuner.trial import Budget, TrialLog
+from gdn2_kernels.tuner.evaluate import EvalSettings, PoolEvaluator, WorkerPool
+from gdn2_kernels.tuner.strategies.exhaustive import exhaustive
+from gdn2_kernels.tuner.trial import Budget, TrialLog
 
 
 def main(log_path: str, trial_fn: str) -> None:

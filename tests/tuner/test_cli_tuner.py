@@ -6,9 +6,9 @@ import re
 
 from typer.testing import CliRunner
 
-from gdn2_kernels import _device, config_store
+from gdn2_kernels import _device, config_files
 from gdn2_kernels.configs import get_spec
-from tuner.cli import app
+from gdn2_kernels.cli import app
 
 runner = CliRunner()
 
@@ -18,9 +18,9 @@ def _run(*args):
 
 
 def _cache_file(path, name=None):
-    entry = config_store.CacheEntry("state_fwd", {"K": 32, "V": 32, "dtype": "float32"},
+    entry = config_files.CacheEntry("state_fwd", {"K": 32, "V": 32, "dtype": "float32"},
                                     get_spec("state_fwd").config({"BT": 32}).as_dict(), 1.0, 0.1)
-    config_store.write_entries(path, [entry], {"name": name or _device.gpu_name()})
+    config_files.write_entries(path, [entry], {"name": name or _device.gpu_name()})
 
 
 def test_info_json():
@@ -32,6 +32,26 @@ def test_info_json():
     assert [s["name"] for s in data["sources"]] == ["config_file", "user_cache",
                                                     "shipped_profile", "default"]
     assert _run("info").exit_code == 0
+
+
+def test_info_at_a_shape_shows_the_launched_configs(monkeypatch):
+    """``--shape``: resolution's launch-time step (here with a GPU's SM count stood in)."""
+    from gdn2_kernels import dispatch
+
+    res = _run("info", "--shape", "1x16384", "--json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["shape"] == {"B": 1, "T": 16384, "H": 16} and data["launch_changes"] == []
+    assert all(k["launched"] == k["resolved"] for k in data["kernels"])  # no SMs on a CPU
+    monkeypatch.setattr(_device, "sm_count", lambda device: 132)
+    wide = dispatch.default_pipeline().as_dict()
+    wide["state_fwd"] = wide["state_fwd"].replace(BV=64, num_warps=8)
+    with dispatch.override(wide):
+        res = _run("info", "--shape", "1x16384", "--heads", "2")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.stdout.split())
+    assert "launch time at 1x16384 H2: state_fwd: BV 64 -> 16, num_warps 8 -> 4" in text
+    assert _run("info", "--shape", "2x8,1x8").exit_code == 2
 
 
 def test_tune_dry_run_lists_space_and_pruning():
@@ -130,9 +150,9 @@ def test_tune_table_shows_both_problems_and_the_scores(monkeypatch):
 
     from rich.console import Console
 
-    from tuner import cli
-    from tuner.trial import Problem, Trial
-    from tuner.tune import TuneOptions, TuneResult, make_plan
+    from gdn2_kernels import cli
+    from gdn2_kernels.tuner.trial import Problem, Trial
+    from gdn2_kernels.tuner.tune import TuneOptions, TuneResult, make_plan
 
     plan = make_plan(TuneOptions(problem=Problem(B=2, T=32, H=1, K=16, V=16, dtype="float32"),
                                  kernels=("state_fwd",), chunk_sizes=(32,)))

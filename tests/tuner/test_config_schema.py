@@ -11,11 +11,11 @@ import warnings
 import pytest
 from typer.testing import CliRunner
 
-from gdn2_kernels import _device, config_schema, config_store, dispatch
+from gdn2_kernels import _device, config_files, config_schema, dispatch, provenance
 from gdn2_kernels.configs import ProblemKey, get_spec
 from gdn2_kernels.exported import load_exported, vllm_filename
-from tuner import export as ex
-from tuner.cli import app
+from gdn2_kernels.tuner import export as ex
+from gdn2_kernels.cli import app
 
 KEY = ProblemKey(32, 32, "float32")
 
@@ -23,14 +23,14 @@ KEY = ProblemKey(32, 32, "float32")
 def _doc(bt: int = 32, bv: int = 16) -> dict:
     """A valid file for this machine: state_fwd and intra_fwd of KEY."""
     entries = [
-        config_store.CacheEntry("state_fwd", KEY.as_dict(),
+        config_files.CacheEntry("state_fwd", KEY.as_dict(),
                                 get_spec("state_fwd").config({"BT": bt, "BV": bv}).as_dict(), 1.0,
                                 0.1, {"o": {"max_rel_err": 1e-6, "rel_rms": 1e-7}}),
-        config_store.CacheEntry("intra_fwd", KEY.as_dict(),
+        config_files.CacheEntry("intra_fwd", KEY.as_dict(),
                                 get_spec("intra_fwd").config({"BT": bt}).as_dict(), 1.0, 0.1),
     ]
     return {"schema_version": 1, "gpu": {"name": _device.gpu_name()},
-            "software": config_store.current_software(), "created": config_store.now_iso(),
+            "software": provenance.current_software(), "created": provenance.now_iso(),
             "entries": [e.as_dict() for e in entries]}
 
 
@@ -99,8 +99,8 @@ def _write_bad(tmp_path, mutate, name="bad.json") -> str:
 @pytest.mark.parametrize("case, mutate, message", BAD, ids=[b[0] for b in BAD])
 def test_every_bad_value_is_refused_naming_the_field(tmp_path, case, mutate, message):
     path = _write_bad(tmp_path, mutate)
-    with pytest.raises(config_store.CacheError) as info:
-        config_store.read(path)
+    with pytest.raises(config_files.CacheError) as info:
+        config_files.read(path)
     assert message in str(info.value)
 
 
@@ -109,8 +109,8 @@ def test_a_bad_config_file_is_skipped_with_one_warning_and_the_next_source_used(
         isolated_cache, tmp_path, monkeypatch, case, mutate, message):
     """As $GDN2_CONFIG_FILE: one warning naming the file and the reason, then the user cache."""
     good = _doc(bt=16, bv=32)
-    config_store.write_entries(config_store.user_cache_path(_device.gpu_name()),
-                               config_store.parse(good).entries, good["gpu"])
+    config_files.write_entries(config_files.user_cache_path(_device.gpu_name()),
+                               config_files.parse(good).entries, good["gpu"])
     path = _write_bad(tmp_path, mutate)
     monkeypatch.setenv("GDN2_CONFIG_FILE", path)
     dispatch.clear_cache()
@@ -124,23 +124,23 @@ def test_a_bad_config_file_is_skipped_with_one_warning_and_the_next_source_used(
 def test_a_json_nan_or_infinity_is_refused(tmp_path):
     path = tmp_path / "nan.json"
     path.write_text(json.dumps(_doc()).replace('"median_ms": 1.0', '"median_ms": NaN', 1))
-    with pytest.raises(config_store.CacheError, match="NaN is not a JSON number"):
-        config_store.read(path)
+    with pytest.raises(config_files.CacheError, match="NaN is not a JSON number"):
+        config_files.read(path)
 
 
 def test_json_nested_past_the_interpreters_recursion_limit_is_refused(tmp_path):
     path = tmp_path / "deep.json"
     path.write_text("[" * 200_000 + "]" * 200_000)
-    with pytest.raises(config_store.CacheError, match="nested more than"):
-        config_store.read(path)
+    with pytest.raises(config_files.CacheError, match="nested more than"):
+        config_files.read(path)
 
 
 def test_a_file_over_the_size_bound_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
     path = tmp_path / "big.json"
     path.write_text(json.dumps(_doc()))
     monkeypatch.setattr(config_schema, "MAX_FILE_BYTES", 100)
-    with pytest.raises(config_store.CacheError, match="at most 100"):
-        config_store.read(path)
+    with pytest.raises(config_files.CacheError, match="at most 100"):
+        config_files.read(path)
 
 
 @pytest.fixture
@@ -165,13 +165,13 @@ def test_fifos_devices_and_folders_are_never_read(isolated_cache, tmp_path, monk
         path = "/dev/zero"
     else:
         path = str(tmp_path)
-    with pytest.raises(config_store.CacheError, match="not a regular file"):
-        config_store.read(path)
+    with pytest.raises(config_files.CacheError, match="not a regular file"):
+        config_files.read(path)
     monkeypatch.setenv("GDN2_CONFIG_FILE", path)
     dispatch.clear_cache()
     with pytest.warns(UserWarning, match="not a regular file"):
         assert dispatch.resolve(KEY).source == "default"
-    sources = {s.name: s for s in config_store.describe_sources()}
+    sources = {s.name: s for s in dispatch.describe_sources()}
     assert sources["config_file"].note.startswith("rejected: not a regular file")
 
 
@@ -179,7 +179,7 @@ def test_a_missing_config_file_is_a_clear_error(isolated_cache, tmp_path, monkey
     missing = tmp_path / "nowhere.json"
     monkeypatch.setenv("GDN2_CONFIG_FILE", str(missing))
     dispatch.clear_cache()
-    with pytest.raises(config_store.CacheError, match="GDN2_CONFIG_FILE=.*nowhere.json: no such "
+    with pytest.raises(config_files.CacheError, match="GDN2_CONFIG_FILE=.*nowhere.json: no such "
                                                       "file"):
         dispatch.resolve(KEY)
     res = CliRunner().invoke(app, ["info", "--json"])
@@ -194,7 +194,7 @@ def test_cache_ls_and_info_show_a_bad_file_as_rejected_with_the_reason(isolated_
     folder = isolated_cache / "cache"
     folder.mkdir()
     _write_bad(folder, _set(["entries", 0, "config", "BT"], 32.0),
-               config_store.profile_filename(_device.gpu_name()))
+               config_files.profile_filename(_device.gpu_name()))
     res = CliRunner().invoke(app, ["cache", "ls", "--json"])
     (row,) = json.loads(res.stdout)
     assert row["rejected"] and not row["usable_here"]
@@ -212,9 +212,9 @@ def test_cache_ls_and_info_show_a_bad_file_as_rejected_with_the_reason(isolated_
 
 def test_import_refuses_a_bad_file_and_leaves_the_cache_alone(isolated_cache, tmp_path):
     path = _write_bad(tmp_path, _set(["entries", 0, "config", "BT"], 32.0))
-    with pytest.raises(config_store.CacheError, match="refused: entries.0.: state_fwd.BT=32.0"):
+    with pytest.raises(config_files.CacheError, match="refused: entries.0.: state_fwd.BT=32.0"):
         ex.import_file(path)
-    assert not config_store.user_cache_path(_device.gpu_name()).exists()
+    assert not config_files.user_cache_path(_device.gpu_name()).exists()
     res = CliRunner().invoke(app, ["cache", "import", path])
     assert res.exit_code == 1 and "BT=32.0" in res.output
 
@@ -222,7 +222,7 @@ def test_import_refuses_a_bad_file_and_leaves_the_cache_alone(isolated_cache, tm
 def test_import_never_reads_a_fifo(isolated_cache, tmp_path, no_hang):
     path = str(tmp_path / "pipe.json")
     os.mkfifo(path)
-    with pytest.raises(config_store.CacheError, match="not a regular file"):
+    with pytest.raises(config_files.CacheError, match="not a regular file"):
         ex.import_file(path)
 
 
@@ -232,7 +232,7 @@ def test_no_value_from_a_file_reaches_an_export_path(isolated_cache, tmp_path):
     bad = _write_bad(tmp_path, _set(["entries", 0, "key", "dtype"], "../../x"))
     out = tmp_path / "deep" / "out"
     for fmt in ex.FORMATS:
-        with pytest.raises(config_store.CacheError, match="dtype"):
+        with pytest.raises(config_files.CacheError, match="dtype"):
             ex.export(fmt, str(out), source=bad)
     assert not (tmp_path / "x").exists() and not out.exists()
     doc = _doc(bt=64, bv=32)  # a state_fwd config FLA's kernel can take, so fla writes a file
@@ -256,7 +256,7 @@ def test_export_from_a_fifo_or_device_is_refused(isolated_cache, tmp_path, no_ha
     path = str(tmp_path / "pipe.json")
     os.mkfifo(path)
     for source in (path, "/dev/zero"):
-        with pytest.raises(config_store.CacheError, match="not a regular file"):
+        with pytest.raises(config_files.CacheError, match="not a regular file"):
             ex.export("portable", str(tmp_path / "out"), source=source)
 
 

@@ -8,10 +8,10 @@ import warnings
 
 import pytest
 
-from gdn2_kernels import _device, config_store, dispatch, load_exported
+from gdn2_kernels import _device, config_files, dispatch, load_exported, provenance
 from gdn2_kernels.configs import ProblemKey, get_spec
 from gdn2_kernels.exported import nearest_bucket, vllm_filename
-from tuner import export as ex
+from gdn2_kernels.tuner import export as ex
 
 HERE = _device.gpu_name()  # 'cpu-interpreter': the GPU dispatch sees on this machine
 H100 = "NVIDIA H100 80GB HBM3"
@@ -35,12 +35,12 @@ def _pipeline(key=KEY, bt=64, bv=32, warps=4, stages=3, br=16, median=1.0, state
         "l2norm_bwd": {"BR": 32, "num_warps": 4},
         "intra_fwd": {"BT": bt, "BC": 16, "BK": 16, "BV": 16},
     }
-    return [config_store.CacheEntry(k, key.as_dict(), get_spec(k).config(c).as_dict(), median,
+    return [config_files.CacheEntry(k, key.as_dict(), get_spec(k).config(c).as_dict(), median,
                                     0.01, errs) for k, c in cfg.items()]
 
 
 def _write_file(path, entries, gpu=HERE, software=None):
-    return config_store.write_entries(path, entries, {"name": gpu}, software)
+    return config_files.write_entries(path, entries, {"name": gpu}, software)
 
 
 def _decisions(keys):
@@ -50,7 +50,7 @@ def _decisions(keys):
 @pytest.fixture
 def tuned(isolated_cache):
     """This GPU's user cache with two keys, as `gdn2 tune` leaves it."""
-    path = config_store.user_cache_path(HERE)
+    path = config_files.user_cache_path(HERE)
     _write_file(path, _pipeline() + _pipeline(ProblemKey(32, 32, "float32"), bt=32, bv=16))
     return path
 
@@ -64,9 +64,9 @@ def test_roundtrip_gives_identical_dispatch_decisions(tuned, tmp_path):
     before = _decisions(keys)
     assert before[KEY]["state_fwd"]["num_stages"] == 3  # from the cache, not the spec default
     report = ex.export("portable", str(tmp_path / "out"))
-    assert report.files == [str(tmp_path / "out" / config_store.profile_filename(HERE))]
+    assert report.files == [str(tmp_path / "out" / config_files.profile_filename(HERE))]
     assert all(i.status == "written" for i in report.items) and len(report.items) == 10
-    config_store.clear(gpu_name=HERE)
+    config_files.clear(gpu_name=HERE)
     assert _decisions(keys) != before
     imported = ex.import_file(report.files[0])
     assert {i.status for i in imported.items} == {"imported"}
@@ -86,7 +86,7 @@ def test_merge_keeps_verified_best_median_per_key(tuned, tmp_path):
                       "K128 V128 bfloat16": "imported"}
     assert dispatch.resolve(KEY)["state_fwd"]["num_stages"] == 1
     assert dispatch.resolve(ProblemKey(32, 32, "float32"))["state_fwd"]["num_stages"] == 3
-    assert len(config_store.read(tuned).keys()) == 3
+    assert len(config_files.read(tuned).keys()) == 3
 
 
 def test_merge_prefers_verified_over_a_faster_hint(tuned, tmp_path):
@@ -108,7 +108,7 @@ def test_replace_without_merge(tuned, tmp_path):
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d["gpu"].update(name=H100), "tuned on 'NVIDIA H100"),
     (lambda d: d["software"].update(triton="2.3.1"), "another major version"),
-    (lambda d: d.update(schema_version=config_store.SCHEMA_VERSION + 1), "newer than"),
+    (lambda d: d.update(schema_version=config_files.SCHEMA_VERSION + 1), "newer than"),
 ], ids=["other-gpu", "other-triton-major", "newer-schema"])
 def test_refused_then_forced_as_hints(isolated_cache, tmp_path, mutate, message):
     path = tmp_path / "in.json"
@@ -119,13 +119,13 @@ def test_refused_then_forced_as_hints(isolated_cache, tmp_path, mutate, message)
     with pytest.raises(ex.ImportRefused, match=message) as info:
         ex.import_file(str(path))
     assert "--force" in str(info.value)
-    assert not config_store.user_cache_path(HERE).exists()
+    assert not config_files.user_cache_path(HERE).exists()
 
     report = ex.import_file(str(path), force=True)
     assert [i.status for i in report.items] == ["hint"]
-    stored = config_store.read(config_store.user_cache_path(HERE))
+    stored = config_files.read(config_files.user_cache_path(HERE))
     assert all(e.is_hint and message in e.hint["reason"] for e in stored.entries)
-    assert stored.software == config_store.current_software()  # usable by this machine's cache
+    assert stored.software == provenance.current_software()  # usable by this machine's cache
     with pytest.warns(UserWarning, match="unverified imported configs"):
         pipe = dispatch.resolve(KEY)
     assert pipe["state_fwd"]["num_stages"] == 1 and "unverified hint" in pipe.source
@@ -133,8 +133,8 @@ def test_refused_then_forced_as_hints(isolated_cache, tmp_path, mutate, message)
 
 def test_triton_minor_difference_imports_as_hint(isolated_cache, tmp_path):
     path = tmp_path / "in.json"
-    major = config_store.current_software()["triton"].split(".")[0]
-    _write_file(path, _pipeline(), software=dict(config_store.current_software(),
+    major = provenance.current_software()["triton"].split(".")[0]
+    _write_file(path, _pipeline(), software=dict(provenance.current_software(),
                                                  triton=f"{major}.99.0"))
     report = ex.import_file(str(path))
     assert [i.status for i in report.items] == ["hint"] and "triton" in report.items[0].reason
@@ -158,7 +158,7 @@ def test_hints_rank_below_verified_keys_and_are_not_exported(tuned, tmp_path):
 def test_invalid_or_missing_files(isolated_cache, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{nope")
-    with pytest.raises(config_store.CacheError, match="JSON"):
+    with pytest.raises(config_files.CacheError, match="JSON"):
         ex.import_file(str(bad))
     with pytest.raises(FileNotFoundError):
         ex.import_file(str(tmp_path / "missing.json"))
@@ -209,7 +209,7 @@ def test_fla_layout_mapping_and_skips(tuned, tmp_path):
     assert sorted(os.listdir(folder)) == sorted(f"{m.fla_kernel}.json" for m in ex.FLA_MAPPINGS)
     doc = json.loads((folder / "chunk_gated_delta_rule_fwd_kernel_h_blockdim64.json").read_text())
     assert doc["kernel_name"] == "chunk_gated_delta_rule_fwd_kernel_h_blockdim64"
-    assert doc["triton_version"] == config_store.current_software()["triton"]
+    assert doc["triton_version"] == provenance.current_software()["triton"]
     assert doc["default_config"] == {"kwargs": {"BV": 32}, "num_warps": 4, "num_stages": 3,
                                      "num_ctas": 1, "maxnreg": None}
     assert len(doc["autotune_entries"]) == 2 * 3  # heads x (no state, one, both state tensors)
@@ -293,7 +293,7 @@ def _fla_autotuners():
 def test_cli_export_and_import(tuned, tmp_path):
     from typer.testing import CliRunner
 
-    from tuner.cli import app
+    from gdn2_kernels.cli import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["export", "--format", "fla", "--out", str(tmp_path / "o"), "--json"])
@@ -302,7 +302,7 @@ def test_cli_export_and_import(tuned, tmp_path):
     assert data["files"] and {i["status"] for i in data["items"]} == {"written", "skipped"}
     res = runner.invoke(app, ["export", "--format", "portable", "--out", str(tmp_path / "p")])
     assert res.exit_code == 0 and "written" in res.output
-    path = tmp_path / "p" / config_store.profile_filename(HERE)
+    path = tmp_path / "p" / config_files.profile_filename(HERE)
     data = json.loads(path.read_text())
     data["gpu"]["name"] = H100
     path.write_text(json.dumps(data))

@@ -9,10 +9,10 @@ import pytest
 from helpers import tiny_problem
 from typer.testing import CliRunner
 
-from tuner.cli import app
-from tuner.options import OptionError
-from tuner.trial import Problem, read_log
-from tuner.tune import TuneOptions, check_options, make_plan, tune
+from gdn2_kernels.cli import app
+from gdn2_kernels.options import OptionError
+from gdn2_kernels.tuner.trial import Problem, read_log
+from gdn2_kernels.tuner.tune import TuneOptions, check_options, make_plan, tune
 
 runner = CliRunner()
 

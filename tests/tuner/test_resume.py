@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from tuner.trial import read_log
+from gdn2_kernels.tuner.trial import read_log
 
 HERE = os.path.dirname(__file__)
 

@@ -5,13 +5,13 @@ import pytest
 
 from helpers import logged, state_fwd_candidates
 
-from tuner.evaluate import ReplayEvaluator
-from tuner.strategies import get_strategy, help_text, parse_options
-from tuner.strategies.exhaustive import exhaustive
-from tuner.strategies.halving import halving
-from tuner.strategies.random import random
-from tuner.trial import Budget, best
-from tuner.tune import TuneOptions, make_plan
+from gdn2_kernels.tuner.evaluate import ReplayEvaluator
+from gdn2_kernels.tuner.strategies import get_strategy, options_help, parse_options
+from gdn2_kernels.tuner.strategies.exhaustive import exhaustive
+from gdn2_kernels.tuner.strategies.halving import halving
+from gdn2_kernels.tuner.strategies.random import random
+from gdn2_kernels.tuner.trial import Budget, best
+from gdn2_kernels.tuner.tune import TuneOptions, make_plan
 
 CANDS = state_fwd_candidates(bvs=(16, 32), warps=(2, 4), stages=(1, 2, 3))  # 12
 
@@ -37,7 +37,7 @@ def test_samples_always_keep_pinned_candidates():
     """The configs in use now (pinned) are in every sampled rung, whatever the seed."""
     import dataclasses
 
-    from tuner.strategies.random import sample
+    from gdn2_kernels.tuner.strategies.random import sample
 
     cands = list(CANDS)
     cands[9] = dataclasses.replace(cands[9], pinned=True)
@@ -49,7 +49,7 @@ def test_samples_always_keep_pinned_candidates():
 def test_tune_pins_the_config_this_gpu_resolves_to():
     from gdn2_kernels import dispatch
     from gdn2_kernels.configs import ProblemKey
-    from tuner.tune import _candidates
+    from gdn2_kernels.tuner.tune import _candidates
 
     key = ProblemKey(64, 64, "float32")  # every BV of the spec fits, so the default is valid
     plan = next(kp for kp in make_plan(TuneOptions(kernels=["state_fwd"], chunk_sizes=[32]))
@@ -57,7 +57,7 @@ def test_tune_pins_the_config_this_gpu_resolves_to():
     in_use = dispatch.default_pipeline(32).as_dict()
     in_use["state_fwd"] = in_use["state_fwd"].replace(BV=16, num_warps=2, num_stages=1)
     with dispatch.override(in_use):
-        cands = _candidates(plan, key, "cpu", "3.6.0")
+        cands = _candidates(plan, key)
     pinned = [c.config for c in cands if c.pinned]
     assert in_use["state_fwd"] in pinned and cands[0].pinned and len(pinned) == 2
     # SCAN is not tuned: every candidate keeps its default
@@ -85,7 +85,7 @@ def test_wrong_results_never_win():
 
 def test_options_table_parses_and_documents():
     assert parse_options("halving", ["eta=2", "n=4"]) == {"eta": 2, "n": 4}
-    assert "eta" in help_text() and get_strategy("random").options
+    assert "halving n, eta, seed" in options_help() and get_strategy("random").options
     try:
         parse_options("random", ["eta=2"])
     except ValueError as exc:
@@ -110,22 +110,22 @@ def test_plan_reports_pruning_per_chunk_size_and_skips_missing_backward():
 
 def test_tune_pins_the_configs_of_every_shipped_profile(tmp_path, monkeypatch):
     """A shipped profile of another GPU seeds the samples (verified and timed like the rest)."""
-    from gdn2_kernels import config_store
+    from gdn2_kernels import config_files
     from gdn2_kernels.configs import ProblemKey
-    from tuner.tune import _candidates
+    from gdn2_kernels.tuner.tune import _candidates
 
     key = ProblemKey(64, 64, "float32")
     plan = next(kp for kp in make_plan(TuneOptions(kernels=["state_fwd"], chunk_sizes=[32]))
                 .searches if kp.kernel == "state_fwd")
     sibling = get_spec_default("state_fwd").replace(BV=16, num_warps=8, num_stages=3)
-    entry = config_store.CacheEntry("state_fwd", key.as_dict(), sibling.as_dict())
-    config_store.write_entries(tmp_path / "Sibling_GPU.json", [entry], {"name": "Sibling GPU"})
+    entry = config_files.CacheEntry("state_fwd", key.as_dict(), sibling.as_dict())
+    config_files.write_entries(tmp_path / "Sibling_GPU.json", [entry], {"name": "Sibling GPU"})
     (tmp_path / "broken.json").write_text("{not json")  # skipped with a warning, not fatal
-    monkeypatch.setattr(config_store, "profiles_dir", lambda: tmp_path)
+    monkeypatch.setattr(config_files, "profiles_dir", lambda: tmp_path)
     with pytest.warns(UserWarning, match="broken.json: not valid JSON"):
-        assert config_store.shipped_configs("state_fwd", key) == [sibling]
-    assert config_store.shipped_configs("state_fwd", ProblemKey(128, 128, "float32")) == []
-    cands = _candidates(plan, key, "cpu", "3.6.0")
+        assert config_files.shipped_configs("state_fwd", key) == [sibling]
+    assert config_files.shipped_configs("state_fwd", ProblemKey(128, 128, "float32")) == []
+    cands = _candidates(plan, key)
     assert sibling in [c.config for c in cands if c.pinned]
 
 
@@ -138,12 +138,12 @@ def get_spec_default(name):
 def test_tune_pins_the_other_algorithm_of_every_pinned_config():
     """intra_fwd's DIAG_INVERSE is an algorithm choice: the default's doubling twin is pinned."""
     from gdn2_kernels.configs import ProblemKey, get_spec
-    from tuner.tune import _candidates
+    from gdn2_kernels.tuner.tune import _candidates
 
     key = ProblemKey(64, 64, "float32")
     plan = next(kp for kp in make_plan(TuneOptions(kernels=["intra_fwd"], chunk_sizes=[32]))
                 .searches if kp.kernel == "intra_fwd")
-    cands = _candidates(plan, key, "cpu", "3.6.0")
+    cands = _candidates(plan, key)
     pinned = {c.config for c in cands if c.pinned}
     default = get_spec("intra_fwd").default_config(BT=32)
     assert default in pinned and default.replace(DIAG_INVERSE="doubling") in pinned

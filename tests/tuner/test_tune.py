@@ -7,8 +7,8 @@ import os
 import pytest
 from helpers import tiny_problem
 
-from tuner.trial import read_log
-from tuner.tune import TuneOptions, tune
+from gdn2_kernels.tuner.trial import read_log
+from gdn2_kernels.tuner.tune import TuneOptions, tune
 
 
 def test_tiny_tune_verifies_picks_a_pipeline_writes_nothing_and_resumes(tmp_path):
@@ -44,8 +44,8 @@ def test_tiny_tune_verifies_picks_a_pipeline_writes_nothing_and_resumes(tmp_path
 def test_defaults_are_kept_when_they_are_fastest():
     from gdn2_kernels import dispatch
     from gdn2_kernels.configs import ProblemKey
-    from tuner.trial import Trial
-    from tuner.tune import KernelPlan, SearchResult, _entries
+    from gdn2_kernels.tuner.trial import Trial
+    from gdn2_kernels.tuner.tune import KernelPlan, SearchResult, _entries
 
     pipe = dispatch.default_pipeline(64)
     default = Trial("d", "pipeline", {"BT": 64}, 64, "fwd", "default", 1, "ok", median_ms=1.0,
@@ -64,7 +64,7 @@ def test_chunk_size_is_chosen_on_the_problem_and_one_long_sequence(tmp_path):
     problem by 10% but is 2.5x slower on the long sequence)."""
     from fake_trials import PIPELINE_MS
 
-    from tuner.trial import Problem
+    from gdn2_kernels.tuner.trial import Problem
 
     problem = Problem(B=2, T=32, H=1, K=16, V=16, dtype="float32", decode_batch=2)
     opts = TuneOptions(problem=problem, kernels=("state_fwd",), chunk_sizes=(16, 32),

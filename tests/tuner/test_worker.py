@@ -7,9 +7,10 @@ import dataclasses
 import torch
 from helpers import state_fwd_candidates, tiny_problem
 
-from gdn2_kernels import ops
-from tuner.evaluate import EvalSettings, PoolEvaluator, Task, WorkerPool, classify, run_trial
-from tuner.trial import Budget, TrialLog, read_log
+from gdn2_kernels import pipeline
+from gdn2_kernels.tuner.evaluate import (EvalSettings, PoolEvaluator, Task, WorkerPool, classify,
+                                         run_trial)
+from gdn2_kernels.tuner.trial import Budget, TrialLog, read_log
 
 FAKE = "fake_trials:by_config"
 
@@ -27,13 +28,13 @@ def test_run_trial_verifies_then_times_a_good_config():
 
 
 def test_run_trial_rejects_a_wrong_output(monkeypatch):
-    real = ops.chunk_gdn2_fwd
+    real = pipeline.chunk_gdn2_fwd
 
     def off_by_one_percent(*args, **kwargs):
         res = real(*args, **kwargs)
         return dataclasses.replace(res, o=res.o * 1.01)
 
-    monkeypatch.setattr(ops, "chunk_gdn2_fwd", off_by_one_percent)
+    monkeypatch.setattr(pipeline, "chunk_gdn2_fwd", off_by_one_percent)
     cand = state_fwd_candidates(bvs=(16,), warps=(4,), stages=(2,))[0]
     t = run_trial(Task("b", cand, 1, _settings()), -1)
     assert t.status == "wrong_result" and "o: rel_rms" in t.message
@@ -100,7 +101,7 @@ def test_a_workers_start_up_is_not_charged_to_its_candidate(tmp_path, monkeypatc
 def test_a_worker_that_never_starts_is_a_timeout(monkeypatch):
     """A worker stuck in its imports past STARTUP_TIMEOUT_S is killed; the candidate is a
     timeout that says so."""
-    import tuner.evaluate as evaluate
+    import gdn2_kernels.tuner.evaluate as evaluate
 
     monkeypatch.setenv("GDN2_TEST_IMPORT_SECONDS", "60")
     monkeypatch.setattr(evaluate, "STARTUP_TIMEOUT_S", 1.0)
