@@ -137,11 +137,18 @@ def error_flag(device: torch.device, validate_values) -> torch.Tensor | None:
 def check(device: torch.device | str | None = None) -> None:
     """Wait for the GPU and raise :class:`InvalidGateError` if a checked call since the last
     check had a bad g. ``device``: one device, or every device that ran a checked call."""
-    devices = [torch.device(device)] if device is not None else list(_flags)
+    devices = [_indexed(torch.device(device))] if device is not None else list(_flags)
     for dev in devices:
         _pending.pop(dev, None)
         if _read_and_clear(dev):
             _raise("a chunk_gdn2 / fused_recurrent_gdn2 call")
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:<current>``: flags are keyed by tensors' devices, which carry an index."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _capturing(device: torch.device) -> bool:

@@ -140,7 +140,7 @@ def test_gpu_check_gates_raises_at_once():
     with torch.no_grad():
         fused_recurrent_gdn2(x.q, x.k, x.v, x.g, x.b, x.w)
     with pytest.raises(InvalidGateError):
-        check_gates()
+        check_gates("cuda")              # the device without an index means the current one
     check_gates()
 
 
