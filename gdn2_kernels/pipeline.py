@@ -77,6 +77,7 @@ def run_forward(q, k, v, g, b, w, initial_state, cu_seqlens, opts: GDN2Options,
     res = chunk_gdn2_fwd(q, k, v, g_in, b, w, opts.scale, initial_state,
                          opts.output_final_state, cu_seqlens, pipe,
                          store_h=opts.disable_recompute or opts.return_intermediate_states,
+                         store_r=opts.disable_recompute,
                          g_err=_gate_check.error_flag(q.device, opts.check_g),
                          cu_seqlens_cpu=cu_seqlens_cpu, gate=gate)
     if gate.kind != _gate.GATE_NONE:

@@ -56,6 +56,7 @@ def chunk_gdn2_fwd(
     cu_seqlens: torch.Tensor | None,
     pipe: "PipelineConfig",
     store_h: bool = False,
+    store_r: bool = False,
     g_err: torch.Tensor | None = None,
     cu_seqlens_cpu: torch.Tensor | None = None,
     gate: _gate.GateArgs = _gate.NO_GATE,
@@ -63,7 +64,8 @@ def chunk_gdn2_fwd(
     """Run the forward kernels with the resolved ``pipe`` (its chunk size and the configs of
     'intra_fwd' and 'state_fwd').
 
-    ``store_h`` keeps the chunk states and residuals for the backward; ``g_err`` turns on
+    ``store_h`` keeps the chunk states and ``store_r`` the residuals (both for a backward that
+    skips their recomputation, ``disable_recompute``); ``g_err`` turns on
     intra_fwd's check of g; ``cu_seqlens_cpu``: a host copy of ``cu_seqlens`` (the chunk indices
     are built from it, with no device-to-host copy); ``gate``: the in-kernel gate (``g`` is then
     the raw gate input)."""
@@ -77,5 +79,5 @@ def chunk_gdn2_fwd(
                                                  pipe["intra_fwd"], g_err, gate)
     o, ht, h, R = state_fwd(Qg, Kt, gC, Y, U, A_qk, initial_state, output_final_state, store_h,
                             cu_seqlens, offs, _varlen.num_chunks(T, B, idx, BT),
-                            pipe["state_fwd"], store_r=store_h)
+                            pipe["state_fwd"], store_r=store_r)
     return FwdResult(o, ht, g_cum, A, A_qk, Y, U, Qg, Kt, gC, h, R, idx, offs)
