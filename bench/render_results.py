@@ -193,6 +193,41 @@ def render_kernel_report(rows: list) -> list[str]:
                             str(r["num_warps"]), str(r["num_stages"])] for r in rows])
 
 
+def render_cp_summary(d: dict) -> list[str]:
+    """``lab/device_cp_summary.py``: the span summary's cost beside a forward of the same span,
+    and context parallelism's accuracy at emulated ranks."""
+    device, date, software = _lab_header(d)
+    lines = [f"### Span summaries (context parallelism): {device}, {date[:10]}", "",
+             software + ".", ""]
+    timing = [r for r in d.get("timing") or [] if "forward_ms" in r]
+    if timing:
+        lines += ["One sequence, H = 16, K = V = 128, bf16, median ms. `summary` is the whole "
+                  "`chunk_gdn2_summary` call (intra-chunk forward included); `pass` is what a "
+                  "rank adds to its own forward in `chunk_gdn2_cp` (H; H and M), and G what it "
+                  "adds to its backward.", ""]
+        lines += _table(
+            ["T", "forward", "summary H, M", "summary H", "pass H", "pass H, M",
+             "pass H, M / forward", "fwd+bwd", "pass G", "pass G / fwd+bwd"],
+            [[str(r["T"]), _f(r["forward_ms"], ".3f"), _f(r["summary_H_M_ms"], ".3f"),
+              _f(r["summary_H_ms"], ".3f"), _f(r["cp_pass_H_ms"], ".3f"),
+              _f(r["cp_pass_H_M_ms"], ".3f"), _f(r["cp_pass_H_M_ms"] / r["forward_ms"], ".2f"),
+              _f(r["forward_backward_ms"], ".3f"), _f(r["cp_pass_G_ms"], ".3f"),
+              _f(r["cp_pass_G_ms"] / r["forward_backward_ms"], ".2f")] for r in timing])
+    acc = [r for r in d.get("accuracy") or [] if "vs_single" in r]
+    if acc:
+        lines += ["Emulated ranks against the single-device op and the fp64 recurrence: largest "
+                  "relative RMS error over o, the final states and every gradient.", ""]
+        lines += _table(
+            ["ranks", "layout", "dtype", "decay", "T", "H", "cu_seqlens", "vs single",
+             "vs fp64", "single vs fp64", "within tolerance"],
+            [[str(r["world"]), r["layout"], r["dtype"], r.get("decay", "normal"), str(r["T"]),
+              str(r["H"]), ",".join(map(str, r["cu_seqlens"])),
+              _f(max(r["vs_single"].values()), ".1e"), _f(max(r["vs_fp64"].values()), ".1e"),
+              _f(max(r["single_vs_fp64"].values()), ".1e"), str(r["within_tolerance"])]
+             for r in acc])
+    return lines
+
+
 def _lab(d) -> list[str]:
     """A lab experiment, by its ``experiment`` name (or, before the schema, its layout)."""
     rows = d.get("rows") if isinstance(d, dict) and d.get("schema") else d
@@ -207,6 +242,8 @@ def _lab(d) -> list[str]:
         return render_correctness_timing(d, "Backward check")
     if name == "fwd_check" or "correctness" in d:
         return render_correctness_timing(d, "Forward check")
+    if name == "cp_summary":
+        return render_cp_summary(d)
     if name == "decode" or "batches" in d:
         return render_decode(d)
     return []
