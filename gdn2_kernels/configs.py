@@ -417,16 +417,26 @@ INTRA_BWD = register(KernelSpec(
               "pairwise VJPs in the main program (partials through memory) or in a second "
               "launch, one program per (chunk, head, key tile), register-resident",
               algorithm=True),
+        Param("BK_D", (0, 16, 32, 64), 0,
+              "key tile of the pairwise launch when PHASE_D='split' (0: BK); its programs are "
+              "(chunk, head, key tile), so a smaller tile means more programs and fewer registers"),
+        Param("PHASE_B", ("fused", "split"), "fused",
+              "the state products (dO S^T, dR S^T, R dS'^T) in the main program or in a first "
+              "launch, one program per (chunk, head, key tile), with dA's share summed after",
+              algorithm=True),
         _warps(),
         _stages(1, (1, 2)),
     ),
     outputs=("dq", "dk", "db", "dg", "dv", "dw"),
-    parts=("pairwise",),  # phase D when PHASE_D="split"
+    parts=("pairwise", "state"),  # phase D when PHASE_D="split", phase B when PHASE_B="split"
     constraints=(
         Constraint("BC_divides_BT", "sub-chunks must tile the chunk",
                    lambda c, k: c["BC"] <= c["BT"] and c["BT"] % c["BC"] == 0),
         _tile_fits("BK", "K"),
         _tile_fits("BV", "V"),
+        _tile_fits("BK_D", "K"),
+        Constraint("BK_D_only_split", "BK_D sets the split pairwise launch's tile (0 otherwise)",
+                   lambda c, k: c["BK_D"] == 0 or c["PHASE_D"] == "split"),
         _register_budget("intra_bwd_registers",
                          lambda c, k: 5 * c["BT"] * c["BT"] + 6 * c["BT"] * max(c["BK"], c["BV"])),
     ),

@@ -2,6 +2,7 @@
 and context parallelism's accuracy at 8 and 16 emulated ranks.
 
 Usage: python lab/device_cp_summary.py OUT_DIR [--seconds=S] [--parts=timing,accuracy]
+                                     [--cases=I,J]   (indices into ACCURACY)
 
 Writes OUT_DIR/cp_summary_device.json (rewritten as it goes):
   * timing, per T in (8192, 32768, 131072), one sequence, H=16, K=V=128, bf16 (median ms,
@@ -145,6 +146,9 @@ ACCURACY = [(8, "contiguous", torch.bfloat16, 16384, 4, [0, 16384]),
             # (at 2048 tokens a span's transition M is below fp32's range and the chain is exact)
             (8, "contiguous", torch.bfloat16, 2048, 4, [0, 2048], "weak"),
             (8, "zigzag", torch.float32, 2048, 4, [0, 700, 2048], "weak")]
+picked = next((a.split("=")[1] for a in sys.argv if a.startswith("--cases=")), None)
+if picked is not None:
+    ACCURACY = [ACCURACY[int(i)] for i in picked.split(",")]
 for case in ACCURACY if "accuracy" in parts else ():
     if time.time() > deadline:
         break

@@ -370,19 +370,21 @@ class GradCase(OpCase):
     recompute: bool = True          # False: disable_recompute=True (forward keeps chunk states)
     bc: int | None = None           # BC of intra_fwd / intra_bwd; None keeps the spec default
     phase_d: str = "fused"          # intra_bwd's PHASE_D
+    phase_b: str = "fused"          # intra_bwd's PHASE_B
     scan: str = "serial"            # state_fwd's SCAN
 
     def label(self) -> str:
         s = super().label() + ("-dht" if self.dht else "")
         s += "" if self.recompute else "-keep_h"
         s += "" if self.phase_d == "fused" else f"-D{self.phase_d}"
+        s += "" if self.phase_b == "fused" else f"-B{self.phase_b}"
         return s + (f"-BC{self.bc}" if self.bc else "")
 
 
 GRAD_CASES: list[GradCase] = [
     # every chunk size; T not a multiple of it; K != V; K, V not powers of two
     GradCase(2, 100, 2, 32, 48, chunk=64, h0=True, phase_d="split"),
-    GradCase(1, 130, 1, 40, 24, chunk=16, recompute=False),
+    GradCase(1, 130, 1, 40, 24, chunk=16, recompute=False, phase_b="split"),
     GradCase(1, 130, 2, 40, 32, chunk=128, decay="weak", b_max=2.0, h0=True, bc=32),
     GradCase(1, 33, 1, 20, 12, chunk=16, b_max=2.0, dht=False),
     # strong decay (g down to -20: the exact diagonal-block paths); sequences end on a BC boundary
@@ -396,7 +398,8 @@ GRAD_CASES: list[GradCase] = [
     # varlen: a sequence shorter than a chunk, an empty one, initial states per sequence
     GradCase(1, 120, 2, 32, 32, chunk=32, h0=True, cu_seqlens=(0, 10, 75, 120), bc=32,
              recompute=False),
-    GradCase(1, 90, 2, 32, 48, chunk=16, b_max=2.0, h0=True, cu_seqlens=(0, 45, 50, 90)),
+    GradCase(1, 90, 2, 32, 48, chunk=16, b_max=2.0, h0=True, cu_seqlens=(0, 45, 50, 90),
+             phase_b="split", phase_d="split"),
     # q/k L2 norm inside the op
     GradCase(2, 60, 2, 32, 48, chunk=64, h0=True, l2norm=True),
     GradCase(1, 96, 1, 48, 32, chunk=32, decay="strong", l2norm=True, cu_seqlens=(0, 32, 96),
@@ -420,7 +423,7 @@ def grad_pipeline(case: GradCase) -> contextlib.AbstractContextManager:
     if case.bc is not None:
         for name in ("intra_fwd", "intra_bwd"):
             pipe[name] = pipe[name].replace(BC=case.bc)
-    pipe["intra_bwd"] = pipe["intra_bwd"].replace(PHASE_D=case.phase_d)
+    pipe["intra_bwd"] = pipe["intra_bwd"].replace(PHASE_D=case.phase_d, PHASE_B=case.phase_b)
     pipe["state_fwd"] = pipe["state_fwd"].replace(SCAN=case.scan)
     pipe["state_bwd"] = pipe["state_bwd"].replace(SCAN=case.scan)
     return dispatch.override(pipe)

@@ -32,17 +32,25 @@ through global memory inside the program (ordered by barriers).
 
 ``PHASE_D`` (a tunable) places phase D: ``fused`` runs it in the same program as above;
 ``split`` runs it as a second launch, ``_intra_bwd_pairwise_kernel``, one program per (chunk,
-head, key tile) that keeps the whole chunk's [BT, BK] gradients in registers (row and column
-blocks become masked [BT, BT] x [BT, BK] dots) and writes each of dq, dk, db, dg once. The split
-trades a launch and a re-read of dT / dA_qk for K / BK times the programs in phase D, no
-partial-gradient round trips and fewer live registers in the main program.
+head, key tile of ``BK_D``, which defaults to BK) that keeps the whole chunk's [BT, BK_D]
+gradients in registers (row and column blocks become masked [BT, BT] x [BT, BK_D] dots) and
+writes each of dq, dk, db, dg once. The split trades a launch and a re-read of dT / dA_qk for
+K / BK_D times the programs in phase D, no partial-gradient round trips and fewer live
+registers in the main program.
+
+``PHASE_B`` (a tunable) places phase B: ``fused`` as above; ``split`` runs its state products
+and elementwise parts first, in ``_intra_bwd_state_kernel``, one program per (chunk, head, key
+tile) (the three [BT, BK] accumulators leave the main program's registers and the key tiles run
+in parallel). Its share of dA (dY E_bar^T) goes to a [B, T, H, NK * BT] fp32 scratch that the
+main program sums into phase A's dA before phase C.
 
 Outputs are ``[B, T, H, K]`` for dq, dk, db, dg and the input dtype for dv, dw. Partial sums of
 dq, dk, db, dg pass through fp32 scratch; the last update of each element of dq, db (phase D's
 row blocks) and dk (its column blocks) is written to the output in the dtype the caller asks
 for (the input dtypes, so no cast pass follows; fp32 when the in-op L2 norm's backward still
 needs dq, dk), and dg stays fp32.
-Grid: ``(number of chunks, B * H)``; with ``split``, then ``(number of chunks, B * H, K / BK)``.
+Grid: ``(number of chunks, B * H)``; with ``PHASE_D="split"``, then ``(number of chunks, B * H,
+K / BK)``; with ``PHASE_B="split"``, ``(number of chunks, B * H, K / BK)`` before it.
 """
 from __future__ import annotations
 
@@ -77,6 +85,7 @@ def _intra_bwd_kernel(
     dR,
     dT_buf,
     dAqk_buf,
+    dA_part,        # PHASE_B="split": [B, T, H, NK * BT] fp32, phase B's dA per key tile
     dq,
     dk,
     db,
@@ -107,6 +116,9 @@ def _intra_bwd_kernel(
     SOLVE_PRECISION: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FUSED_D: tl.constexpr,
+    SPLIT_B: tl.constexpr,          # phase B ran in _intra_bwd_state_kernel
+    STATE_IN_A: tl.constexpr,       # one key tile and phase B here: its products in phase A
+    NK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     GATE: tl.constexpr,             # in-kernel gate
     GATE_HAS_A: tl.constexpr,       # in-kernel gate
@@ -161,7 +173,7 @@ def _intra_bwd_kernel(
     # so dO, R and dR are read once.
     b_dAqk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dA = tl.zeros([BT, BT], dtype=tl.float32)
-    if BK >= K:
+    if STATE_IN_A:
         o_k1 = tl.arange(0, BK)
         m_k1 = o_k1 < K
         b_dQg = tl.zeros([BT, BK], dtype=tl.float32)
@@ -184,7 +196,7 @@ def _intra_bwd_kernel(
         b_dZ = tl.dot(tl.trans(b_A), b_dR, input_precision=DOT_PRECISION)
         tl.store(dv + p_v, (b_dZ * b_w).to(dv.dtype.element_ty), mask=m_tv)
         tl.store(dw + p_v, (b_dZ * b_v).to(dw.dtype.element_ty), mask=m_tv)
-        if BK >= K:
+        if STATE_IN_A:
             p_s = o_k1[:, None] * V + o_v[None, :]
             m_s = m_k1[:, None] & m_v[None, :]
             b_dQg, b_dY, b_dKt, b_dD = _state_products(h, dh, p_s, m_s, b_do, b_R, b_dRs,
@@ -193,7 +205,11 @@ def _intra_bwd_kernel(
     tl.store(dAqk_buf + p_A, b_dAqk, mask=m_t[:, None])
 
     # Phase B: key tiles; the state products and the elementwise parts of the gradients.
-    if BK >= K:
+    if SPLIT_B:
+        p_P = r_t[:, None] * (H * NK * BT) + o_j[None, :] + (bos * H + i_h) * NK * BT
+        for i_k in range(NK):
+            b_dA += tl.load(dA_part + p_P + i_k * BT, mask=m_t[:, None], other=0.)
+    elif STATE_IN_A:
         b_dA = _phase_b_elementwise(q, k, b, g_cum, A, dq, dk, db, dg, o_k1, m_t, r_t, o_t, last,
                                     p_A, b_dQg, b_dY, b_dKt, b_dD, b_dA, scale, H, K,
                                     DOT_PRECISION)
@@ -279,6 +295,98 @@ def _phase_b_elementwise(q, k, b, g_cum, A, dq, dk, db, dg, o_k, m_t, r_t, o_t, 
     tl.store(dk + p_k, b_tail * b_dKt, mask=m_tk)
     tl.store(dg + p_k, b_dG, mask=m_tk)
     return b_dA
+
+
+@triton.jit(do_not_specialize=["T"])
+def _intra_bwd_state_kernel(
+    q,
+    k,
+    b,
+    g_cum,
+    A,
+    h,
+    dh,
+    do,
+    R,
+    dR,
+    dq,
+    dk,
+    db,
+    dg,
+    dA_part,
+    cu_seqlens,
+    chunk_indices,
+    chunk_offsets,
+    scale,
+    T,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    NK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Phase B in its own launch (``PHASE_B="split"``): one program per (chunk, head, key tile).
+
+    The state products dQ_gamma = dO S^T, dY = -dR S^T, dK_tail = R dS'^T over the value tiles
+    and the elementwise parts of dq, dE (in db), dk, dG for its key tile, written to the fp32
+    partials; its share of dA (dY E_bar^T) goes to ``dA_part`` at column block ``i_k``, summed by
+    the main program before phase C. Grid: ``(number of chunks, B * H, cdiv(K, BK))``.
+    """
+    i_t, i_bh, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_t, bos, T, i_ch = _prologue.chunk_of_program(i_t, i_b, T, cu_seqlens, chunk_indices,
+                                                   chunk_offsets, BT, IS_VARLEN)
+    t0 = i_t * BT
+    for_k = (bos * H + i_h) * K
+    for_v = (bos * H + i_h) * V
+    q += for_k
+    k += for_k
+    b += for_k
+    g_cum += for_k
+    dq += for_k
+    dk += for_k
+    db += for_k
+    dg += for_k
+    do += for_v
+    R += for_v
+    dR += for_v
+    A += (bos * H + i_h) * BT
+    dA_part += (bos * H + i_h) * NK * BT + i_k * BT
+    h += (i_ch * H + i_h) * K * V
+    dh += (i_ch * H + i_h) * K * V
+
+    o_t = t0 + tl.arange(0, BT)
+    m_t = o_t < T
+    r_t = o_t.to(tl.int64)
+    o_j = tl.arange(0, BT)
+    last = tl.minimum(T, t0 + BT) - 1
+    p_A = r_t[:, None] * (H * BT) + o_j[None, :]
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    b_dQg = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dY = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dKt = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dD = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_v = r_t[:, None] * (H * V) + o_v[None, :]
+        p_s = o_k[:, None] * V + o_v[None, :]
+        m_s = m_k[:, None] & m_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.)
+        b_R = tl.load(R + p_v, mask=m_tv, other=0.)
+        b_dRs = tl.load(dR + p_v, mask=m_tv, other=0.)
+        b_dQg, b_dY, b_dKt, b_dD = _state_products(h, dh, p_s, m_s, b_do, b_R, b_dRs,
+                                                   b_dQg, b_dY, b_dKt, b_dD, DOT_PRECISION)
+    b_dA = _phase_b_elementwise(q, k, b, g_cum, A, dq, dk, db, dg, o_k, m_t, r_t, o_t, last, p_A,
+                                b_dQg, b_dY, b_dKt, b_dD, tl.zeros([BT, BT], dtype=tl.float32),
+                                scale, H, K, DOT_PRECISION)
+    tl.store(dA_part + r_t[:, None] * (H * NK * BT) + o_j[None, :], b_dA, mask=m_t[:, None])
 
 
 @triton.jit
@@ -640,9 +748,25 @@ def intra_bwd(
     dw = _launch.empty_as(w)
     num_chunks = triton.cdiv(T, BT) if cu_seqlens is None else chunk_indices.shape[0]
     fused_d = config["PHASE_D"] == "fused"
+    split_b = config["PHASE_B"] == "split"
+    NK = triton.cdiv(K, config["BK"])
+    dA_part = (torch.empty(B, T, H, NK * BT, dtype=torch.float32, device=k.device) if split_b
+               else dT_buf)
+    if split_b:
+        _launch.launch(
+            _intra_bwd_state_kernel, (num_chunks, B * H, NK),
+            q=q, k=k, b=b, g_cum=g_cum, A=A, h=h, dh=dh, do=do, R=R, dR=dR,
+            dq=dq, dk=dk, db=db, dg=dg, dA_part=dA_part,
+            cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_offsets=chunk_offsets,
+            scale=scale, T=T, H=H, K=K, V=V, BT=BT, BK=config["BK"], BV=config["BV"], NK=NK,
+            DOT_PRECISION=_precision.dot_precision(k.dtype),
+            IS_VARLEN=cu_seqlens is not None,
+            **config.launch_options(),
+        )
     _launch.launch(_intra_bwd_kernel, intra_bwd_grid(num_chunks, B, H),
         q=q, k=k, v=v, b=b, w=w, g_cum=g_cum, A=A, h=h, dh=dh, do=do, R=R, dR=dR,
-        dT_buf=dT_buf, dAqk_buf=dAqk_buf, dq=dq, dk=dk, db=db, dg=dg, dv=dv, dw=dw,
+        dT_buf=dT_buf, dAqk_buf=dAqk_buf, dA_part=dA_part,
+        dq=dq, dk=dk, db=db, dg=dg, dv=dv, dw=dw,
         dq_out=dq_out, dk_out=dk_out, db_out=db_out,
         cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_offsets=chunk_offsets,
         scale=scale, T=T,
@@ -651,17 +775,21 @@ def intra_bwd(
         SOLVE_PRECISION=config["SOLVE_PRECISION"],
         DOT_PRECISION=_precision.dot_precision(k.dtype),
         FUSED_D=fused_d,
+        SPLIT_B=split_b,
+        STATE_IN_A=config["BK"] >= K and not split_b,
+        NK=NK,
         IS_VARLEN=cu_seqlens is not None,
         **config.launch_options(),
         **gate.backward_args(),
     )
     if not fused_d:
+        BK_D = config["BK_D"] or config["BK"]
         _launch.launch(
-            _intra_bwd_pairwise_kernel, (num_chunks, B * H, triton.cdiv(K, config["BK"])),
+            _intra_bwd_pairwise_kernel, (num_chunks, B * H, triton.cdiv(K, BK_D)),
             q=q, k=k, b=b, g_cum=g_cum, dT_buf=dT_buf, dAqk_buf=dAqk_buf,
             dq=dq, dk=dk, db=db, dg=dg, dq_out=dq_out, dk_out=dk_out, db_out=db_out,
             cu_seqlens=cu_seqlens, chunk_indices=chunk_indices, chunk_offsets=chunk_offsets,
-            T=T, H=H, K=K, BT=BT, BC=config["BC"], BK=config["BK"],
+            T=T, H=H, K=K, BT=BT, BC=config["BC"], BK=BK_D,
             SOLVE_PRECISION=config["SOLVE_PRECISION"],
             DOT_PRECISION=_precision.dot_precision(k.dtype),
             IS_VARLEN=cu_seqlens is not None,

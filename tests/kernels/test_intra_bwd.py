@@ -50,7 +50,7 @@ STRONG_PARTIAL_CASES = [
 
 
 def run_stage(case: IntraCase, g: torch.Tensor | None = None, phase_d: str = "fused",
-              grad_dtypes=None):
+              grad_dtypes=None, phase_b: str = "fused", bk_d: int = 0):
     """(kernel outputs, reference gradients) for ``case``; ``g`` replaces the random log-decay;
     ``grad_dtypes`` are the dtypes asked for dq, dk, db (default fp32)."""
     cu = list(case.cu_seqlens) if case.cu_seqlens else None
@@ -74,7 +74,8 @@ def run_stage(case: IntraCase, g: torch.Tensor | None = None, phase_d: str = "fu
     offs = _varlen.chunk_offsets(x.cu_seqlens, case.BT) if cu else None
     cfg = get_spec("intra_bwd").config({"BT": case.BT, "BC": case.BC, "BK": case.BK,
                                         "BV": case.BV, "SOLVE_PRECISION": case.precision,
-                                        "PHASE_D": phase_d})
+                                        "PHASE_D": phase_d, "PHASE_B": phase_b,
+                                        "BK_D": bk_d})
     dq, dk, dv, dg, db, dw = intra_bwd(x.q, x.k, x.v, x.b, x.w, g_cum, A, h, dh, do, R, dR,
                                        scale, x.cu_seqlens, idx, offs, cfg, grad_dtypes)
     outs = {"dq": dq, "dk": dk, "dv": dv, "dg": dg, "db": db, "dw": dw}
@@ -98,6 +99,22 @@ def _check(case: IntraCase, outs: dict, refs: dict, grad_dtype=torch.float32) ->
 @pytest.mark.parametrize("case", CASES)
 def test_intra_bwd_matches_stage_reference(case: IntraCase, phase_d: str):
     _check(case, *run_stage(case, phase_d=phase_d))
+
+
+# PHASE_B="split": the state products in their own launch, with each PHASE_D; the cases cover
+# one and several key tiles (K / BK = 1, 2, 3), varlen, weak and strong decay, fp16 and bf16.
+@pytest.mark.parametrize("phase_d", ["fused", "split"])
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 2, 4, 5, 7, 8, 9)])
+def test_intra_bwd_split_phase_b_matches_stage_reference(case: IntraCase, phase_d: str):
+    _check(case, *run_stage(case, phase_d=phase_d, phase_b="split"))
+
+
+# BK_D: the split pairwise launch on its own key tile (smaller or larger than BK; K / BK_D = 1-3).
+@pytest.mark.parametrize("phase_b", ["fused", "split"])
+@pytest.mark.parametrize("case,bk_d", [(CASES[0], 32), (CASES[1], 16), (CASES[5], 16),
+                                       (CASES[7], 16), (CASES[9], 64)])
+def test_intra_bwd_pairwise_key_tile(case: IntraCase, bk_d: int, phase_b: str):
+    _check(case, *run_stage(case, phase_d="split", phase_b=phase_b, bk_d=bk_d))
 
 
 @pytest.mark.parametrize("phase_d", ["fused", "split"])
@@ -169,23 +186,30 @@ def test_stage_references_compose_to_the_recurrence_gradients(varlen: bool):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("BT,BC,BK", [(32, 16, 64), (64, 16, 32), (32, 32, 32), (32, 16, 128)])
-def test_split_phase_d_matches_fused_on_gpu(BT, BC, BK):
-    """Compiled for the GPU (not the interpreter): PHASE_D="split" and "fused" give the same
-    gradients up to summation order, at the paper's head size (BK = 128: phases A and B share
-    one value loop)."""
+def test_split_phases_match_fused_on_gpu(BT, BC, BK):
+    """Compiled for the GPU (not the interpreter): PHASE_D="split", PHASE_B="split", both, and
+    both with the pairwise launch on another key tile (BK_D) give
+    the gradients of the all-fused kernel up to summation order, at the paper's head size
+    (BK = 128: phases A and B share one value loop when B is fused)."""
     from gdn2_kernels import chunk_gdn2, dispatch
     from gdn2_kernels.accuracy import rel_rms
 
     x = make_inputs(2, 1000, 4, 128, 128, torch.bfloat16, "cuda", with_h0=True)
     grads = []
-    for phase_d in ("fused", "split"):
+    bk_d = 16 if BK == 32 else 32   # the split pairwise launch on another key tile
+    for phase_d, phase_b, tile_d in (("fused", "fused", 0), ("split", "fused", 0),
+                                     ("fused", "split", 0), ("split", "split", 0),
+                                     ("split", "split", bk_d)):
         pipe = dispatch.default_pipeline(BT).as_dict()
         pipe["intra_bwd"] = pipe["intra_bwd"].replace(BC=BC, BK=BK, PHASE_D=phase_d,
+                                                      PHASE_B=phase_b, BK_D=tile_d,
                                                       num_warps=8 if BK == 128 else 4)
         leaves = [t.detach().clone().requires_grad_() for t in (x.q, x.k, x.v, x.g, x.b, x.w)]
         with dispatch.override(pipe):
             o, _ = chunk_gdn2(*leaves, initial_state=x.h0)
             o.float().square().sum().backward()
-        grads.append([t.grad for t in leaves])
-    for name, a, b in zip("qkvgbw", *grads):
-        assert rel_rms(b, a) < 1e-3, name
+        grads.append((phase_d, phase_b, tile_d, [t.grad for t in leaves]))
+    *_, want = grads[0]
+    for phase_d, phase_b, tile_d, got in grads[1:]:
+        for name, a, b in zip("qkvgbw", want, got):
+            assert rel_rms(b, a) < 1e-3, (name, phase_d, phase_b, tile_d)
